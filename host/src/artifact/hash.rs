@@ -1,0 +1,64 @@
+//! The whole-file sha256, computed natively once per file on a background
+//! thread (sha2 uses SHA-NI where the CPU has it) and shared by every stage.
+//! It starts when the file is opened, so it overlaps header parsing and the
+//! first stages.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use sha2::{Digest, Sha256};
+
+use super::source::ByteSource;
+
+const CHUNK: usize = 4 << 20;
+
+enum State {
+    Running(JoinHandle<Result<String, String>>),
+    Done(Result<String, String>),
+}
+
+/// A sha256 being computed or already known.
+pub struct HashCell(Mutex<State>);
+
+impl HashCell {
+    /// Starts hashing `source` on a new thread.
+    pub fn start(source: Arc<ByteSource>) -> Self {
+        let handle = std::thread::Builder::new()
+            .name("airlock-sha256".into())
+            .spawn(move || hash(&source))
+            .map(State::Running)
+            .unwrap_or_else(|e| State::Done(Err(format!("cannot start the hashing thread: {e}"))));
+        HashCell(Mutex::new(handle))
+    }
+
+    /// The lowercase hex digest; waits for the thread the first time.
+    pub fn get(&self) -> Result<String, String> {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let State::Running(_) = &*state {
+            let State::Running(handle) = std::mem::replace(&mut *state, State::Done(Err(String::new()))) else {
+                unreachable!()
+            };
+            let result = handle.join().unwrap_or_else(|_| Err("the hashing thread panicked".into()));
+            *state = State::Done(result);
+        }
+        match &*state {
+            State::Done(r) => r.clone(),
+            State::Running(_) => unreachable!(),
+        }
+    }
+}
+
+fn hash(source: &ByteSource) -> Result<String, String> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut offset = 0u64;
+    while offset < source.size() {
+        let n = source.read_at(offset, &mut buf).map_err(|e| format!("read failed at offset {offset}: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        offset += n as u64;
+    }
+    Ok(hex::encode(hasher.finalize()))
+}

@@ -1,0 +1,405 @@
+//! Opening models: read-only byte sources, content sniffing, strict GGUF and
+//! safetensors header parsing, and the background sha256.
+//!
+//! Opening never fails because a file is malformed: a header that does not
+//! parse becomes a [`ParseError`] on the file, and the format gate reports it.
+//! Opening fails only when the model cannot be read at all (missing, a
+//! symlink, a special file, an I/O error).
+
+mod gguf;
+mod hash;
+mod reader;
+mod safetensors;
+mod sniff;
+mod source;
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+pub use source::{ByteSource, ReadMode};
+
+/// A container format, sniffed from content.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Gguf,
+    Safetensors,
+    Pickle,
+    PytorchZip,
+    Zip,
+    Numpy,
+    Onnx,
+    Json,
+    Text,
+    Unknown,
+}
+
+impl Format {
+    /// The name used in policies and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Gguf => "gguf",
+            Format::Safetensors => "safetensors",
+            Format::Pickle => "pickle",
+            Format::PytorchZip => "pytorch-zip",
+            Format::Zip => "zip",
+            Format::Numpy => "numpy",
+            Format::Onnx => "onnx",
+            Format::Json => "json",
+            Format::Text => "text",
+            Format::Unknown => "unknown",
+        }
+    }
+
+    /// All names, for validating policies.
+    pub const NAMES: [&'static str; 10] =
+        ["gguf", "safetensors", "pickle", "pytorch-zip", "zip", "numpy", "onnx", "json", "text", "unknown"];
+}
+
+/// An element type (mirrors the WIT `dtype`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum Dtype {
+    F64,
+    F32,
+    F16,
+    Bf16,
+    I64,
+    I32,
+    I16,
+    I8,
+    U64,
+    U32,
+    U16,
+    U8,
+    Boolean,
+    F8e4m3,
+    F8e5m2,
+    Q40,
+    Q41,
+    Q50,
+    Q51,
+    Q80,
+    Q81,
+    Q2k,
+    Q3k,
+    Q4k,
+    Q5k,
+    Q6k,
+    Q8k,
+    Iq2xxs,
+    Iq2xs,
+    Iq3xxs,
+    Iq1s,
+    Iq4nl,
+    Iq3s,
+    Iq2s,
+    Iq4xs,
+    Iq1m,
+    Tq10,
+    Tq20,
+    Mxfp4,
+    Other,
+}
+
+/// One tensor as the header declares it; `offset` is absolute in the file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: Dtype,
+    pub dtype_name: String,
+    pub shape: Vec<u64>,
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// A metadata value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MetaValue {
+    Text(String),
+    Int(i64),
+    Uint(u64),
+    Float(f64),
+    Bool(bool),
+    Texts(Vec<String>),
+    Ints(Vec<i64>),
+    Uints(Vec<u64>),
+    Floats(Vec<f64>),
+    Bools(Vec<bool>),
+}
+
+/// A parsed container header.
+#[derive(Clone, Debug, Default)]
+pub struct Header {
+    pub version: Option<u32>,
+    pub alignment: Option<u64>,
+    /// Absolute offset of the first data byte.
+    pub data_offset: Option<u64>,
+    /// Key/value pairs in file order.
+    pub metadata: Vec<(String, MetaValue)>,
+    pub tensors: Vec<TensorInfo>,
+}
+
+/// Why a container header did not parse: where, in which field, and what.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("at offset {offset}, {field}: {message}")]
+pub struct ParseError {
+    pub offset: u64,
+    pub field: String,
+    pub message: String,
+}
+
+impl ParseError {
+    pub fn new(offset: u64, field: &str, message: impl Into<String>) -> Self {
+        ParseError { offset, field: field.to_string(), message: message.into() }
+    }
+}
+
+/// Why a model could not be opened at all.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: is a symlink; airlock never follows links (pass the real path)")]
+    Symlink { path: PathBuf },
+    #[error("{path}: is not a regular file or folder ({kind})")]
+    Special { path: PathBuf, kind: &'static str },
+    #[error("{path}: folder holds more than {limit} files")]
+    TooManyFiles { path: PathBuf, limit: usize },
+    #[error("{path}: folder is nested deeper than {limit} levels")]
+    TooDeep { path: PathBuf, limit: usize },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OpenError + '_ {
+    move |source| OpenError::Io { path: path.to_path_buf(), source }
+}
+
+fn kind_name(ft: &fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_symlink() {
+        "symlink"
+    } else if ft.is_fifo() {
+        "fifo"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_block_device() {
+        "block device"
+    } else if ft.is_char_device() {
+        "character device"
+    } else if ft.is_dir() {
+        "directory"
+    } else {
+        "regular file"
+    }
+}
+
+/// One regular file of a model, opened read-only.
+pub struct ModelFile {
+    /// Path relative to the model root (the file name for a single file).
+    pub rel_path: String,
+    /// Where it was opened.
+    pub path: PathBuf,
+    pub format: Format,
+    /// The parsed header, or why it did not parse. `None` for formats without a tensor table.
+    pub header: Option<Result<Header, ParseError>>,
+    source: Arc<ByteSource>,
+    sha256: hash::HashCell,
+    mtime: Option<SystemTime>,
+    ino: u64,
+}
+
+impl ModelFile {
+    fn open(path: &Path, rel_path: String, mode: ReadMode) -> Result<Self, OpenError> {
+        // O_NOFOLLOW: a link swapped in after the caller's lstat is refused, not followed.
+        // O_NONBLOCK: a FIFO swapped in cannot block the open.
+        let file =
+            fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(
+                |e| {
+                    if e.raw_os_error() == Some(libc::ELOOP) {
+                        OpenError::Symlink { path: path.to_path_buf() }
+                    } else {
+                        OpenError::Io { path: path.to_path_buf(), source: e }
+                    }
+                },
+            )?;
+        let meta = file.metadata().map_err(io_err(path))?;
+        if !meta.file_type().is_file() {
+            return Err(OpenError::Special { path: path.to_path_buf(), kind: kind_name(&meta.file_type()) });
+        }
+        let source = Arc::new(ByteSource::new(file, meta.len(), mode).map_err(io_err(path))?);
+        let sha256 = hash::HashCell::start(source.clone());
+        let format = sniff::sniff(&source).map_err(io_err(path))?;
+        let header = match format {
+            Format::Gguf => Some(gguf::parse(&source)),
+            Format::Safetensors => Some(safetensors::parse(&source)),
+            _ => None,
+        };
+        Ok(ModelFile {
+            rel_path,
+            path: path.to_path_buf(),
+            format,
+            header,
+            source,
+            sha256,
+            mtime: meta.modified().ok(),
+            ino: meta.ino(),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.source.size()
+    }
+
+    /// The parsed header, if it parsed.
+    pub fn parsed(&self) -> Option<&Header> {
+        self.header.as_ref().and_then(|h| h.as_ref().ok())
+    }
+
+    /// Why the header did not parse, if it did not.
+    pub fn parse_error(&self) -> Option<&ParseError> {
+        self.header.as_ref().and_then(|h| h.as_ref().err())
+    }
+
+    /// Reads up to `len` bytes at `offset` (short at end of file).
+    pub fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len.min(self.size().saturating_sub(offset) as usize)];
+        let n = self.source.read_at(offset, &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// The lowercase hex sha256 of the whole file (computed once, in the background).
+    pub fn sha256(&self) -> Result<String, String> {
+        self.sha256.get()
+    }
+
+    /// Fails if the file changed since it was opened (size, mtime or identity).
+    pub fn check_unchanged(&self) -> Result<(), String> {
+        let meta = self.source.file().metadata().map_err(|e| format!("{}: cannot stat: {e}", self.path.display()))?;
+        if meta.len() != self.size() || meta.modified().ok() != self.mtime || meta.ino() != self.ino {
+            return Err(format!(
+                "{}: the file changed during the scan (size {} → {})",
+                self.path.display(),
+                self.size(),
+                meta.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Something near the model that the host saw and did not follow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Surrounding {
+    pub kind: &'static str,
+    pub path: String,
+    pub detail: String,
+}
+
+/// A model: one file, or a folder of files.
+pub struct Model {
+    pub name: String,
+    pub kind: ModelKind,
+    pub root: PathBuf,
+    pub files: Vec<Arc<ModelFile>>,
+    pub surroundings: Vec<Surrounding>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelKind {
+    File,
+    Folder,
+}
+
+impl ModelKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::File => "file",
+            ModelKind::Folder => "folder",
+        }
+    }
+}
+
+/// Limits on walking a folder model.
+const MAX_FILES: usize = 10_000;
+const MAX_DEPTH: usize = 32;
+
+impl Model {
+    /// Opens a single file or a folder, never following links.
+    pub fn open(path: &Path, mode: ReadMode) -> Result<Model, OpenError> {
+        let meta = fs::symlink_metadata(path).map_err(io_err(path))?;
+        let name =
+            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string());
+        let ft = meta.file_type();
+        if ft.is_symlink() {
+            return Err(OpenError::Symlink { path: path.to_path_buf() });
+        }
+        if ft.is_file() {
+            let file = ModelFile::open(path, name.clone(), mode)?;
+            return Ok(Model {
+                name,
+                kind: ModelKind::File,
+                root: path.to_path_buf(),
+                files: vec![Arc::new(file)],
+                surroundings: Vec::new(),
+            });
+        }
+        if !ft.is_dir() {
+            return Err(OpenError::Special { path: path.to_path_buf(), kind: kind_name(&ft) });
+        }
+        let mut files = Vec::new();
+        let mut surroundings = Vec::new();
+        walk(path, path, 0, mode, &mut files, &mut surroundings)?;
+        files.sort_by(|a: &Arc<ModelFile>, b| a.rel_path.cmp(&b.rel_path));
+        Ok(Model { name, kind: ModelKind::Folder, root: path.to_path_buf(), files, surroundings })
+    }
+
+    /// Fails if any file changed since it was opened.
+    pub fn check_unchanged(&self) -> Result<(), String> {
+        self.files.iter().try_for_each(|f| f.check_unchanged())
+    }
+}
+
+fn walk(
+    root: &Path,
+    dir: &Path,
+    depth: usize,
+    mode: ReadMode,
+    files: &mut Vec<Arc<ModelFile>>,
+    surroundings: &mut Vec<Surrounding>,
+) -> Result<(), OpenError> {
+    if depth > MAX_DEPTH {
+        return Err(OpenError::TooDeep { path: root.to_path_buf(), limit: MAX_DEPTH });
+    }
+    let mut entries: Vec<_> = fs::read_dir(dir).map_err(io_err(dir))?.collect::<Result<_, _>>().map_err(io_err(dir))?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().into_owned();
+        let meta = fs::symlink_metadata(&path).map_err(io_err(&path))?;
+        let ft = meta.file_type();
+        if ft.is_symlink() {
+            let target = fs::read_link(&path).map(|t| t.display().to_string()).unwrap_or_default();
+            surroundings.push(Surrounding { kind: "symlink", path: rel, detail: target });
+        } else if ft.is_dir() {
+            walk(root, &path, depth + 1, mode, files, surroundings)?;
+        } else if ft.is_file() {
+            if files.len() >= MAX_FILES {
+                return Err(OpenError::TooManyFiles { path: root.to_path_buf(), limit: MAX_FILES });
+            }
+            if meta.nlink() > 1 {
+                surroundings.push(Surrounding {
+                    kind: "hardlink",
+                    path: rel.clone(),
+                    detail: format!("{} links", meta.nlink()),
+                });
+            }
+            files.push(Arc::new(ModelFile::open(&path, rel, mode)?));
+        } else {
+            surroundings.push(Surrounding { kind: "special-file", path: rel, detail: kind_name(&ft).into() });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! Where a file's bytes come from: `pread` on an open descriptor, or a
+//! read-only memory map.
+//!
+//! A map of a file that someone truncates under us raises SIGBUS on access, so
+//! the map is only for files airlock owns (claimed by rename into its own
+//! directories). Paths given on the command line are read with `pread`, which
+//! turns the same race into a short read and a clean error.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+/// How to read an opened file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ReadMode {
+    /// `pread` through the descriptor: safe against concurrent truncation.
+    #[default]
+    Pread,
+    /// A read-only `mmap`: only for files nothing else can change.
+    Mmap,
+}
+
+/// The bytes of one opened file.
+pub struct ByteSource {
+    file: File,
+    map: Option<memmap2::Mmap>,
+    size: u64,
+}
+
+impl ByteSource {
+    /// Wraps an open file whose size was taken from `fstat` at open time.
+    pub fn new(file: File, size: u64, mode: ReadMode) -> io::Result<Self> {
+        let map = match mode {
+            ReadMode::Mmap if size > 0 => {
+                // SAFETY: the map is read-only and private to this process. The
+                // caller only asks for it on files airlock has claimed by
+                // rename into its own directory, where nothing else writes or
+                // truncates them; every access below is bounds-checked against
+                // the size recorded at open.
+                Some(unsafe { memmap2::MmapOptions::new().len(size as usize).map(&file)? })
+            }
+            _ => None,
+        };
+        Ok(ByteSource { file, map, size })
+    }
+
+    /// The file's size at open time.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Fills `buf` from `offset`. Returns how many bytes were read: fewer than
+    /// `buf.len()` only at the end of the file (as recorded at open).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        if offset >= self.size {
+            return Ok(0);
+        }
+        let want = (self.size - offset).min(buf.len() as u64) as usize;
+        let buf = &mut buf[..want];
+        if let Some(map) = &self.map {
+            let start = offset as usize;
+            buf.copy_from_slice(&map[start..start + want]);
+            return Ok(want);
+        }
+        let mut done = 0;
+        while done < want {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "the file shrank during the scan: no bytes at offset {} (size at open: {})",
+                            offset + done as u64,
+                            self.size
+                        ),
+                    ));
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(want)
+    }
+
+    /// Reads exactly `len` bytes at `offset`, or fails naming the range.
+    pub fn read_exact_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        let n = self.read_at(offset, &mut buf)?;
+        if n != len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("wanted {len} bytes at offset {offset}, the file ends after {n}"),
+            ));
+        }
+        Ok(buf)
+    }
+
+    /// The underlying descriptor (for `fstat` re-checks).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}

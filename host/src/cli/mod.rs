@@ -1,0 +1,229 @@
+//! The `airlock` command line. Exit codes: 0 every model passed, 1 at least
+//! one was rejected, 2 usage or internal error.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::artifact::ReadMode;
+use crate::pipeline::{Event, Outcome, ScanError, ScanInput, Scanner, StageResult};
+use crate::plugin::Runtime;
+use crate::policy::{self, Policy};
+
+#[derive(Parser)]
+#[command(
+    name = "airlock",
+    version,
+    about = "Quarantine for AI model files: every check is a sandboxed WebAssembly plugin"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum OutputFormat {
+    /// The seed's `[quarantine] Stage n/7: ...` lines.
+    Text,
+    /// One JSON object per model, one per line.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the policy's stage chain over one or more models (files or folders), read-only.
+    ///
+    /// Exits 0 when every model passed, 1 when any was rejected, 2 on a usage
+    /// or internal error (for example a model that cannot be opened).
+    Scan {
+        /// Model files (GGUF, safetensors, ...) or folders to scan. They are only read.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Folder holding policy.yaml and sources.allowlist.yaml. Default: /etc/airlock
+        /// if it has a policy.yaml, else the policy compiled into this binary.
+        #[arg(long, env = "AIRLOCK_POLICY", value_name = "DIR")]
+        policy: Option<PathBuf>,
+        /// The URL the model was downloaded from. Overrides `<file>.origin` and the
+        /// `user.xdg.origin.url` xattr; checked against sources.allowlist.yaml.
+        #[arg(long, value_name = "URL")]
+        origin: Option<String>,
+        /// The expected sha256 of the model (64 hex digits); overrides the pins lock file.
+        /// Only with a single PATH.
+        #[arg(long, value_name = "HEX")]
+        sha256: Option<String>,
+        /// Output: text log lines, or one JSON object per model per line.
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutputFormat,
+        /// airlock's data root; pins are read from <root>/state/models.lock.yaml.
+        #[arg(long, env = "AIRLOCK_ROOT", value_name = "DIR", default_value = "/var/lib/airlock")]
+        root: PathBuf,
+        /// Where the built-in plugins (<name>.wasm) are. Default: `plugins/` beside the binary.
+        #[arg(long, env = "AIRLOCK_PLUGIN_DIR", value_name = "DIR")]
+        plugin_dir: Option<PathBuf>,
+        /// Where compiled plugins are cached. Default: <root>/state/plugin-cache if
+        /// <root>/state exists, else ~/.cache/airlock.
+        #[arg(long, env = "AIRLOCK_CACHE_DIR", value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Memory-map the model instead of reading it with pread. Only safe when nothing
+        /// else can truncate the file during the scan (a truncated map kills the process).
+        #[arg(long)]
+        mmap: bool,
+    },
+}
+
+/// Entry point used by `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AIRLOCK_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("airlock: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Scan { paths, policy, origin, sha256, format, root, plugin_dir, cache_dir, mmap } => {
+            if sha256.is_some() && paths.len() > 1 {
+                bail!("--sha256 pins one model; pass a single PATH");
+            }
+            if let Some(s) = &sha256
+                && !(s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                bail!("--sha256 {s:?} is not 64 hex digits");
+            }
+            let policy = load_policy(policy.as_deref())?;
+            let pins = policy::load_pins(&root.join("state").join("models.lock.yaml"))?;
+            let plugin_dir = match plugin_dir {
+                Some(d) => d,
+                None => default_plugin_dir()?,
+            };
+            let runtime = Runtime::new(Some(cache_dir.unwrap_or_else(|| default_cache_dir(&root))))?;
+            let scanner = Scanner::new(runtime, &policy, &plugin_dir, pins)?;
+            let input = ScanInput { origin, sha256, read_mode: if mmap { ReadMode::Mmap } else { ReadMode::Pread } };
+            scan_all(&scanner, &paths, &input, format)
+        }
+    }
+}
+
+fn load_policy(dir: Option<&Path>) -> Result<Policy> {
+    Ok(match dir {
+        Some(d) => Policy::load_dir(d)?,
+        None if Path::new("/etc/airlock/policy.yaml").exists() => Policy::load_dir(Path::new("/etc/airlock"))?,
+        None => Policy::builtin_default()?,
+    })
+}
+
+fn default_plugin_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the airlock binary")?;
+    let dir = exe.parent().map(|p| p.join("plugins")).context("the binary has no parent folder")?;
+    Ok(dir)
+}
+
+fn default_cache_dir(root: &Path) -> PathBuf {
+    let state = root.join("state");
+    if state.is_dir() {
+        return state.join("plugin-cache");
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("airlock")
+}
+
+fn scan_all(scanner: &Scanner, paths: &[PathBuf], input: &ScanInput, format: OutputFormat) -> Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    let mut worst = 0u8;
+    for path in paths {
+        let mut print = |e: Event| {
+            if format == OutputFormat::Text {
+                let _ = print_event(&mut std::io::stdout().lock(), &e);
+            }
+        };
+        match scanner.scan(path, input, &mut print) {
+            Ok(outcome) => {
+                if outcome.verdict != "pass" {
+                    worst = worst.max(1);
+                }
+                match format {
+                    OutputFormat::Json => writeln!(out, "{}", serde_json::to_string(&outcome)?)?,
+                    OutputFormat::Text => print_verdict(&mut out, &outcome)?,
+                }
+            }
+            Err(e @ ScanError::Open(_)) | Err(e @ ScanError::Plugin { .. }) => {
+                worst = 2;
+                eprintln!("airlock: error: {}: {e}", path.display());
+                if format == OutputFormat::Json {
+                    let obj = serde_json::json!({
+                        "model": path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                        "path": path.display().to_string(),
+                        "verdict": "error",
+                        "failed_stage": null,
+                        "reason": e.to_string(),
+                        "sha256": null,
+                        "stages": [],
+                    });
+                    writeln!(out, "{obj}")?;
+                }
+            }
+        }
+        out.flush()?;
+    }
+    Ok(ExitCode::from(worst))
+}
+
+const PREFIX: &str = "[quarantine]";
+
+fn print_event(out: &mut impl Write, e: &Event) -> std::io::Result<()> {
+    match e {
+        Event::Processing(name) => writeln!(out, "{PREFIX} Processing: {name}"),
+        Event::StageStart(stage, plugin) => {
+            if *stage == crate::policy::Stage::SourcePolicy && plugin.is_none() {
+                writeln!(out, "{PREFIX} Stage {}/7: {} — checking origin...", stage.number(), stage.name())?;
+            }
+            Ok(())
+        }
+        Event::StageDone(r) => print_stage(out, r),
+    }
+}
+
+fn print_stage(out: &mut impl Write, r: &StageResult) -> std::io::Result<()> {
+    let verdict = r.verdict.to_ascii_uppercase();
+    let summary = if r.summary.is_empty() { String::new() } else { format!(" ({})", r.summary) };
+    writeln!(out, "{PREFIX} Stage {}/7: {} — {verdict}{summary}", r.number, r.stage)?;
+    if r.verdict == "fail" {
+        for f in r.findings.iter().filter(|f| f.message != r.summary && !r.summary.ends_with(&f.message)) {
+            for line in f.message.lines() {
+                writeln!(out, "{PREFIX}   {line}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_verdict(out: &mut impl Write, o: &Outcome) -> std::io::Result<()> {
+    match o.verdict {
+        "pass" => writeln!(out, "{PREFIX} PASSED: {} (sha256={})", o.model, o.sha256.as_deref().unwrap_or("n/a")),
+        _ => writeln!(
+            out,
+            "{PREFIX} REJECTED: {} — {}: {}",
+            o.model,
+            o.failed_stage.unwrap_or("?"),
+            o.reason.as_deref().unwrap_or("")
+        ),
+    }
+}

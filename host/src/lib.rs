@@ -1,0 +1,16 @@
+//! airlock: a quarantine host for AI model files.
+//!
+//! A model passes through a chain of stages, each a sandboxed WebAssembly
+//! component (see `wit/stage.wit`):
+//!
+//! - [`artifact`] opens the model read-only and parses its container strictly;
+//! - [`policy`] loads the chain, the grants and the limits;
+//! - [`plugin`] runs each stage's component in a fresh, limited sandbox;
+//! - [`pipeline`] runs the chain over a model and decides the verdict;
+//! - [`cli`] is the `airlock` command.
+
+pub mod artifact;
+pub mod cli;
+pub mod pipeline;
+pub mod plugin;
+pub mod policy;

@@ -1,0 +1,272 @@
+//! Runs one model through the policy's chain and decides the verdict.
+//!
+//! Every enabled stage runs its plugins in order; the first FAIL ends the
+//! chain and the remaining stages are recorded as not reached. A plugin that
+//! traps, times out, hits a limit, returns an oversized report or was refused
+//! at load time gives its stage FAIL with that cause: airlock fails closed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::artifact::{Model, OpenError, ReadMode};
+use crate::plugin::{Finding, Origin, Plugin, RunContext, Runtime, Verdict};
+use crate::policy::{ChainEntry, PluginSource, Policy, Stage};
+
+/// Why a scan could not run at all (exit 2), as opposed to a rejection.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("cannot open the model: {0}")]
+    Open(#[from] OpenError),
+    #[error("plugin {plugin} for stage {stage}: {message}")]
+    Plugin { stage: &'static str, plugin: String, message: String },
+}
+
+/// One (stage, plugin) result, as reported.
+#[derive(Clone, Debug, Serialize)]
+pub struct StageResult {
+    pub stage: &'static str,
+    pub number: usize,
+    pub plugin: Option<String>,
+    pub plugin_sha256: Option<String>,
+    pub verdict: &'static str,
+    pub summary: String,
+    pub findings: Vec<Finding>,
+    pub score: Option<f32>,
+    pub details: Option<serde_json::Value>,
+    pub log: Vec<String>,
+    pub elapsed_ms: u64,
+}
+
+/// The outcome for one model.
+#[derive(Clone, Debug, Serialize)]
+pub struct Outcome {
+    pub model: String,
+    pub path: String,
+    pub verdict: &'static str,
+    pub failed_stage: Option<&'static str>,
+    pub reason: Option<String>,
+    pub sha256: Option<String>,
+    pub format: Vec<&'static str>,
+    pub stages: Vec<StageResult>,
+}
+
+/// Progress, for printing as the scan goes.
+pub enum Event<'a> {
+    Processing(&'a str),
+    StageStart(Stage, Option<&'a str>),
+    StageDone(&'a StageResult),
+}
+
+/// Per-scan inputs from the command line.
+#[derive(Clone, Debug, Default)]
+pub struct ScanInput {
+    pub origin: Option<String>,
+    pub sha256: Option<String>,
+    pub read_mode: ReadMode,
+}
+
+struct Loaded {
+    entry: ChainEntry,
+    label: String,
+    /// The plugin, or why it was refused at load time (a stage FAIL).
+    plugin: Result<Plugin, String>,
+    sha256: Option<String>,
+}
+
+/// A policy with its plugins loaded, ready to scan models.
+pub struct Scanner {
+    runtime: Runtime,
+    chain: BTreeMap<Stage, Vec<Loaded>>,
+    pins: BTreeMap<String, String>,
+}
+
+impl Scanner {
+    /// Loads every plugin the policy enables. A missing or mis-pinned
+    /// component is an error; a component refused for its imports is kept as
+    /// a load failure that fails its stage when a model reaches it.
+    pub fn new(
+        runtime: Runtime,
+        policy: &Policy,
+        plugin_dir: &Path,
+        pins: BTreeMap<String, String>,
+    ) -> Result<Scanner, ScanError> {
+        let mut chain = BTreeMap::new();
+        for (stage, entries) in &policy.chain {
+            let mut loaded = Vec::new();
+            for entry in entries {
+                let label = entry.source.label();
+                let err = |message: String| ScanError::Plugin { stage: stage.name(), plugin: label.clone(), message };
+                let path: PathBuf = match &entry.source {
+                    PluginSource::Builtin(name) => plugin_dir.join(format!("{name}.wasm")),
+                    PluginSource::Path { path, .. } => path.clone(),
+                };
+                let bytes = std::fs::read(&path).map_err(|e| {
+                    err(match &entry.source {
+                        PluginSource::Builtin(_) => format!(
+                            "cannot read {}: {e} (built-in plugins are installed beside the binary by `cargo xtask build`; or set --plugin-dir)",
+                            path.display()
+                        ),
+                        _ => format!("cannot read {}: {e}", path.display()),
+                    })
+                })?;
+                if let PluginSource::Path { sha256, .. } = &entry.source {
+                    let actual = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+                    if &actual != sha256 {
+                        return Err(err(format!(
+                            "{} does not match its pin\n  expected: {sha256}\n  actual:   {actual}",
+                            path.display()
+                        )));
+                    }
+                }
+                let plugin = runtime.load(&bytes, &entry.grants).map_err(|e| format!("refused at load time: {e}"));
+                let sha256 = Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)));
+                loaded.push(Loaded { entry: entry.clone(), label, plugin, sha256 });
+            }
+            chain.insert(*stage, loaded);
+        }
+        Ok(Scanner { runtime, chain, pins })
+    }
+
+    /// Scans one model, reporting progress through `on_event`.
+    pub fn scan(&self, path: &Path, input: &ScanInput, on_event: &mut dyn FnMut(Event)) -> Result<Outcome, ScanError> {
+        let model = Arc::new(Model::open(path, input.read_mode)?);
+        on_event(Event::Processing(&model.name));
+        let origin = resolve_origin(path, input.origin.as_deref());
+        let pinned = input.sha256.clone().or_else(|| self.pins.get(&model.name).cloned());
+
+        let mut stages = Vec::new();
+        let mut failed: Option<(&'static str, String)> = None;
+        for stage in Stage::ALL {
+            let skip = |summary: String| StageResult {
+                stage: stage.name(),
+                number: stage.number(),
+                plugin: None,
+                plugin_sha256: None,
+                verdict: "skip",
+                summary,
+                findings: Vec::new(),
+                score: None,
+                details: None,
+                log: Vec::new(),
+                elapsed_ms: 0,
+            };
+            if let Some((at, _)) = &failed {
+                let r = skip(format!("not reached: the chain stopped at {at}"));
+                on_event(Event::StageDone(&r));
+                stages.push(r);
+                continue;
+            }
+            let Some(entries) = self.chain.get(&stage) else {
+                let r = skip("disabled by policy".into());
+                on_event(Event::StageDone(&r));
+                stages.push(r);
+                continue;
+            };
+            for l in entries {
+                let label = (entries.len() > 1).then_some(l.label.as_str());
+                on_event(Event::StageStart(stage, label));
+                let ctx = Arc::new(RunContext {
+                    config_json: l.entry.config.to_string(),
+                    origin: origin.clone(),
+                    pinned_sha256: pinned.clone(),
+                });
+                let (result, log, elapsed_ms) = match &l.plugin {
+                    Err(cause) => (Err(cause.clone()), Vec::new(), 0),
+                    Ok(plugin) => {
+                        let out = self.runtime.run(plugin, model.clone(), ctx, l.entry.limits.clone());
+                        let mut log = out.log;
+                        if !out.output.is_empty() {
+                            log.extend(out.output.lines().map(|s| format!("output: {s}")));
+                        }
+                        (out.result, log, out.elapsed.as_millis() as u64)
+                    }
+                };
+                let (verdict, summary, findings, score, details) = match result {
+                    Ok(r) => {
+                        let (v, s) = match r.verdict {
+                            Verdict::Pass => ("pass", r.summary),
+                            Verdict::Fail(reason) => ("fail", if r.summary.is_empty() { reason } else { r.summary }),
+                            Verdict::Skip(reason) => ("skip", if r.summary.is_empty() { reason } else { r.summary }),
+                        };
+                        (v, s, r.findings, r.score, r.details)
+                    }
+                    Err(cause) => ("fail", format!("plugin {} {cause}", l.label), Vec::new(), None, None),
+                };
+                let r = StageResult {
+                    stage: stage.name(),
+                    number: stage.number(),
+                    plugin: Some(l.label.clone()),
+                    plugin_sha256: l.sha256.clone(),
+                    verdict,
+                    summary,
+                    findings,
+                    score,
+                    details,
+                    log,
+                    elapsed_ms,
+                };
+                on_event(Event::StageDone(&r));
+                if verdict == "fail" {
+                    failed = Some((stage.name(), r.summary.clone()));
+                }
+                stages.push(r);
+                if failed.is_some() {
+                    break;
+                }
+            }
+        }
+        // A model that changed under the scan was not the model we scanned.
+        if failed.is_none()
+            && let Err(e) = model.check_unchanged()
+        {
+            failed = Some(("host", e));
+        }
+        let sha256 = match model.files.as_slice() {
+            [one] if model.kind == crate::artifact::ModelKind::File => one.sha256().ok(),
+            _ => None,
+        };
+        let mut format: Vec<&'static str> = model.files.iter().map(|f| f.format.name()).collect();
+        format.dedup();
+        Ok(Outcome {
+            model: model.name.clone(),
+            path: path.display().to_string(),
+            verdict: if failed.is_some() { "fail" } else { "pass" },
+            failed_stage: failed.as_ref().map(|f| f.0),
+            reason: failed.map(|f| f.1),
+            sha256,
+            format,
+            stages,
+        })
+    }
+}
+
+const ORIGIN_XATTR: &str = "user.xdg.origin.url";
+const MAX_ORIGIN: u64 = 8 << 10;
+
+/// The recorded origin: `--origin`, else `<path>.origin`, else the xattr that
+/// wget, curl and browsers write. An unreadable or odd sidecar is passed on
+/// as-is; the source stage refuses what is not a clean https URL.
+fn resolve_origin(path: &Path, flag: Option<&str>) -> Option<Origin> {
+    if let Some(url) = flag {
+        return Some(Origin { url: url.to_string(), source: "flag" });
+    }
+    let mut sidecar = path.as_os_str().to_owned();
+    sidecar.push(".origin");
+    let sidecar = PathBuf::from(sidecar);
+    if let Ok(meta) = std::fs::symlink_metadata(&sidecar) {
+        let text = if meta.is_file() && meta.len() <= MAX_ORIGIN {
+            std::fs::read_to_string(&sidecar).unwrap_or_else(|e| format!("<unreadable: {e}>"))
+        } else {
+            format!("<{} is not a regular file of at most {MAX_ORIGIN} bytes>", sidecar.display())
+        };
+        let text = text.strip_suffix('\n').unwrap_or(&text).trim_end_matches('\r');
+        return Some(Origin { url: text.to_string(), source: "sidecar" });
+    }
+    match xattr::get(path, ORIGIN_XATTR) {
+        Ok(Some(bytes)) => Some(Origin { url: String::from_utf8_lossy(&bytes).into_owned(), source: "xattr" }),
+        _ => None,
+    }
+}

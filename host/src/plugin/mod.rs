@@ -1,0 +1,458 @@
+//! The plugin runtime: one wasmtime `Engine` (component model, epoch
+//! interruption), a compiled-component cache, import checks against grants,
+//! and a fresh, limited `Store` for every (plugin, model) pair.
+
+mod cache;
+#[doc(hidden)]
+pub mod host;
+mod pipe;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, Store, Trap};
+use wasmtime_wasi::WasiCtxBuilder;
+
+use crate::artifact::Model;
+use host::HostState;
+use pipe::BoundedPipe;
+
+#[allow(missing_docs)]
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "stage",
+        imports: { default: trappable },
+        with: {
+            "airlock:stage/artifact.model": super::host::ModelHandle,
+            "airlock:stage/artifact.file": super::host::FileHandle,
+        },
+    });
+}
+
+/// The WIT package and the major.minor this host implements.
+pub const WIT_PACKAGE: &str = "airlock:stage";
+pub const WIT_VERSION: (u64, u64) = (0, 1);
+
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+const MAX_TABLE_ELEMENTS: usize = 1_000_000;
+const MAX_INSTANCES: usize = 64;
+const MAX_TABLES: usize = 64;
+const MAX_MEMORIES: usize = 8;
+
+/// A capability beyond the baseline imports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Grant {
+    /// `airlock:stage/sidecars`: read signature files beside the model.
+    Sidecars,
+    /// `airlock:stage/inference`: run the model.
+    Inference,
+}
+
+impl Grant {
+    pub fn interface(self) -> &'static str {
+        match self {
+            Grant::Sidecars => "sidecars",
+            Grant::Inference => "inference",
+        }
+    }
+}
+
+/// What one plugin run may use.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    /// Bytes of linear memory.
+    pub memory_bytes: u64,
+    /// Wall-clock time for `run`.
+    pub timeout: Duration,
+    /// Bytes per `read` call.
+    pub max_read_bytes: u32,
+    /// Bytes of report (summary, findings, details) accepted.
+    pub max_report_bytes: usize,
+    /// Bytes of log lines and of stdout/stderr kept.
+    pub max_log_bytes: usize,
+    /// Bytes of any single value the host copies in (metadata, tensor table).
+    pub max_value_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 256 << 20,
+            timeout: Duration::from_secs(60),
+            max_read_bytes: 16 << 20,
+            max_report_bytes: 1 << 20,
+            max_log_bytes: 64 << 10,
+            max_value_bytes: 64 << 20,
+        }
+    }
+}
+
+/// A recorded origin and where it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub url: String,
+    /// `flag`, `sidecar` or `xattr`.
+    pub source: &'static str,
+}
+
+/// What the host tells one plugin about this run.
+#[derive(Clone, Debug, Default)]
+pub struct RunContext {
+    pub config_json: String,
+    pub origin: Option<Origin>,
+    pub pinned_sha256: Option<String>,
+}
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{0}")]
+    Compile(String),
+    #[error("import {import:?} refused: {why}")]
+    Import { import: String, why: String },
+    #[error("cannot link: {0}")]
+    Link(String),
+}
+
+/// A compiled, import-checked plugin, ready to instantiate.
+pub struct Plugin {
+    pub sha256: String,
+    pub imports: Vec<String>,
+    pre: bindings::StagePre<HostState>,
+}
+
+/// Severity of a finding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    Low,
+    Medium,
+    High,
+    Critical,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Finding {
+    pub rule: String,
+    pub severity: Severity,
+    pub message: String,
+    pub location: Option<String>,
+    pub offset: Option<u64>,
+    pub confidence: Option<f32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Fail(String),
+    Skip(String),
+}
+
+/// What a plugin returned, checked and converted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    pub verdict: Verdict,
+    pub summary: String,
+    pub findings: Vec<Finding>,
+    pub score: Option<f32>,
+    pub details: Option<serde_json::Value>,
+}
+
+/// The outcome of one run: a report, or why there is none (a trap, the
+/// deadline, a limit, a refused report). Log and output are kept either way.
+pub struct RunOutput {
+    pub result: Result<Report, String>,
+    pub log: Vec<String>,
+    pub output: String,
+    pub elapsed: Duration,
+}
+
+/// The engine, the linker and the cache, shared by every run.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    cache: Option<cache::Cache>,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Runtime {
+    /// Builds the engine and linker. `cache_dir` holds compiled components.
+    pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Runtime> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("cannot create the wasm engine: {e:#}"))?;
+
+        let mut linker: Linker<HostState> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow::anyhow!("linking WASI: {e:#}"))?;
+        bindings::Stage::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| anyhow::anyhow!("linking airlock:stage: {e:#}"))?;
+
+        // The ticker drives epoch deadlines; it stops when the runtime is dropped.
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        {
+            let engine = engine.weak();
+            let stop = stop_ticker.clone();
+            std::thread::Builder::new().name("airlock-epoch".into()).spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match engine.upgrade() {
+                        Some(e) => e.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })?;
+        }
+        let cache = cache_dir.map(|d| cache::Cache::new(d, &engine));
+        Ok(Runtime { engine, linker, cache, stop_ticker })
+    }
+
+    /// Compiles (or takes from the cache) a component, checks its imports
+    /// against `grants`, and pre-instantiates it.
+    pub fn load(&self, bytes: &[u8], grants: &[Grant]) -> Result<Plugin, LoadError> {
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        if !wasmparser_is_component(bytes) {
+            return Err(LoadError::Compile(
+                "not a WebAssembly component (a core module or something else); build it for wasm32-wasip2".into(),
+            ));
+        }
+        let cached = self.cache.as_ref().and_then(|c| c.get(&self.engine, &sha256));
+        let component = match cached {
+            Some(c) => c,
+            None => {
+                let c = Component::new(&self.engine, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+                if let Some(cache) = &self.cache {
+                    cache.put(&sha256, &c);
+                }
+                c
+            }
+        };
+        let ty = component.component_type();
+        // Type imports (the world's `use artifact.{model}`) carry no capability;
+        // instances and functions do.
+        let imports: Vec<String> = ty
+            .imports(&self.engine)
+            .filter(|(_, item)| !matches!(item.ty, ComponentItem::Type(_) | ComponentItem::Resource(_)))
+            .map(|(name, _)| name.to_string())
+            .collect();
+        for import in &imports {
+            check_import(import, grants)?;
+        }
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::Link(format!("{e:#}")))?;
+        let pre = bindings::StagePre::new(pre).map_err(|e| LoadError::Link(format!("{e:#}")))?;
+        Ok(Plugin { sha256, imports, pre })
+    }
+
+    /// Runs `describe` in a fresh instance.
+    pub fn describe(&self, plugin: &Plugin, model: Arc<Model>) -> Result<(String, String, String), String> {
+        let (mut store, _out) = self.store(model, Arc::default(), Limits::default());
+        let inst = plugin.pre.instantiate(&mut store).map_err(|e| format!("{e:#}"))?;
+        let info = inst.call_describe(&mut store).map_err(|e| format!("{e:#}"))?;
+        Ok((info.name, info.version, info.description))
+    }
+
+    fn store(&self, model: Arc<Model>, ctx: Arc<RunContext>, limits: Limits) -> (Store<HostState>, BoundedPipe) {
+        // Deny-all WASI: no preopens, no environment, no arguments, no network;
+        // stdin is empty and stdout/stderr go to one bounded buffer.
+        let output = BoundedPipe::new(limits.max_log_bytes);
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(output.clone()).stderr(output.clone());
+        wasi.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+        wasi.socket_addr_check(|_, _| Box::pin(async { false }));
+        let ticks = (limits.timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
+        let state = HostState::new(wasi.build(), model, ctx, limits);
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+        (store, output)
+    }
+
+    /// Runs a plugin over a model in a fresh store with `limits`. Never panics
+    /// on plugin behaviour: every failure becomes an `Err` cause in the output.
+    pub fn run(&self, plugin: &Plugin, model: Arc<Model>, ctx: Arc<RunContext>, limits: Limits) -> RunOutput {
+        let start = Instant::now();
+        let (mut store, output) = self.store(model, ctx, limits.clone());
+        let result = (|| {
+            let inst = plugin.pre.instantiate(&mut store).map_err(|e| explain(&store, &limits, &output, e))?;
+            let handle = store.data_mut().model_resource().map_err(|e| format!("{e:#}"))?;
+            let report = inst.call_run(&mut store, handle).map_err(|e| explain(&store, &limits, &output, e))?;
+            convert(report, &limits)
+        })();
+        let log = store.data_mut().take_log();
+        RunOutput { result, log, output: output.text(), elapsed: start.elapsed() }
+    }
+}
+
+/// Quick check of the binary's layer: components have layer 1 in the header.
+fn wasmparser_is_component(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [1, 0]
+}
+
+/// Turns a wasmtime error into the cause printed after FAIL.
+fn explain(store: &Store<HostState>, limits: &Limits, output: &BoundedPipe, e: wasmtime::Error) -> String {
+    if let Some(Trap::Interrupt) = e.downcast_ref::<Trap>() {
+        return format!("timed out: the plugin ran past its {:?} deadline and was stopped", limits.timeout);
+    }
+    if store.data().hit.memory.is_some() || store.data().hit.table.is_some() {
+        // The limiter's own message names the limit; it is the root cause.
+        let root = e.chain().last().map(|c| c.to_string()).unwrap_or_default();
+        return format!("limit hit: {root}");
+    }
+    let mut msg = match e.downcast_ref::<Trap>() {
+        Some(trap) => format!("trapped ({trap})"),
+        None => format!("failed: {}", e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")),
+    };
+    if let Some(panic) = panic_message(&output.text()) {
+        msg.push_str(&format!(": {panic}"));
+    }
+    msg
+}
+
+/// The message of a Rust panic, from the plugin's stderr
+/// ("thread '...' panicked at file:line:col:\nmessage").
+fn panic_message(output: &str) -> Option<String> {
+    let at = output.rfind("panicked at ")?;
+    let mut lines = output[at..].lines();
+    let place = lines.next()?.trim_start_matches("panicked at ").trim_end_matches(':');
+    let message = lines.next().unwrap_or("").trim();
+    Some(format!("panicked at {place}: {message}"))
+}
+
+fn report_size(r: &bindings::airlock::stage::types::Report) -> usize {
+    r.summary.len()
+        + r.details.as_ref().map_or(0, String::len)
+        + r.findings
+            .iter()
+            .map(|f| f.rule.len() + f.message.len() + f.location.as_ref().map_or(0, String::len) + 32)
+            .sum::<usize>()
+        + match &r.verdict {
+            bindings::airlock::stage::types::Verdict::Fail(s) | bindings::airlock::stage::types::Verdict::Skip(s) => {
+                s.len()
+            }
+            bindings::airlock::stage::types::Verdict::Pass => 0,
+        }
+}
+
+fn convert(r: bindings::airlock::stage::types::Report, limits: &Limits) -> Result<Report, String> {
+    use bindings::airlock::stage::types as t;
+    let size = report_size(&r);
+    if size > limits.max_report_bytes {
+        return Err(format!(
+            "report refused: it is {size} bytes, above this plugin's cap of {} bytes",
+            limits.max_report_bytes
+        ));
+    }
+    let details = match r.details {
+        None => None,
+        Some(text) => match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(v @ serde_json::Value::Object(_)) => Some(v),
+            Ok(_) => return Err("report refused: details must be a JSON object".into()),
+            Err(e) => return Err(format!("report refused: details are not valid JSON ({e})")),
+        },
+    };
+    let verdict = match r.verdict {
+        t::Verdict::Pass => Verdict::Pass,
+        t::Verdict::Fail(s) => Verdict::Fail(s),
+        t::Verdict::Skip(s) => Verdict::Skip(s),
+    };
+    let findings = r
+        .findings
+        .into_iter()
+        .map(|f| Finding {
+            rule: f.rule,
+            severity: match f.severity {
+                t::Severity::Info => Severity::Info,
+                t::Severity::Low => Severity::Low,
+                t::Severity::Medium => Severity::Medium,
+                t::Severity::High => Severity::High,
+                t::Severity::Critical => Severity::Critical,
+            },
+            message: f.message,
+            location: f.location,
+            offset: f.offset,
+            confidence: f.confidence,
+        })
+        .collect();
+    Ok(Report { verdict, summary: r.summary, findings, score: r.score, details })
+}
+
+/// WASI interfaces linked deny-all: present so std links, useless without preopens.
+const WASI_ALLOWED: [&str; 5] = ["wasi:cli/", "wasi:io/", "wasi:clocks/", "wasi:random/", "wasi:filesystem/"];
+/// Our interfaces every stage may import.
+const BASELINE: [&str; 4] = ["types", "artifact", "context", "log"];
+
+/// Is this import allowed for a plugin with `grants`? The error names the import and why not.
+fn check_import(import: &str, grants: &[Grant]) -> Result<(), LoadError> {
+    let refuse = |why: String| Err(LoadError::Import { import: import.to_string(), why });
+    if let Some(rest) = import.strip_prefix(WIT_PACKAGE).and_then(|r| r.strip_prefix('/')) {
+        let (iface, version) = rest.split_once('@').unwrap_or((rest, ""));
+        let mut parts = version.split('.').map(|p| p.parse::<u64>().ok());
+        let (major, minor) = (parts.next().flatten(), parts.next().flatten());
+        if (major, minor) != (Some(WIT_VERSION.0), Some(WIT_VERSION.1)) {
+            return refuse(format!(
+                "the plugin was built for {WIT_PACKAGE}@{version}; this host provides {WIT_PACKAGE}@{}.{}.x",
+                WIT_VERSION.0, WIT_VERSION.1
+            ));
+        }
+        if BASELINE.contains(&iface) {
+            return Ok(());
+        }
+        return match grants.iter().find(|g| g.interface() == iface) {
+            Some(_) => Ok(()),
+            None if [Grant::Sidecars, Grant::Inference].iter().any(|g| g.interface() == iface) => refuse(format!(
+                "the capability \"{iface}\" is not granted to this plugin by the policy (add it to its grants)"
+            )),
+            None => refuse(format!("this host has no interface \"{iface}\" in {WIT_PACKAGE}")),
+        };
+    }
+    if WASI_ALLOWED.iter().any(|p| import.starts_with(p)) {
+        return Ok(());
+    }
+    if import.starts_with("wasi:sockets/") || import.starts_with("wasi:http/") {
+        return refuse("network access is never granted to plugins".into());
+    }
+    refuse("the host does not provide it".into())
+}
+
+/// The set of capability grants a component's imports need (for `plugin pin`).
+pub fn needed_grants(imports: &[String]) -> BTreeSet<Grant> {
+    [Grant::Sidecars, Grant::Inference]
+        .into_iter()
+        .filter(|g| imports.iter().any(|i| i.starts_with(&format!("{WIT_PACKAGE}/{}@", g.interface()))))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn imports_are_checked_against_grants() {
+        assert!(check_import("airlock:stage/artifact@0.1.0", &[]).is_ok());
+        assert!(check_import("airlock:stage/artifact@0.1.7", &[]).is_ok());
+        assert!(check_import("wasi:io/streams@0.2.6", &[]).is_ok());
+        let e = check_import("airlock:stage/inference@0.1.0", &[]).unwrap_err().to_string();
+        assert!(e.contains("airlock:stage/inference@0.1.0") && e.contains("not granted"), "{e}");
+        assert!(check_import("airlock:stage/inference@0.1.0", &[Grant::Inference]).is_ok());
+        let e = check_import("airlock:stage/artifact@0.2.0", &[]).unwrap_err().to_string();
+        assert!(e.contains("0.2.0") && e.contains("0.1.x"), "{e}");
+        assert!(check_import("wasi:sockets/tcp@0.2.6", &[]).unwrap_err().to_string().contains("network"));
+        assert!(check_import("example:evil/backdoor@1.0.0", &[]).is_err());
+    }
+}

@@ -1,0 +1,497 @@
+//! The policy: which stages run, which plugin runs each stage, what each is
+//! granted, its limits and its config; the source allowlist; the pins.
+//!
+//! `policy.yaml` keeps the seed's keys (`quarantine.stages.<stage>`,
+//! `require_source`, `smoke_test_max_score`, `smoke_test_max_critical`) and
+//! adds `defaults.limits` and `chain`. Unknown keys are errors. Every error
+//! names the file, the line and the key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::plugin::{Grant, Limits};
+
+/// The seven stages, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    SourcePolicy,
+    FormatGate,
+    IntegrityCheck,
+    ProvenanceCheck,
+    StaticScan,
+    BehavioralTest,
+    DiffusionDeepScan,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 7] = [
+        Stage::SourcePolicy,
+        Stage::FormatGate,
+        Stage::IntegrityCheck,
+        Stage::ProvenanceCheck,
+        Stage::StaticScan,
+        Stage::BehavioralTest,
+        Stage::DiffusionDeepScan,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::SourcePolicy => "source_policy",
+            Stage::FormatGate => "format_gate",
+            Stage::IntegrityCheck => "integrity_check",
+            Stage::ProvenanceCheck => "provenance_check",
+            Stage::StaticScan => "static_scan",
+            Stage::BehavioralTest => "behavioral_test",
+            Stage::DiffusionDeepScan => "diffusion_deep_scan",
+        }
+    }
+
+    /// 1-based position in the chain.
+    pub fn number(self) -> usize {
+        Stage::ALL.iter().position(|s| *s == self).expect("in ALL") + 1
+    }
+}
+
+/// The built-in plugins this build ships.
+pub const BUILTINS: [&str; 3] = ["source_policy", "format_gate", "integrity_check"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: {key}: {message}")]
+    Invalid { file: String, key: String, message: String },
+    #[error("{file}: {source}")]
+    Io { file: String, source: std::io::Error },
+}
+
+// ---- policy.yaml, as written ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    quarantine: QuarantineFile,
+    #[serde(default)]
+    defaults: DefaultsFile,
+    #[serde(default)]
+    chain: BTreeMap<Stage, Vec<EntryFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuarantineFile {
+    #[serde(default)]
+    require_source: bool,
+    #[serde(default = "default_max_score")]
+    smoke_test_max_score: f64,
+    #[serde(default = "default_max_critical")]
+    smoke_test_max_critical: u32,
+    stages: StagesFile,
+}
+
+fn default_max_score() -> f64 {
+    0.3
+}
+fn default_max_critical() -> u32 {
+    1
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StagesFile {
+    source_policy: bool,
+    format_gate: bool,
+    integrity_check: bool,
+    provenance_check: bool,
+    static_scan: bool,
+    behavioral_test: bool,
+    diffusion_deep_scan: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DefaultsFile {
+    #[serde(default)]
+    limits: LimitsFile,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    memory_mib: Option<u64>,
+    timeout_secs: Option<f64>,
+    max_read_mib: Option<u32>,
+    max_report_kib: Option<usize>,
+    max_log_kib: Option<usize>,
+    max_value_mib: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntryFile {
+    plugin: String,
+    sha256: Option<String>,
+    #[serde(default)]
+    grants: Vec<Grant>,
+    #[serde(default)]
+    limits: LimitsFile,
+    #[serde(default)]
+    config: Option<serde_norway::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowlistFile {
+    #[serde(default)]
+    models: Vec<AllowEntry>,
+}
+
+/// One source allowlist entry (the seed's shape).
+#[derive(Deserialize, Clone, Debug, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowEntry {
+    pub name: String,
+    pub url_prefix: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PinsFile {
+    #[serde(default)]
+    models: BTreeMap<String, String>,
+}
+
+// ---- the loaded policy ----
+
+/// Where a plugin's component comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PluginSource {
+    /// `builtin:<name>`, installed with the binary.
+    Builtin(String),
+    /// A component file with its pinned sha256.
+    Path { path: PathBuf, sha256: String },
+}
+
+impl PluginSource {
+    /// How the policy names it.
+    pub fn label(&self) -> String {
+        match self {
+            PluginSource::Builtin(n) => format!("builtin:{n}"),
+            PluginSource::Path { path, .. } => path.display().to_string(),
+        }
+    }
+}
+
+/// One plugin in a stage's chain.
+#[derive(Clone, Debug)]
+pub struct ChainEntry {
+    pub source: PluginSource,
+    pub grants: Vec<Grant>,
+    pub limits: Limits,
+    /// The plugin's config as a JSON object.
+    pub config: serde_json::Value,
+}
+
+/// A loaded, validated policy.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// Where it was loaded from (for messages).
+    pub origin: String,
+    pub require_source: bool,
+    pub smoke_test_max_score: f64,
+    pub smoke_test_max_critical: u32,
+    /// Enabled stages with their chains; stages absent here are disabled.
+    pub chain: BTreeMap<Stage, Vec<ChainEntry>>,
+    pub allowlist: Vec<AllowEntry>,
+}
+
+impl Policy {
+    pub fn enabled(&self, stage: Stage) -> Option<&[ChainEntry]> {
+        self.chain.get(&stage).map(Vec::as_slice)
+    }
+}
+
+/// The policy files shipped in the repo, compiled in as the fallback default.
+pub const DEFAULT_POLICY: &str = include_str!("../../../policy/policy.yaml");
+pub const DEFAULT_ALLOWLIST: &str = include_str!("../../../policy/sources.allowlist.yaml");
+
+fn parse_yaml<T: serde::de::DeserializeOwned>(file: &str, text: &str) -> Result<T, PolicyError> {
+    serde_norway::from_str(text).map_err(|e| {
+        let at = e.location().map(|l| format!("line {}, column {}: ", l.line(), l.column())).unwrap_or_default();
+        PolicyError::Parse { file: file.to_string(), message: format!("{at}{e}") }
+    })
+}
+
+fn read(path: &Path) -> Result<String, PolicyError> {
+    std::fs::read_to_string(path).map_err(|source| PolicyError::Io { file: path.display().to_string(), source })
+}
+
+impl Policy {
+    /// Loads `policy.yaml` and `sources.allowlist.yaml` from `dir`.
+    pub fn load_dir(dir: &Path) -> Result<Policy, PolicyError> {
+        let pf = dir.join("policy.yaml");
+        let af = dir.join("sources.allowlist.yaml");
+        let allow = if af.exists() { Some((af.display().to_string(), read(&af)?)) } else { None };
+        Self::from_texts(
+            &pf.display().to_string(),
+            &read(&pf)?,
+            allow.as_ref().map(|(f, t)| (f.as_str(), t.as_str())),
+            Some(dir),
+        )
+    }
+
+    /// The compiled-in default policy.
+    pub fn builtin_default() -> Result<Policy, PolicyError> {
+        Self::from_texts(
+            "<built-in policy.yaml>",
+            DEFAULT_POLICY,
+            Some(("<built-in sources.allowlist.yaml>", DEFAULT_ALLOWLIST)),
+            None,
+        )
+    }
+
+    /// Parses and validates policy texts. Relative plugin paths resolve against `dir`.
+    pub fn from_texts(
+        policy_file: &str,
+        policy_text: &str,
+        allowlist: Option<(&str, &str)>,
+        dir: Option<&Path>,
+    ) -> Result<Policy, PolicyError> {
+        let pf: PolicyFile = parse_yaml(policy_file, policy_text)?;
+        let invalid =
+            |key: String, message: String| PolicyError::Invalid { file: policy_file.to_string(), key, message };
+
+        let allowlist = match allowlist {
+            Some((file, text)) => {
+                let a: AllowlistFile = parse_yaml(file, text)?;
+                for (i, e) in a.models.iter().enumerate() {
+                    if let Err(why) = check_prefix(&e.url_prefix) {
+                        return Err(PolicyError::Invalid {
+                            file: file.to_string(),
+                            key: format!("models[{i}].url_prefix"),
+                            message: format!("{:?} ({}): {why}", e.url_prefix, e.name),
+                        });
+                    }
+                }
+                a.models
+            }
+            None => Vec::new(),
+        };
+
+        let defaults =
+            apply_limits(&Limits::default(), &pf.defaults.limits).map_err(|m| invalid("defaults.limits".into(), m))?;
+        let s = &pf.quarantine.stages;
+        let enabled = [
+            s.source_policy,
+            s.format_gate,
+            s.integrity_check,
+            s.provenance_check,
+            s.static_scan,
+            s.behavioral_test,
+            s.diffusion_deep_scan,
+        ];
+        let mut chain = BTreeMap::new();
+        for (stage, on) in Stage::ALL.into_iter().zip(enabled) {
+            let entries = pf.chain.get(&stage).map(Vec::as_slice).unwrap_or(&[]);
+            if !on {
+                continue;
+            }
+            if entries.is_empty() {
+                return Err(invalid(
+                    format!("chain.{}", stage.name()),
+                    format!("quarantine.stages.{} is true but the chain names no plugin for it", stage.name()),
+                ));
+            }
+            let mut out = Vec::new();
+            for (i, e) in entries.iter().enumerate() {
+                let key = format!("chain.{}[{i}]", stage.name());
+                out.push(
+                    entry(e, &defaults, dir, stage, &pf.quarantine, &allowlist)
+                        .map_err(|(k, m)| invalid(format!("{key}.{k}"), m))?,
+                );
+            }
+            chain.insert(stage, out);
+        }
+        Ok(Policy {
+            origin: policy_file.to_string(),
+            require_source: pf.quarantine.require_source,
+            smoke_test_max_score: pf.quarantine.smoke_test_max_score,
+            smoke_test_max_critical: pf.quarantine.smoke_test_max_critical,
+            chain,
+            allowlist,
+        })
+    }
+}
+
+/// An allowlist prefix must itself be a plain https URL.
+fn check_prefix(text: &str) -> Result<(), String> {
+    let url = url::Url::parse(text).map_err(|e| format!("not a valid URL ({e})"))?;
+    if url.scheme() != "https" {
+        return Err("only https prefixes are allowed".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("a prefix may not carry userinfo".into());
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("a prefix needs a host".into());
+    }
+    Ok(())
+}
+
+fn apply_limits(base: &Limits, f: &LimitsFile) -> Result<Limits, String> {
+    let mut l = base.clone();
+    if let Some(m) = f.memory_mib {
+        if !(1..=16 * 1024).contains(&m) {
+            return Err(format!("memory_mib {m} is out of range (1..=16384)"));
+        }
+        l.memory_bytes = m << 20;
+    }
+    if let Some(t) = f.timeout_secs {
+        if !(t > 0.0 && t <= 24.0 * 3600.0) {
+            return Err(format!("timeout_secs {t} is out of range (0..=86400]"));
+        }
+        l.timeout = Duration::from_secs_f64(t);
+    }
+    if let Some(r) = f.max_read_mib {
+        if !(1..=1024).contains(&r) {
+            return Err(format!("max_read_mib {r} is out of range (1..=1024)"));
+        }
+        l.max_read_bytes = r << 20;
+    }
+    if let Some(r) = f.max_report_kib {
+        l.max_report_bytes = r.checked_mul(1024).ok_or("max_report_kib is too large")?;
+    }
+    if let Some(r) = f.max_log_kib {
+        l.max_log_bytes = r.checked_mul(1024).ok_or("max_log_kib is too large")?;
+    }
+    if let Some(r) = f.max_value_mib {
+        l.max_value_bytes = r.checked_mul(1 << 20).ok_or("max_value_mib is too large")?;
+    }
+    Ok(l)
+}
+
+fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn entry(
+    e: &EntryFile,
+    defaults: &Limits,
+    dir: Option<&Path>,
+    stage: Stage,
+    q: &QuarantineFile,
+    allowlist: &[AllowEntry],
+) -> Result<ChainEntry, (String, String)> {
+    let source = if let Some(name) = e.plugin.strip_prefix("builtin:") {
+        if !BUILTINS.contains(&name) {
+            return Err((
+                "plugin".into(),
+                format!("unknown built-in plugin {name:?} (this build has: {})", BUILTINS.join(", ")),
+            ));
+        }
+        if e.sha256.is_some() {
+            return Err(("sha256".into(), "built-in plugins are not pinned; remove sha256".into()));
+        }
+        PluginSource::Builtin(name.to_string())
+    } else {
+        let Some(sha) = &e.sha256 else {
+            return Err(("sha256".into(), format!("third-party plugin {:?} needs a sha256 pin", e.plugin)));
+        };
+        if !is_sha256(sha) {
+            return Err(("sha256".into(), format!("{sha:?} is not 64 hex digits")));
+        }
+        let path = PathBuf::from(&e.plugin);
+        let path = match (path.is_relative(), dir) {
+            (true, Some(d)) => d.join(path),
+            _ => path,
+        };
+        PluginSource::Path { path, sha256: sha.to_ascii_lowercase() }
+    };
+    let limits = apply_limits(defaults, &e.limits).map_err(|m| ("limits".to_string(), m))?;
+    let mut config = match &e.config {
+        None => serde_json::Value::Object(Default::default()),
+        Some(v) => serde_json::to_value(v)
+            .map_err(|err| ("config".to_string(), format!("cannot be expressed as JSON: {err}")))?,
+    };
+    let Some(obj) = config.as_object_mut() else {
+        return Err(("config".into(), "must be a mapping".into()));
+    };
+    // The source stage gets the policy-level settings it enforces.
+    if stage == Stage::SourcePolicy {
+        for key in ["require_source", "allowlist"] {
+            if obj.contains_key(key) {
+                return Err((
+                    format!("config.{key}"),
+                    "is set by quarantine.require_source and sources.allowlist.yaml".into(),
+                ));
+            }
+        }
+        obj.insert("require_source".into(), q.require_source.into());
+        obj.insert("allowlist".into(), serde_json::to_value(allowlist).expect("plain strings"));
+    }
+    Ok(ChainEntry { source, grants: e.grants.clone(), limits, config })
+}
+
+/// Pins: model name → sha256, from `models.lock.yaml`.
+pub fn load_pins(path: &Path) -> Result<BTreeMap<String, String>, PolicyError> {
+    if !path.exists() {
+        return Ok(BTreeMap::new());
+    }
+    let file = path.display().to_string();
+    let pins: PinsFile = parse_yaml(&file, &read(path)?)?;
+    for (name, sha) in &pins.models {
+        if !is_sha256(sha) {
+            return Err(PolicyError::Invalid {
+                file,
+                key: format!("models.{name}"),
+                message: format!("{sha:?} is not 64 hex digits"),
+            });
+        }
+    }
+    Ok(pins.models)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_policy_loads() {
+        let p = Policy::builtin_default().unwrap();
+        assert!(p.enabled(Stage::FormatGate).is_some());
+        assert!(p.enabled(Stage::BehavioralTest).is_none());
+    }
+
+    #[test]
+    fn unknown_keys_name_the_file_line_and_key() {
+        let text =
+            DEFAULT_POLICY.replacen("  require_source: false", "  require_source: false\n  requier_source: true", 1);
+        let e = Policy::from_texts("p.yaml", &text, None, None).unwrap_err().to_string();
+        assert!(e.starts_with("p.yaml: line "), "{e}");
+        assert!(e.contains("requier_source"), "{e}");
+    }
+
+    #[test]
+    fn enabled_stage_without_a_plugin_is_an_error() {
+        let text = DEFAULT_POLICY.replacen("static_scan: false", "static_scan: true", 1);
+        let e = Policy::from_texts("p.yaml", &text, None, None).unwrap_err().to_string();
+        assert!(e.contains("chain.static_scan"), "{e}");
+    }
+
+    #[test]
+    fn allowlist_prefixes_must_be_https() {
+        let e = Policy::from_texts(
+            "p.yaml",
+            DEFAULT_POLICY,
+            Some(("a.yaml", "models:\n  - name: x\n    url_prefix: http://example.com/\n")),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("a.yaml") && e.contains("models[0].url_prefix"), "{e}");
+    }
+}

@@ -1,0 +1,173 @@
+//! # airlock-sdk
+//!
+//! Write a quarantine stage for [airlock](../README.md) as a WebAssembly
+//! component. Implement [`Stage`], then export it with [`export_stage!`]:
+//!
+//! ```ignore
+//! use airlock_sdk::{Model, Report, Stage, StageInfo};
+//!
+//! struct NoEmptyModels;
+//!
+//! impl Stage for NoEmptyModels {
+//!     fn describe() -> StageInfo {
+//!         StageInfo::new("no_empty", env!("CARGO_PKG_VERSION"), "rejects models without tensors")
+//!     }
+//!     fn run(model: &Model) -> Report {
+//!         let tensors: usize = model.files().iter().map(|f| f.tensors().len()).sum();
+//!         if tensors == 0 { Report::fail("the model has no tensors") } else { Report::pass(format!("{tensors} tensors")) }
+//!     }
+//! }
+//!
+//! airlock_sdk::export_stage!(NoEmptyModels);
+//! ```
+//!
+//! Build it for `wasm32-wasip2` as a `cdylib`. The component imports only the
+//! interfaces it calls: calling [`inference::generate`] or [`sidecars::sidecar`]
+//! makes it need the `inference` or `sidecars` grant in the policy.
+//!
+//! The generated wit-bindgen module is private; this crate re-exports the
+//! types a stage needs.
+
+pub mod pickle;
+mod read;
+mod report;
+pub mod tensor;
+
+#[doc(hidden)]
+pub mod __private {
+    pub mod wit {
+        wit_bindgen::generate!({
+            path: "../wit",
+            world: "stage",
+            pub_export_macro: true,
+            export_macro_name: "__export_stage_world",
+            default_bindings_module: "airlock_sdk::__private::wit",
+            generate_all,
+        });
+    }
+    pub use wit::__export_stage_world;
+    pub use wit::Guest;
+}
+
+use __private::wit::airlock::stage as w;
+
+pub use read::ChunkReader;
+pub use w::artifact::{Dtype, File, Format, MetaValue, Model, Surrounding, TensorInfo};
+pub use w::context::RecordedOrigin;
+pub use w::types::{Finding, Report, Severity, StageInfo, Verdict};
+
+/// A quarantine stage. Implement both functions; the host calls `describe`
+/// for logs and `run` once per model, each time in a fresh instance.
+pub trait Stage {
+    /// Name, version and a one-line description of this stage.
+    fn describe() -> StageInfo;
+    /// Scan one model and return the verdict. Never panics on purpose: a
+    /// panic traps the instance and the host fails the stage with the message.
+    fn run(model: &Model) -> Report;
+}
+
+/// Exports a type implementing [`Stage`] as this component's stage.
+#[macro_export]
+macro_rules! export_stage {
+    ($stage:ty) => {
+        #[doc(hidden)]
+        struct __AirlockStageExport;
+        impl $crate::__private::Guest for __AirlockStageExport {
+            fn describe() -> $crate::StageInfo {
+                <$stage as $crate::Stage>::describe()
+            }
+            fn run(model: &$crate::Model) -> $crate::Report {
+                <$stage as $crate::Stage>::run(model)
+            }
+        }
+        $crate::__private::__export_stage_world!(__AirlockStageExport with_types_in $crate::__private::wit);
+    };
+}
+
+/// What the host tells the stage about this run.
+pub mod context {
+    use super::w::context as c;
+    pub use c::RecordedOrigin;
+
+    /// This plugin's `config` section from the policy, as raw JSON text.
+    pub fn config_json() -> String {
+        c::config()
+    }
+
+    /// This plugin's config, deserialised. The error names what did not fit.
+    pub fn config<T: serde::de::DeserializeOwned>() -> Result<T, String> {
+        let text = c::config();
+        serde_json::from_str(&text).map_err(|e| format!("invalid plugin config: {e}"))
+    }
+
+    /// The model's recorded origin, if any.
+    pub fn origin() -> Option<RecordedOrigin> {
+        c::origin()
+    }
+
+    /// The pinned sha256 for this model, if any.
+    pub fn pinned_sha256() -> Option<String> {
+        c::pinned_sha256()
+    }
+}
+
+/// Log lines that the host attaches to this stage's span.
+pub mod log {
+    use super::w::log as l;
+    pub use l::Level;
+
+    pub fn log(level: Level, message: &str) {
+        l::log(level, message)
+    }
+    pub fn debug(message: &str) {
+        l::log(Level::Debug, message)
+    }
+    pub fn info(message: &str) {
+        l::log(Level::Info, message)
+    }
+    pub fn warn(message: &str) {
+        l::log(Level::Warn, message)
+    }
+}
+
+/// Capability `sidecars`: files that travel beside the model (signatures).
+pub mod sidecars {
+    /// The bytes of `<model file><suffix>` if it exists. Needs the `sidecars` grant.
+    pub fn sidecar(suffix: &str) -> Result<Option<Vec<u8>>, String> {
+        super::w::sidecars::sidecar(suffix)
+    }
+}
+
+/// Capability `inference`: run the model under scan. Needs the `inference` grant.
+pub mod inference {
+    pub use super::w::inference::Options;
+
+    /// Generate a completion with the model under scan.
+    pub fn generate(prompt: &str, opts: Options) -> Result<String, String> {
+        super::w::inference::generate(prompt, opts)
+    }
+}
+
+impl Format {
+    /// The policy name of this format (`gguf`, `safetensors`, `pytorch-zip`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Gguf => "gguf",
+            Format::Safetensors => "safetensors",
+            Format::Pickle => "pickle",
+            Format::PytorchZip => "pytorch-zip",
+            Format::Zip => "zip",
+            Format::Numpy => "numpy",
+            Format::Onnx => "onnx",
+            Format::Json => "json",
+            Format::Text => "text",
+            Format::Unknown => "unknown",
+        }
+    }
+}
+
+impl StageInfo {
+    pub fn new(name: &str, version: &str, description: &str) -> Self {
+        StageInfo { name: name.into(), version: version.into(), description: description.into() }
+    }
+}

