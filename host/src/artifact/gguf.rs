@@ -363,7 +363,7 @@ pub fn parse(src: &ByteSource) -> Result<Header, ParseError> {
     let padded_end = align_up(data_end, alignment, data_end, "trailing padding")?;
     if size > padded_end {
         return Err(ParseError::new(
-            padded_end,
+            data_end,
             "trailing bytes",
             format!("{} bytes follow the data and its padding (data ends at {data_end})", size - padded_end),
         ));

@@ -28,8 +28,13 @@ pub fn sniff(src: &ByteSource) -> std::io::Result<Format> {
     if head.starts_with(b"\x93NUMPY") {
         return Ok(Format::Numpy);
     }
-    // safetensors: a u64 length below 2^32 (so never ASCII text), then '{'.
-    if head.len() >= 9 && head[4..8] == [0, 0, 0, 0] && head[8] == b'{' {
+    // safetensors: a u64 length below 2^32 (so never ASCII text), then JSON
+    // whose first non-blank byte is '{' (the parser insists on it at byte 8
+    // and names the offender when it is not there).
+    if head.len() >= 9
+        && head[4..8] == [0, 0, 0, 0]
+        && head[8..].iter().take(64).find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+    {
         return Ok(Format::Safetensors);
     }
     // Pickle protocol 2+ starts with PROTO. Protocol 0/1 pickles have no

@@ -231,8 +231,12 @@ impl artifact::HostFile for HostState {
         Ok(format_to_wit(self.file(&f)?.format))
     }
 
-    fn parse_error(&mut self, f: Resource<FileHandle>) -> Result<Option<String>> {
-        Ok(self.file(&f)?.parse_error().map(|e| e.to_string()))
+    fn parse_error(&mut self, f: Resource<FileHandle>) -> Result<Option<artifact::ParseError>> {
+        Ok(self.file(&f)?.parse_error().map(|e| artifact::ParseError {
+            offset: e.offset,
+            field: e.field.clone(),
+            message: e.message.clone(),
+        }))
     }
 
     fn read(&mut self, f: Resource<FileHandle>, offset: u64, len: u32) -> Result<std::result::Result<Vec<u8>, String>> {

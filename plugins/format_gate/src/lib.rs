@@ -49,11 +49,29 @@ fn zip_eocd(file: &File) -> Result<Option<u64>, String> {
     Ok(None)
 }
 
-/// The end of the data the header declares, when it parsed.
-fn declared_end(file: &File) -> Option<u64> {
+/// Where the declared data ends, when something follows it: from the parsed
+/// header, or from a parse error about bytes after the data.
+fn appended_at(file: &File) -> Option<u64> {
+    if let Some(e) = file.parse_error() {
+        return matches!(e.field.as_str(), "trailing bytes" | "trailing padding").then_some(e.offset);
+    }
     let data = file.data_offset()?;
-    let end = file.tensors().iter().map(|t| t.offset.saturating_add(t.length)).max().unwrap_or(data);
-    Some(end.max(data))
+    let end = file.tensors().iter().map(|t| t.offset.saturating_add(t.length)).max().unwrap_or(data).max(data);
+    (end < file.size()).then_some(end)
+}
+
+/// What was appended at `at`, if it is a zip or a pickle (after any zero padding).
+fn appended_kind(file: &File, at: u64) -> Option<&'static str> {
+    let tail = file.read(at, (file.size() - at).min(1 << 16) as u32).ok()?;
+    let start = tail.iter().position(|&b| b != 0)?;
+    let tail = &tail[start..];
+    if tail.starts_with(b"PK\x03\x04") {
+        Some("a zip archive")
+    } else if pickle::stream_at_start(tail).is_some_and(|s| !s.code_ops.is_empty() || tail.first() == Some(&0x80)) {
+        Some("a pickle stream")
+    } else {
+        None
+    }
 }
 
 /// Checks one file. `Err` is the rejection reason plus its finding.
@@ -87,24 +105,13 @@ fn check(file: &File, allowed: &[String], denied: &[String]) -> Result<(), (Stri
         Err(e) => return Err(reject("format.read-error", format!("{path}: cannot read: {e}"))),
     }
     // Polyglots: a pickle or zip stream appended after the declared data.
-    if let Some(end) = declared_end(file)
-        && end < file.size()
+    if let Some(at) = appended_at(file)
+        && let Some(what) = appended_kind(file, at)
     {
-        let head = file.read(end, (file.size() - end).min(1 << 16) as u32).unwrap_or_default();
-        let what = if head.starts_with(b"PK\x03\x04") {
-            Some("a zip archive")
-        } else if pickle::stream_at_start(&head).is_some_and(|s| !s.code_ops.is_empty() || head.first() == Some(&0x80))
-        {
-            Some("a pickle stream")
-        } else {
-            None
-        };
-        if let Some(what) = what {
-            return Err(reject(
-                "format.polyglot.appended",
-                format!("{path}: polyglot: {what} is appended after the data at offset {end}"),
-            ));
-        }
+        return Err(reject(
+            "format.polyglot.appended",
+            format!("{path}: polyglot: {what} is appended after the data at offset {at}"),
+        ));
     }
     // Polyglots: a pickle stream that parses from byte 0 (with imports or calls).
     if format != Format::Pickle

