@@ -25,7 +25,7 @@ fn the_right_sha256_passes() {
     let p = Gguf::default().write(d.path(), "m.gguf");
     let s = scan_json(&p, &["--sha256", &sha256_file(&p).to_uppercase()]);
     assert_passed(&s);
-    assert!(s.stage("integrity_check")["summary"].as_str().unwrap().contains("matches pin"));
+    assert!(s.stage("integrity_check")["summary"].as_str().unwrap().contains("matches its pin"));
 }
 
 #[test]

@@ -162,9 +162,18 @@ fn plugins_dir() -> PathBuf {
     root().join("plugins")
 }
 
+/// The guest target dir: one per route, because the two routes use different
+/// compilers and would otherwise rebuild each other's artifacts.
+fn guest_target_dir(route: &Route) -> PathBuf {
+    match route {
+        Route::Rustup => plugins_dir().join("target"),
+        Route::Debian { .. } => plugins_dir().join("target").join("debian-route"),
+    }
+}
+
 /// Where the guest workspace puts its components.
-fn components_dir() -> PathBuf {
-    plugins_dir().join("target").join(TARGET).join("release")
+fn components_dir(route: &Route) -> PathBuf {
+    guest_target_dir(route).join(TARGET).join("release")
 }
 
 fn build_plugins(route: &Route) -> Result<()> {
@@ -191,9 +200,9 @@ fn build_plugins(route: &Route) -> Result<()> {
         }
     };
     // cargo reads .cargo/config.toml from the current directory: run from plugins/.
-    run(cmd.current_dir(plugins_dir()))?;
+    run(cmd.current_dir(plugins_dir()).env("CARGO_TARGET_DIR", guest_target_dir(route)))?;
     for name in BUILTINS {
-        let wasm = components_dir().join(format!("{name}.wasm"));
+        let wasm = components_dir(route).join(format!("{name}.wasm"));
         let head = std::fs::read(&wasm).with_context(|| format!("missing {}", wasm.display()))?;
         // A component has layer 1 in the preamble; a core module has layer 0.
         if head.len() < 8 || head[..4] != *b"\0asm" || head[6..8] != [1, 0] {
@@ -204,11 +213,11 @@ fn build_plugins(route: &Route) -> Result<()> {
 }
 
 /// Copies the built-in components beside the binary in target/<profile>/plugins/.
-fn install_plugins(profile: &str) -> Result<PathBuf> {
+fn install_plugins(route: &Route, profile: &str) -> Result<PathBuf> {
     let dest = root().join("target").join(profile).join("plugins");
     std::fs::create_dir_all(&dest)?;
     for name in BUILTINS {
-        let from = components_dir().join(format!("{name}.wasm"));
+        let from = components_dir(route).join(format!("{name}.wasm"));
         std::fs::copy(&from, dest.join(format!("{name}.wasm")))
             .with_context(|| format!("copying {}", from.display()))?;
     }
@@ -219,7 +228,7 @@ fn build() -> Result<()> {
     let route = toolchain()?;
     build_plugins(&route)?;
     run(Command::new("cargo").args(["build", "--release", "-p", "airlock"]).current_dir(root()))?;
-    let dir = install_plugins("release")?;
+    let dir = install_plugins(&route, "release")?;
     println!("xtask: built target/release/airlock with built-in plugins in {}", dir.display());
     Ok(())
 }
@@ -266,7 +275,7 @@ fn test(extra: &[String]) -> Result<()> {
     let models = models()?;
     let root = root();
     run(Command::new("cargo").args(["build", "-p", "airlock"]).current_dir(&root))?;
-    install_plugins("debug")?;
+    install_plugins(&route, "debug")?;
     // The SDK's own unit tests run natively (the generated imports are never called there).
     run(Command::new("cargo")
         .args(["test", "--quiet", "--manifest-path", "sdk/Cargo.toml", "--target-dir", "target/sdk-native"])
@@ -276,7 +285,7 @@ fn test(extra: &[String]) -> Result<()> {
         .args(extra)
         .env("AIRLOCK_TEST_GEMMA", &models.gemma)
         .env("AIRLOCK_TEST_MINILM", &models.minilm)
-        .env("AIRLOCK_TEST_COMPONENTS", components_dir())
+        .env("AIRLOCK_TEST_COMPONENTS", components_dir(&route))
         .current_dir(&root))
 }
 

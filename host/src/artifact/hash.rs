@@ -10,7 +10,10 @@ use sha2::{Digest, Sha256};
 
 use super::source::ByteSource;
 
-const CHUNK: usize = 4 << 20;
+/// Measured on the gemma GGUF (253 MB, warm cache): 128 KiB reads hash in
+/// ~220 ms, 1–4 MiB reads in ~310–360 ms. A buffer that fits in L2 is still
+/// cached when the hash reads what `pread` just copied into it.
+const CHUNK: usize = 128 << 10;
 
 enum State {
     Running(JoinHandle<Result<String, String>>),

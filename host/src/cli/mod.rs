@@ -206,7 +206,8 @@ fn print_stage(out: &mut impl Write, r: &StageResult) -> std::io::Result<()> {
     let summary = if r.summary.is_empty() { String::new() } else { format!(" ({})", r.summary) };
     writeln!(out, "{PREFIX} Stage {}/7: {} — {verdict}{summary}", r.number, r.stage)?;
     if r.verdict == "fail" {
-        for f in r.findings.iter().filter(|f| f.message != r.summary && !r.summary.ends_with(&f.message)) {
+        // Findings that only restate the summary add nothing to the log.
+        for f in r.findings.iter().filter(|f| !f.message.ends_with(&r.summary) && !r.summary.ends_with(&f.message)) {
             for line in f.message.lines() {
                 writeln!(out, "{PREFIX}   {line}")?;
             }

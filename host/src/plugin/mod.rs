@@ -7,7 +7,6 @@ mod cache;
 pub mod host;
 mod pipe;
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -258,14 +257,6 @@ impl Runtime {
         Ok(Plugin { sha256, imports, pre })
     }
 
-    /// Runs `describe` in a fresh instance.
-    pub fn describe(&self, plugin: &Plugin, model: Arc<Model>) -> Result<(String, String, String), String> {
-        let (mut store, _out) = self.store(model, Arc::default(), Limits::default());
-        let inst = plugin.pre.instantiate(&mut store).map_err(|e| format!("{e:#}"))?;
-        let info = inst.call_describe(&mut store).map_err(|e| format!("{e:#}"))?;
-        Ok((info.name, info.version, info.description))
-    }
-
     fn store(&self, model: Arc<Model>, ctx: Arc<RunContext>, limits: Limits) -> (Store<HostState>, BoundedPipe) {
         // Deny-all WASI: no preopens, no environment, no arguments, no network;
         // stdin is empty and stdout/stderr go to one bounded buffer.
@@ -428,14 +419,6 @@ fn check_import(import: &str, grants: &[Grant]) -> Result<(), LoadError> {
         return refuse("network access is never granted to plugins".into());
     }
     refuse("the host does not provide it".into())
-}
-
-/// The set of capability grants a component's imports need (for `plugin pin`).
-pub fn needed_grants(imports: &[String]) -> BTreeSet<Grant> {
-    [Grant::Sidecars, Grant::Inference]
-        .into_iter()
-        .filter(|g| imports.iter().any(|i| i.starts_with(&format!("{WIT_PACKAGE}/{}@", g.interface()))))
-        .collect()
 }
 
 #[cfg(test)]

@@ -40,13 +40,13 @@ impl Stage for IntegrityCheck {
         };
         let short = &actual[..actual.len().min(8)];
         match pin {
-            None => Report::pass(format!("sha256={short}... (no pin; it would be recorded on promotion)"))
+            None => Report::pass(format!("sha256={short}...; no pin yet, it would be recorded on promotion"))
                 .details(serde_json::json!({ "sha256": actual, "pinned": false })),
             Some(expected) if !is_sha256_hex(expected.trim()) => {
                 Report::fail(format!("the pin is not a sha256 (64 hex digits): {expected:?}"))
             }
             Some(expected) if expected.trim().eq_ignore_ascii_case(&actual) => {
-                Report::pass(format!("sha256={short}... (matches pin)"))
+                Report::pass(format!("sha256={short}..., matches its pin"))
                     .details(serde_json::json!({ "sha256": actual, "pinned": true }))
             }
             Some(expected) => {
