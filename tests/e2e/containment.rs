@@ -144,3 +144,26 @@ fn a_third_party_plugin_must_match_its_pin() {
     assert_eq!(s.code, 2);
     assert!(s.stderr.contains("does not match its pin"), "{}", s.stderr);
 }
+
+#[test]
+fn built_in_stages_are_components_not_core_modules() {
+    for name in ["source_policy", "format_gate", "integrity_check"] {
+        let bytes = std::fs::read(component(name)).unwrap();
+        assert_eq!(&bytes[..4], b"\0asm", "{name}");
+        assert_eq!(&bytes[4..8], &[0x0d, 0x00, 0x01, 0x00], "{name}: component-model preamble (layer 1)");
+    }
+}
+
+#[test]
+fn a_core_module_is_refused() {
+    let d = tmp();
+    let core = write(d.path(), "core.wasm", b"\0asm\x01\x00\x00\x00");
+    let sha = sha256_file(&core);
+    let pol = policy_dir(d.path(), |t| {
+        let t = t.replace("static_scan: false", "static_scan: true");
+        format!("{t}  static_scan:\n    - plugin: {}\n      sha256: {sha}\n", core.display())
+    });
+    let model = Gguf::default().write(d.path(), "m.gguf");
+    let s = scan_json(&model, &["--policy", pol.to_str().unwrap()]);
+    assert_rejected(&s, "static_scan", "not a WebAssembly component");
+}

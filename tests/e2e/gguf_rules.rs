@@ -177,3 +177,15 @@ fn truncated_header() {
     let g = Gguf::default();
     rejects(&Gguf { truncate: Some(100), ..g }, "remain in the file");
 }
+
+#[test]
+fn metadata_arrays_cannot_expand_without_bound() {
+    // 9M one-byte elements fit in the file, but exceed the 8M-element cap for all arrays.
+    let mut g = Gguf::default();
+    let count = 9u64 << 20;
+    let mut v = 0u32.to_le_bytes().to_vec(); // u8 elements
+    v.extend(count.to_le_bytes());
+    v.extend(vec![7u8; count as usize]);
+    g.kvs.push(("general.blob".into(), (9, v)));
+    rejects(&g, "array count 9437184 exceeds what is left of the 8388608-element limit");
+}

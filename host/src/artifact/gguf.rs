@@ -19,6 +19,15 @@ const MAX_DIMS: u32 = 4;
 const MAX_NAME: usize = 64;
 /// Keys are identifiers; nothing legitimate comes near this.
 const MAX_KEY: u64 = 64 << 10;
+/// Counts bounded only by the file size still let a crafted file expand in
+/// memory (an 8-byte empty string becomes a 24-byte `String`), so the header
+/// also has absolute caps, each far above any real model: the largest
+/// vocabularies have ~262k tokens, the largest MoE models a few thousand tensors.
+const MAX_TENSORS: u64 = 1 << 20;
+const MAX_KEYS: u64 = 1 << 20;
+const MAX_ARRAY_ELEMENTS: u64 = 8 << 20;
+/// Never pre-allocate more than this from a count the file declares.
+const PREALLOC: usize = 1 << 16;
 
 /// A GGML tensor type: its id, name, WIT dtype, elements per block and bytes per block.
 struct GgmlType {
@@ -133,7 +142,7 @@ fn scalar(r: &mut Reader, ty: u32, field: &str) -> Result<MetaValue, ParseError>
     })
 }
 
-fn array(r: &mut Reader, field: &str) -> Result<MetaValue, ParseError> {
+fn array(r: &mut Reader, field: &str, budget: &mut u64) -> Result<MetaValue, ParseError> {
     let at = r.pos();
     let ty = r.u32(field)?;
     if ty == T_ARRAY {
@@ -151,10 +160,20 @@ fn array(r: &mut Reader, field: &str) -> Result<MetaValue, ParseError> {
             format!("array count {count} cannot fit in the {} bytes left", r.remaining()),
         ));
     }
+    if count > *budget {
+        return Err(ParseError::new(
+            count_at,
+            field,
+            format!(
+                "array count {count} exceeds what is left of the {MAX_ARRAY_ELEMENTS}-element limit for all arrays"
+            ),
+        ));
+    }
+    *budget -= count;
     let n = count as usize;
     macro_rules! collect {
         ($variant:ident, $pat:ident) => {{
-            let mut v = Vec::with_capacity(n);
+            let mut v = Vec::with_capacity(n.min(PREALLOC));
             for _ in 0..n {
                 match scalar(r, ty, field)? {
                     MetaValue::$pat(x) => v.push(x),
@@ -229,7 +248,22 @@ pub fn parse(src: &ByteSource) -> Result<Header, ParseError> {
         ));
     }
 
-    let mut metadata = Vec::with_capacity(kv_count as usize);
+    if tensor_count > MAX_TENSORS {
+        return Err(ParseError::new(
+            8,
+            "tensor_count",
+            format!("{tensor_count} tensors exceeds the limit of {MAX_TENSORS}"),
+        ));
+    }
+    if kv_count > MAX_KEYS {
+        return Err(ParseError::new(
+            16,
+            "metadata_kv_count",
+            format!("{kv_count} keys exceeds the limit of {MAX_KEYS}"),
+        ));
+    }
+    let mut budget = MAX_ARRAY_ELEMENTS;
+    let mut metadata = Vec::with_capacity((kv_count as usize).min(PREALLOC));
     let mut keys = HashSet::new();
     let mut alignment = DEFAULT_ALIGNMENT;
     for i in 0..kv_count {
@@ -246,7 +280,7 @@ pub fn parse(src: &ByteSource) -> Result<Header, ParseError> {
         let ty_at = r.pos();
         let ty = r.u32(&field)?;
         let value = match ty {
-            T_ARRAY => array(&mut r, &field)?,
+            T_ARRAY => array(&mut r, &field, &mut budget)?,
             _ => scalar(&mut r, ty, &field)?,
         };
         if key == "general.alignment" {
@@ -261,7 +295,7 @@ pub fn parse(src: &ByteSource) -> Result<Header, ParseError> {
         metadata.push((key, value));
     }
 
-    let mut tensors = Vec::with_capacity(tensor_count as usize);
+    let mut tensors = Vec::with_capacity((tensor_count as usize).min(PREALLOC));
     let mut names = HashSet::new();
     let mut expected_offset = 0u64;
     for i in 0..tensor_count {

@@ -73,7 +73,8 @@ struct Loaded {
     label: String,
     /// The plugin, or why it was refused at load time (a stage FAIL).
     plugin: Result<Plugin, String>,
-    sha256: Option<String>,
+    /// The component's sha256, reported with every result.
+    sha256: String,
 }
 
 /// A policy with its plugins loaded, ready to scan models.
@@ -112,18 +113,17 @@ impl Scanner {
                         _ => format!("cannot read {}: {e}", path.display()),
                     })
                 })?;
-                if let PluginSource::Path { sha256, .. } = &entry.source {
-                    let actual = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-                    if &actual != sha256 {
-                        return Err(err(format!(
-                            "{} does not match its pin\n  expected: {sha256}\n  actual:   {actual}",
-                            path.display()
-                        )));
-                    }
+                let actual = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+                if let PluginSource::Path { sha256: pinned, .. } = &entry.source
+                    && &actual != pinned
+                {
+                    return Err(err(format!(
+                        "{} does not match its pin\n  expected: {pinned}\n  actual:   {actual}",
+                        path.display()
+                    )));
                 }
                 let plugin = runtime.load(&bytes, &entry.grants).map_err(|e| format!("refused at load time: {e}"));
-                let sha256 = Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)));
-                loaded.push(Loaded { entry: entry.clone(), label, plugin, sha256 });
+                loaded.push(Loaded { entry: entry.clone(), label, plugin, sha256: actual });
             }
             chain.insert(*stage, loaded);
         }
@@ -199,7 +199,7 @@ impl Scanner {
                     stage: stage.name(),
                     number: stage.number(),
                     plugin: Some(l.label.clone()),
-                    plugin_sha256: l.sha256.clone(),
+                    plugin_sha256: Some(l.sha256.clone()),
                     verdict,
                     summary,
                     findings,

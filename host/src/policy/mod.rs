@@ -63,8 +63,8 @@ pub const BUILTINS: [&str; 3] = ["source_policy", "format_gate", "integrity_chec
 pub enum PolicyError {
     #[error("{file}: {message}")]
     Parse { file: String, message: String },
-    #[error("{file}: {key}: {message}")]
-    Invalid { file: String, key: String, message: String },
+    #[error("{file}: {}{key}: {message}", line.map(|l| format!("line {l}: ")).unwrap_or_default())]
+    Invalid { file: String, line: Option<usize>, key: String, message: String },
     #[error("{file}: {source}")]
     Io { file: String, source: std::io::Error },
 }
@@ -262,17 +262,23 @@ impl Policy {
         dir: Option<&Path>,
     ) -> Result<Policy, PolicyError> {
         let pf: PolicyFile = parse_yaml(policy_file, policy_text)?;
-        let invalid =
-            |key: String, message: String| PolicyError::Invalid { file: policy_file.to_string(), key, message };
+        let invalid = |key: String, message: String| PolicyError::Invalid {
+            file: policy_file.to_string(),
+            line: line_of(policy_text, &key),
+            key,
+            message,
+        };
 
         let allowlist = match allowlist {
             Some((file, text)) => {
                 let a: AllowlistFile = parse_yaml(file, text)?;
                 for (i, e) in a.models.iter().enumerate() {
                     if let Err(why) = check_prefix(&e.url_prefix) {
+                        let key = format!("models[{i}].url_prefix");
                         return Err(PolicyError::Invalid {
                             file: file.to_string(),
-                            key: format!("models[{i}].url_prefix"),
+                            line: line_of(text, &key),
+                            key,
                             message: format!("{:?} ({}): {why}", e.url_prefix, e.name),
                         });
                     }
@@ -325,6 +331,30 @@ impl Policy {
             allowlist,
         })
     }
+}
+
+/// The 1-based line of a key path like `chain.static_scan[0].sha256` in YAML
+/// text: each segment is looked for as `name:` (or the n-th `- ` item) after
+/// the previous one. Good enough to point a person at the right line; `None`
+/// when the key is not written out (a missing key).
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut at = 0;
+    for seg in key.split('.') {
+        let (name, index) = match seg.split_once('[') {
+            Some((n, i)) => (n, i.trim_end_matches(']').parse::<usize>().ok()),
+            None => (seg, None),
+        };
+        let found = (at..lines.len()).find(|&i| {
+            let l = lines[i].trim_start().trim_start_matches("- ");
+            l.starts_with(&format!("{name}:")) || l.starts_with(&format!("{name} :"))
+        })?;
+        at = found;
+        if let Some(n) = index {
+            at = (at + 1..lines.len()).filter(|&i| lines[i].trim_start().starts_with("- ")).nth(n)?;
+        }
+    }
+    Some(at + 1)
 }
 
 /// An allowlist prefix must itself be a plain https URL.
@@ -442,12 +472,15 @@ pub fn load_pins(path: &Path) -> Result<BTreeMap<String, String>, PolicyError> {
         return Ok(BTreeMap::new());
     }
     let file = path.display().to_string();
-    let pins: PinsFile = parse_yaml(&file, &read(path)?)?;
+    let text = read(path)?;
+    let pins: PinsFile = parse_yaml(&file, &text)?;
     for (name, sha) in &pins.models {
         if !is_sha256(sha) {
+            let key = format!("models.{name}");
             return Err(PolicyError::Invalid {
+                line: line_of(&text, &key),
                 file,
-                key: format!("models.{name}"),
+                key,
                 message: format!("{sha:?} is not 64 hex digits"),
             });
         }
@@ -480,6 +513,15 @@ mod tests {
         let text = DEFAULT_POLICY.replacen("static_scan: false", "static_scan: true", 1);
         let e = Policy::from_texts("p.yaml", &text, None, None).unwrap_err().to_string();
         assert!(e.contains("chain.static_scan"), "{e}");
+    }
+
+    #[test]
+    fn validation_errors_name_the_line() {
+        let text =
+            DEFAULT_POLICY.replacen("    - plugin: builtin:integrity_check", "    - plugin: builtin:integrity_chek", 1);
+        let e = Policy::from_texts("p.yaml", &text, None, None).unwrap_err().to_string();
+        let line = text.lines().position(|l| l.contains("integrity_chek")).unwrap() + 1;
+        assert!(e.starts_with(&format!("p.yaml: line {line}: chain.integrity_check[0].plugin:")), "{e}");
     }
 
     #[test]
