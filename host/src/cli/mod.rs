@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::artifact::ReadMode;
-use crate::pipeline::{Event, Outcome, ScanError, ScanInput, Scanner, StageResult};
+use crate::pipeline::{Event, Outcome, ScanInput, Scanner, StageResult};
 use crate::plugin::Runtime;
 use crate::policy::{self, Policy};
 
@@ -164,7 +164,7 @@ fn scan_all(scanner: &Scanner, paths: &[PathBuf], input: &ScanInput, format: Out
                     OutputFormat::Text => print_verdict(&mut out, &outcome)?,
                 }
             }
-            Err(e @ ScanError::Open(_)) | Err(e @ ScanError::Plugin { .. }) => {
+            Err(e) => {
                 worst = 2;
                 eprintln!("airlock: error: {}: {e}", path.display());
                 if format == OutputFormat::Json {

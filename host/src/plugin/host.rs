@@ -24,13 +24,6 @@ pub struct FileHandle(usize);
 /// Most live handles a guest may hold at once (it gets a new one per `files()` entry).
 const MAX_HANDLES: usize = 100_000;
 
-/// Which memory or table growth was refused, for the failure message.
-#[derive(Default)]
-pub struct LimitHit {
-    pub memory: Option<(usize, usize)>,
-    pub table: Option<usize>,
-}
-
 /// Per-store state. A new one for every (plugin, model) pair.
 pub struct HostState {
     pub wasi: WasiCtx,
@@ -38,7 +31,9 @@ pub struct HostState {
     pub model: Arc<Model>,
     pub ctx: Arc<RunContext>,
     pub limits: Limits,
-    pub hit: LimitHit,
+    /// Set when the limiter refused a memory or table growth: that refusal,
+    /// not the trap it causes, is the cause to report.
+    pub limit_hit: bool,
     pub log: Vec<String>,
     log_bytes: usize,
     log_dropped: usize,
@@ -53,7 +48,7 @@ impl HostState {
             model,
             ctx,
             limits,
-            hit: LimitHit::default(),
+            limit_hit: false,
             log: Vec::new(),
             log_bytes: 0,
             log_dropped: 0,
@@ -105,7 +100,7 @@ impl WasiView for HostState {
 impl ResourceLimiter for HostState {
     fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> Result<bool> {
         if desired as u64 > self.limits.memory_bytes {
-            self.hit.memory = Some((current, desired));
+            self.limit_hit = true;
             return Err(format_err!(
                 "memory limit of {} MiB exceeded (the plugin tried to grow its memory from {} to {} MiB)",
                 self.limits.memory_bytes >> 20,
@@ -118,7 +113,7 @@ impl ResourceLimiter for HostState {
 
     fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> Result<bool> {
         if desired > super::MAX_TABLE_ELEMENTS {
-            self.hit.table = Some(desired);
+            self.limit_hit = true;
             return Err(format_err!("table limit of {} elements exceeded", super::MAX_TABLE_ELEMENTS));
         }
         Ok(true)

@@ -300,7 +300,7 @@ fn explain(store: &Store<HostState>, limits: &Limits, output: &BoundedPipe, e: w
     if let Some(Trap::Interrupt) = e.downcast_ref::<Trap>() {
         return format!("timed out: the plugin ran past its {:?} deadline and was stopped", limits.timeout);
     }
-    if store.data().hit.memory.is_some() || store.data().hit.table.is_some() {
+    if store.data().limit_hit {
         // The limiter's own message names the limit; it is the root cause.
         let root = e.chain().last().map(|c| c.to_string()).unwrap_or_default();
         return format!("limit hit: {root}");
