@@ -14,3 +14,4 @@ pub mod cli;
 pub mod pipeline;
 pub mod plugin;
 pub mod policy;
+pub mod store;

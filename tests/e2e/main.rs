@@ -9,6 +9,7 @@ mod containment;
 mod formats;
 mod gguf_rules;
 mod integrity;
+mod lifecycle;
 mod real_models;
 mod safetensors_rules;
 mod source_policy;

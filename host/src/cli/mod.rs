@@ -6,12 +6,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::artifact::ReadMode;
 use crate::pipeline::{Event, Outcome, ScanInput, Scanner, StageResult};
 use crate::plugin::Runtime;
 use crate::policy::{self, Policy};
+use crate::store::{self, Quarantine, Root};
+
+mod lifecycle;
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +23,9 @@ use crate::policy::{self, Policy};
     about = "Quarantine for AI model files: every check is a sandboxed WebAssembly plugin"
 )]
 struct Cli {
+    /// airlock's data root: quarantine/{incoming,scanning,rejected}, registry/, state/.
+    #[arg(long, global = true, env = "AIRLOCK_ROOT", value_name = "DIR", default_value = "/var/lib/airlock")]
+    root: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,6 +38,22 @@ enum OutputFormat {
     Json,
 }
 
+/// Where the policy and the plugins come from.
+#[derive(Args)]
+struct EngineArgs {
+    /// Folder holding policy.yaml and sources.allowlist.yaml. Default: /etc/airlock
+    /// if it has a policy.yaml, else the policy compiled into this binary.
+    #[arg(long, env = "AIRLOCK_POLICY", value_name = "DIR")]
+    policy: Option<PathBuf>,
+    /// Where the built-in plugins (<name>.wasm) are. Default: `plugins/` beside the binary.
+    #[arg(long, env = "AIRLOCK_PLUGIN_DIR", value_name = "DIR")]
+    plugin_dir: Option<PathBuf>,
+    /// Where compiled plugins are cached. Default: <root>/state/plugin-cache if
+    /// <root>/state exists, else ~/.cache/airlock.
+    #[arg(long, env = "AIRLOCK_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the policy's stage chain over one or more models (files or folders), read-only.
@@ -42,35 +64,63 @@ enum Command {
         /// Model files (GGUF, safetensors, ...) or folders to scan. They are only read.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
-        /// Folder holding policy.yaml and sources.allowlist.yaml. Default: /etc/airlock
-        /// if it has a policy.yaml, else the policy compiled into this binary.
-        #[arg(long, env = "AIRLOCK_POLICY", value_name = "DIR")]
-        policy: Option<PathBuf>,
+        #[command(flatten)]
+        engine: EngineArgs,
         /// The URL the model was downloaded from. Overrides `<file>.origin` and the
         /// `user.xdg.origin.url` xattr; checked against sources.allowlist.yaml.
         #[arg(long, value_name = "URL")]
         origin: Option<String>,
-        /// The expected sha256 of the model (64 hex digits); overrides the pins lock file.
-        /// Only with a single PATH.
+        /// The expected sha256 of the model (64 hex digits); overrides the pins in
+        /// <root>/state/models.lock.yaml. Only with a single PATH.
         #[arg(long, value_name = "HEX")]
         sha256: Option<String>,
         /// Output: text log lines, or one JSON object per model per line.
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
-        /// airlock's data root; pins are read from <root>/state/models.lock.yaml.
-        #[arg(long, env = "AIRLOCK_ROOT", value_name = "DIR", default_value = "/var/lib/airlock")]
-        root: PathBuf,
-        /// Where the built-in plugins (<name>.wasm) are. Default: `plugins/` beside the binary.
-        #[arg(long, env = "AIRLOCK_PLUGIN_DIR", value_name = "DIR")]
-        plugin_dir: Option<PathBuf>,
-        /// Where compiled plugins are cached. Default: <root>/state/plugin-cache if
-        /// <root>/state exists, else ~/.cache/airlock.
-        #[arg(long, env = "AIRLOCK_CACHE_DIR", value_name = "DIR")]
-        cache_dir: Option<PathBuf>,
         /// Memory-map the model instead of reading it with pread. Only safe when nothing
         /// else can truncate the file during the scan (a truncated map kills the process).
         #[arg(long)]
         mmap: bool,
+    },
+    /// Create the data root's folders with safe permissions.
+    Init,
+    /// Copy a model into incoming/ (atomically, with its origin) for the watcher to take.
+    Admit {
+        /// The model file.
+        path: PathBuf,
+        /// Where it was downloaded from; stored as `<name>.origin` beside it.
+        #[arg(long, value_name = "URL")]
+        origin: Option<String>,
+    },
+    /// Take models from incoming/ as they arrive: scan, then promote or reject each.
+    ///
+    /// At start it finishes work a crash interrupted and takes what is already waiting.
+    /// SIGTERM or SIGINT finishes the current model, then exits.
+    Watch {
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Take what is waiting now, then exit instead of watching.
+        #[arg(long)]
+        once: bool,
+        /// How long a file's size and mtime must stay unchanged before it is taken.
+        #[arg(long, value_name = "MS", default_value = "2000")]
+        settle_ms: u64,
+    },
+    /// List the promoted models.
+    List {
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutputFormat,
+    },
+    /// Show a promoted model's manifest: digests, fingerprint and stage results.
+    Show { name: String },
+    /// Re-hash a promoted model against its manifest. Exits 1 on any difference.
+    Verify { name: String },
+    /// Move a rejected model back to incoming/ so it is scanned again.
+    Rescan { name: String },
+    /// Print the audit log; with --verify, check its hash chain (exit 1 if broken).
+    Audit {
+        #[arg(long)]
+        verify: bool,
     },
 }
 
@@ -95,8 +145,9 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    let root = cli.root;
     match cli.command {
-        Command::Scan { paths, policy, origin, sha256, format, root, plugin_dir, cache_dir, mmap } => {
+        Command::Scan { paths, engine, origin, sha256, format, mmap } => {
             if sha256.is_some() && paths.len() > 1 {
                 bail!("--sha256 pins one model; pass a single PATH");
             }
@@ -105,18 +156,51 @@ fn run(cli: Cli) -> Result<ExitCode> {
             {
                 bail!("--sha256 {s:?} is not 64 hex digits");
             }
-            let policy = load_policy(policy.as_deref())?;
             let pins = policy::load_pins(&root.join("state").join("models.lock.yaml"))?;
-            let plugin_dir = match plugin_dir {
-                Some(d) => d,
-                None => default_plugin_dir()?,
-            };
-            let runtime = Runtime::new(Some(cache_dir.unwrap_or_else(|| default_cache_dir(&root))))?;
-            let scanner = Scanner::new(runtime, &policy, &plugin_dir, pins)?;
+            let (scanner, _policy) = scanner(&engine, &root, pins)?;
             let input = ScanInput { origin, sha256, read_mode: if mmap { ReadMode::Mmap } else { ReadMode::Pread } };
             scan_all(&scanner, &paths, &input, format)
         }
+        Command::Init => {
+            let r = Root::new(&root);
+            r.init().with_context(|| format!("creating {}", root.display()))?;
+            println!("initialised {}", root.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Admit { path, origin } => lifecycle::admit(&Root::new(&root), &path, origin.as_deref()),
+        Command::Watch { engine, once, settle_ms } => {
+            let r = Root::new(&root);
+            r.check()?;
+            let (scanner, policy) = scanner(&engine, &root, Default::default())?;
+            let q = Quarantine::new(r, &scanner, &policy)?;
+            lifecycle::watch(&q, once, std::time::Duration::from_millis(settle_ms))
+        }
+        Command::List { format } => lifecycle::list(&Root::new(&root), format == OutputFormat::Json),
+        Command::Show { name } => lifecycle::show(&Root::new(&root), &name),
+        Command::Verify { name } => lifecycle::verify(&Root::new(&root), &name),
+        Command::Rescan { name } => {
+            store::rescan(&Root::new(&root), &name).map_err(anyhow::Error::msg)?;
+            println!("{name}: moved back to incoming/");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit { verify } => lifecycle::audit(&Root::new(&root), verify),
     }
+}
+
+/// Loads the policy and its plugins.
+fn scanner(
+    engine: &EngineArgs,
+    root: &Path,
+    pins: std::collections::BTreeMap<String, String>,
+) -> Result<(Scanner, Policy)> {
+    let policy = load_policy(engine.policy.as_deref())?;
+    let plugin_dir = match &engine.plugin_dir {
+        Some(d) => d.clone(),
+        None => default_plugin_dir()?,
+    };
+    let cache = engine.cache_dir.clone().unwrap_or_else(|| default_cache_dir(root));
+    let runtime = Runtime::new(Some(cache))?;
+    Ok((Scanner::new(runtime, &policy, &plugin_dir, pins)?, policy))
 }
 
 fn load_policy(dir: Option<&Path>) -> Result<Policy> {
@@ -186,9 +270,9 @@ fn scan_all(scanner: &Scanner, paths: &[PathBuf], input: &ScanInput, format: Out
     Ok(ExitCode::from(worst))
 }
 
-const PREFIX: &str = "[quarantine]";
+pub(crate) const PREFIX: &str = "[quarantine]";
 
-fn print_event(out: &mut impl Write, e: &Event) -> std::io::Result<()> {
+pub(crate) fn print_event(out: &mut impl Write, e: &Event) -> std::io::Result<()> {
     match e {
         Event::Processing(name) => writeln!(out, "{PREFIX} Processing: {name}"),
         Event::StageStart(stage, plugin) => {

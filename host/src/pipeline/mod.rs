@@ -133,6 +133,17 @@ impl Scanner {
     /// Scans one model, reporting progress through `on_event`.
     pub fn scan(&self, path: &Path, input: &ScanInput, on_event: &mut dyn FnMut(Event)) -> Result<Outcome, ScanError> {
         let model = Arc::new(Model::open(path, input.read_mode)?);
+        Ok(self.scan_model(&model, path, input, on_event))
+    }
+
+    /// Scans an opened model; the caller keeps it (for the manifest).
+    pub fn scan_model(
+        &self,
+        model: &Arc<Model>,
+        path: &Path,
+        input: &ScanInput,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Outcome {
         on_event(Event::Processing(&model.name));
         let origin = resolve_origin(path, input.origin.as_deref());
         let pinned = input.sha256.clone().or_else(|| self.pins.get(&model.name).cloned());
@@ -176,7 +187,7 @@ impl Scanner {
                 let (result, log, elapsed_ms) = match &l.plugin {
                     Err(cause) => (Err(cause.clone()), Vec::new(), 0),
                     Ok(plugin) => {
-                        let out = self.runtime.run(plugin, model.clone(), ctx, l.entry.limits.clone());
+                        let out = self.runtime.run(plugin, Arc::clone(model), ctx, l.entry.limits.clone());
                         let mut log = out.log;
                         if !out.output.is_empty() {
                             log.extend(out.output.lines().map(|s| format!("output: {s}")));
@@ -230,7 +241,7 @@ impl Scanner {
         };
         let mut format: Vec<&'static str> = model.files.iter().map(|f| f.format.name()).collect();
         format.dedup();
-        Ok(Outcome {
+        Outcome {
             model: model.name.clone(),
             path: path.display().to_string(),
             verdict: if failed.is_some() { "fail" } else { "pass" },
@@ -239,7 +250,12 @@ impl Scanner {
             sha256,
             format,
             stages,
-        })
+        }
+    }
+
+    /// The stages the policy switches off.
+    pub fn disabled_stages(&self) -> Vec<String> {
+        Stage::ALL.iter().filter(|s| !self.chain.contains_key(s)).map(|s| s.name().to_string()).collect()
     }
 }
 

@@ -1,0 +1,216 @@
+//! The lifecycle commands: admit, watch, list, show, verify, audit.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+
+use super::{PREFIX, print_event};
+use crate::artifact::{Model, ReadMode};
+use crate::store::{self, AuditLog, Disposition, Manifest, Quarantine, Root, manifest};
+
+/// Copies a model into incoming/ under a `.partial` name, fsyncs it, writes
+/// its origin sidecar, then renames it into place: the watcher never sees half a file.
+pub fn admit(root: &Root, path: &Path, origin: Option<&str>) -> Result<ExitCode> {
+    root.check()?;
+    let meta = fs::symlink_metadata(path).with_context(|| path.display().to_string())?;
+    if !meta.is_file() {
+        bail!("{}: only regular files can be admitted (not links, folders or devices)", path.display());
+    }
+    let name = path.file_name().context("the path has no file name")?.to_string_lossy().into_owned();
+    if !store::is_eligible_name(&name) {
+        bail!("{name}: dot-files and .partial/.tmp/.part/.origin names are never taken from incoming/");
+    }
+    let dest = root.incoming().join(&name);
+    if fs::symlink_metadata(&dest).is_ok() {
+        bail!("{} already exists", dest.display());
+    }
+    let tmp = root.incoming().join(format!(".{name}.partial"));
+    fs::copy(path, &tmp).with_context(|| format!("copying to {}", tmp.display()))?;
+    fs::File::open(&tmp)?.sync_all()?;
+    if let Some(url) = origin {
+        store::root::write_atomic(&root.incoming().join(format!("{name}.origin")), format!("{url}\n").as_bytes())?;
+    }
+    fs::rename(&tmp, &dest)?;
+    store::root::sync_dir(&root.incoming())?;
+    println!("{name}: admitted to {}", root.incoming().display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Size and newest mtime of an entry (a folder: its whole tree), without following links.
+fn snapshot(path: &Path) -> Option<(u64, SystemTime)> {
+    let meta = fs::symlink_metadata(path).ok()?;
+    let mut size = meta.len();
+    let mut mtime = meta.modified().ok()?;
+    if meta.is_dir() {
+        for e in fs::read_dir(path).ok()?.filter_map(|e| e.ok()) {
+            let (s, m) = snapshot(&e.path())?;
+            size += s;
+            mtime = mtime.max(m);
+        }
+    }
+    Some((size, mtime))
+}
+
+fn report(d: &Result<Disposition, String>) {
+    let mut out = std::io::stdout().lock();
+    let _ = match d {
+        Ok(Disposition::Promoted { name }) => writeln!(out, "{PREFIX} PROMOTED: {name} → registry/{name}"),
+        Ok(Disposition::Rejected { name, failed_stage, reason, report }) => {
+            writeln!(out, "{PREFIX} REJECTED: {name} — {failed_stage}: {reason} (report: {})", report.display())
+        }
+        Err(e) => writeln!(out, "{PREFIX} ERROR: {e}"),
+    };
+    let _ = out.flush();
+}
+
+/// Watches incoming/ with inotify (polling only if inotify is unavailable) and
+/// takes each entry once its size and mtime have been stable for `settle`.
+pub fn watch(q: &Quarantine, once: bool, settle: Duration) -> Result<ExitCode> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
+    }
+    let mut printer = |e: crate::pipeline::Event| {
+        let _ = print_event(&mut std::io::stdout().lock(), &e);
+    };
+    for d in q.recover(&mut printer) {
+        report(&d);
+    }
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _watcher = {
+        use notify::Watcher;
+        let made = notify::recommended_watcher(move |ev| {
+            let _ = tx.send(ev);
+        })
+        .and_then(|mut w| w.watch(&q.root.incoming(), notify::RecursiveMode::Recursive).map(|_| w));
+        match made {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!("inotify is unavailable ({e}); falling back to polling incoming/ every second");
+                None
+            }
+        }
+    };
+    if !once {
+        eprintln!("airlock: watching {}", q.root.incoming().display());
+    }
+
+    // name -> (size, mtime, since when unchanged)
+    let mut seen: HashMap<String, (u64, SystemTime, Instant)> = HashMap::new();
+    while !stop.load(Ordering::Relaxed) {
+        let waiting = q.waiting().context("listing incoming/")?;
+        seen.retain(|n, _| waiting.contains(n));
+        let mut pending = false;
+        for name in waiting {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let Some((size, mtime)) = snapshot(&q.root.incoming().join(&name)) else { continue };
+            let entry = seen.entry(name.clone()).or_insert((size, mtime, Instant::now()));
+            if (entry.0, entry.1) != (size, mtime) {
+                *entry = (size, mtime, Instant::now());
+            }
+            if entry.2.elapsed() < settle {
+                pending = true;
+                continue;
+            }
+            seen.remove(&name);
+            report(&q.take(&name, &mut printer));
+        }
+        if once && !pending {
+            break;
+        }
+        // Wake on the next filesystem event, or in time to re-check the settle window.
+        let _ = rx.recv_timeout(settle.clamp(Duration::from_millis(50), Duration::from_secs(1)));
+        while rx.try_recv().is_ok() {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn list(root: &Root, json: bool) -> Result<ExitCode> {
+    let index = store::read_index(root)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string(&index)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(out, "{:<40} {:<12} {:>12}  {:<64}  PROMOTED_AT", "NAME", "FORMAT", "SIZE", "SHA256")?;
+    for e in index {
+        writeln!(
+            out,
+            "{:<40} {:<12} {:>12}  {:<64}  {}",
+            e.name,
+            e.format,
+            e.size,
+            e.sha256.as_deref().unwrap_or("-"),
+            e.promoted_at
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn manifest_of(root: &Root, name: &str) -> Result<(std::path::PathBuf, Manifest)> {
+    if name.contains('/') || name.starts_with('.') {
+        bail!("{name:?} is not a model name");
+    }
+    let dir = root.registry().join(name);
+    let path = dir.join("manifest.json");
+    let m: Manifest =
+        serde_json::from_slice(&fs::read(&path).with_context(|| format!("{name} is not in the registry"))?)
+            .with_context(|| path.display().to_string())?;
+    Ok((dir, m))
+}
+
+pub fn show(root: &Root, name: &str) -> Result<ExitCode> {
+    let (dir, _) = manifest_of(root, name)?;
+    let text = fs::read_to_string(dir.join("manifest.json"))?;
+    println!("{text}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Re-hashes the registry copy and compares it with the manifest.
+pub fn verify(root: &Root, name: &str) -> Result<ExitCode> {
+    let (dir, m) = manifest_of(root, name)?;
+    let target = if m.kind == "file" { dir.join(&m.name) } else { dir.clone() };
+    let model = Model::open(&target, ReadMode::Pread)?;
+    let now = manifest::integrity(&model).map_err(anyhow::Error::msg)?;
+    let diffs = manifest::differences(&m.integrity, &now);
+    if diffs.is_empty() {
+        println!("{name}: OK ({} files, merkle root {})", now.files.len(), now.merkle_root);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{name}: DOES NOT MATCH its manifest");
+    for d in diffs {
+        println!("  {d}");
+    }
+    Ok(ExitCode::from(1))
+}
+
+pub fn audit(root: &Root, verify: bool) -> Result<ExitCode> {
+    let log = AuditLog::new(&root.audit_log());
+    if verify {
+        return Ok(match log.verify() {
+            Ok(n) => {
+                println!("audit log OK: {n} entries, hash chain intact");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                println!("audit log BROKEN: {e}");
+                ExitCode::from(1)
+            }
+        });
+    }
+    let mut out = std::io::stdout().lock();
+    for e in log.entries()? {
+        writeln!(out, "{}", serde_json::to_string(&e)?)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

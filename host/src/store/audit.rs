@@ -1,0 +1,174 @@
+//! The audit log: append-only JSON Lines with a hash chain.
+//!
+//! Each entry records the sha256 of the line before it (`prev`), and
+//! `audit.head` records the sequence number and sha256 of the last line. An
+//! edited, dropped, reordered or truncated entry breaks the chain or the head.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One audit entry.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Entry {
+    pub seq: u64,
+    pub time: String,
+    /// `INFO` for promotions, `CRITICAL` for rejections, `WARNING` for recoveries.
+    pub level: String,
+    /// `promoted`, `rejected`, `rescan`, `recovered`.
+    pub event: String,
+    pub model: String,
+    pub sha256: Option<String>,
+    pub failed_stage: Option<String>,
+    pub reason: Option<String>,
+    /// Stages switched off by policy when this model was scanned.
+    #[serde(default)]
+    pub disabled_stages: Vec<String>,
+    /// sha256 of the previous line (64 zeros for the first).
+    pub prev: String,
+}
+
+/// What a caller fills in; the log adds `seq`, `time` and `prev`.
+#[derive(Clone, Debug, Default)]
+pub struct Record {
+    pub level: &'static str,
+    pub event: &'static str,
+    pub model: String,
+    pub sha256: Option<String>,
+    pub failed_stage: Option<String>,
+    pub reason: Option<String>,
+    pub disabled_stages: Vec<String>,
+}
+
+pub struct AuditLog {
+    path: PathBuf,
+    head: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Head {
+    seq: u64,
+    sha256: String,
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+fn sha(line: &[u8]) -> String {
+    hex::encode(Sha256::digest(line))
+}
+
+impl AuditLog {
+    pub fn new(path: &Path) -> AuditLog {
+        AuditLog { path: path.to_path_buf(), head: path.with_extension("head") }
+    }
+
+    fn read_head(&self) -> io::Result<Head> {
+        match fs::read(&self.head) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| io::Error::other(format!("{}: {e}", self.head.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Head { seq: 0, sha256: GENESIS.into() }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Rolls the head forward when a crash fell between appending a line and
+    /// moving the head: the last line then chains exactly onto the head.
+    /// Anything else that disagrees is left for `verify` to report.
+    pub fn repair(&self) -> io::Result<()> {
+        let head = self.read_head()?;
+        let text = match fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let Some(last) = text.lines().last() else { return Ok(()) };
+        let Ok(entry) = serde_json::from_str::<Entry>(last) else { return Ok(()) };
+        if entry.seq == head.seq + 1 && entry.prev == head.sha256 {
+            tracing::warn!(
+                "audit log: the head was one entry behind after a crash; rolled forward to seq {}",
+                entry.seq
+            );
+            let head = Head { seq: entry.seq, sha256: sha(last.as_bytes()) };
+            super::root::write_atomic(&self.head, &serde_json::to_vec(&head).map_err(io::Error::other)?)?;
+        }
+        Ok(())
+    }
+
+    /// Appends one entry, fsynced, and moves the head.
+    pub fn append(&self, r: Record) -> io::Result<Entry> {
+        let head = self.read_head()?;
+        let entry = Entry {
+            seq: head.seq + 1,
+            time: now_rfc3339(),
+            level: r.level.into(),
+            event: r.event.into(),
+            model: r.model,
+            sha256: r.sha256,
+            failed_stage: r.failed_stage,
+            reason: r.reason,
+            disabled_stages: r.disabled_stages,
+            prev: head.sha256,
+        };
+        let line = serde_json::to_string(&entry).map_err(io::Error::other)?;
+        let mut f = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        f.write_all(format!("{line}\n").as_bytes())?;
+        f.sync_all()?;
+        let head = Head { seq: entry.seq, sha256: sha(line.as_bytes()) };
+        super::root::write_atomic(&self.head, &serde_json::to_vec(&head).map_err(io::Error::other)?)?;
+        Ok(entry)
+    }
+
+    /// All entries, in order.
+    pub fn entries(&self) -> io::Result<Vec<Entry>> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        text.lines()
+            .enumerate()
+            .map(|(i, l)| serde_json::from_str(l).map_err(|e| io::Error::other(format!("line {}: {e}", i + 1))))
+            .collect()
+    }
+
+    /// Checks the chain and the head. `Ok(n)` is the number of entries.
+    pub fn verify(&self) -> Result<u64, String> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(format!("{}: {e}", self.path.display())),
+        };
+        let mut prev = GENESIS.to_string();
+        let mut seq = 0;
+        for (i, line) in text.lines().enumerate() {
+            let n = i + 1;
+            let e: Entry = serde_json::from_str(line).map_err(|e| format!("line {n}: not an audit entry ({e})"))?;
+            if e.prev != prev {
+                return Err(format!(
+                    "line {n} (seq {}): the chain is broken: the entry before it was edited, dropped or reordered",
+                    e.seq
+                ));
+            }
+            if e.seq != seq + 1 {
+                return Err(format!("line {n}: sequence number {} follows {seq}", e.seq));
+            }
+            prev = sha(line.as_bytes());
+            seq = e.seq;
+        }
+        let head = self.read_head().map_err(|e| e.to_string())?;
+        if head.seq != seq || head.sha256 != prev {
+            return Err(format!(
+                "the log ends at seq {seq} but {} records seq {}: entries were dropped from the end or the last one was edited",
+                self.head.display(),
+                head.seq
+            ));
+        }
+        Ok(seq)
+    }
+}

@@ -1,0 +1,471 @@
+//! The quarantine lifecycle: claim a model from `incoming/`, scan it, then
+//! promote it into `registry/` or reject it into `quarantine/rejected/`.
+//!
+//! Crash consistency comes from an ordering of atomic renames and fsynced
+//! journal files, so that after a `kill -9` anywhere every model is in exactly
+//! one of incoming, scanning, registry or rejected:
+//!
+//! 1. claim: `scanning/.<id>.tmp/claim.json` is written, the folder renamed to
+//!    `scanning/<id>/`, then the model renamed into it. Nothing is read before.
+//! 2. decide: the scan's outcome goes to `decision.json` (and, on a pass,
+//!    `manifest.json`) inside the claim folder, fsynced.
+//! 3. promote: the whole claim folder is renamed to `registry/<name>/`, so
+//!    nothing reaches the registry without its pass record and manifest. Pins,
+//!    the index and the audit entry follow; `decision.json` is removed last.
+//!    A registry folder that still holds `decision.json` is finished on restart.
+//! 4. reject: the model is renamed to `rejected/`, the report written, the audit
+//!    entry appended, and the claim folder removed. A claim folder whose model is
+//!    gone is finished on restart from its `decision.json`.
+//!
+//! A claim folder that still holds its model goes back through the pipeline on
+//! restart; it never goes straight to the registry.
+
+pub mod audit;
+pub mod manifest;
+pub mod root;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::artifact::{Model, ReadMode};
+use crate::pipeline::{Event, ScanInput, Scanner};
+use crate::policy::{self, Policy};
+pub use audit::{AuditLog, Record};
+pub use manifest::Manifest;
+pub use root::Root;
+use root::{sync_dir, write_atomic};
+
+/// Names that are never taken from `incoming/`: partial downloads and dot-files.
+pub fn is_eligible_name(name: &str) -> bool {
+    !(name.starts_with('.')
+        || name.ends_with(".partial")
+        || name.ends_with(".tmp")
+        || name.ends_with(".part")
+        || name.ends_with(".origin"))
+}
+
+#[derive(Serialize, Deserialize)]
+struct Claim {
+    id: String,
+    name: String,
+    claimed_at: String,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct Decision {
+    promote: bool,
+    failed_stage: Option<String>,
+    reason: Option<String>,
+    sha256: Option<String>,
+    /// The scan outcome, for the report.
+    outcome: serde_json::Value,
+}
+
+/// What happened to one model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    Promoted { name: String },
+    Rejected { name: String, failed_stage: String, reason: String, report: PathBuf },
+}
+
+/// One registry index row.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct IndexEntry {
+    pub name: String,
+    pub format: String,
+    pub size: u64,
+    pub sha256: Option<String>,
+    pub promoted_at: String,
+    pub fingerprint: String,
+    pub merkle_root: String,
+}
+
+/// The lifecycle over one data root.
+pub struct Quarantine<'a> {
+    pub root: Root,
+    scanner: &'a Scanner,
+    policy: &'a Policy,
+    audit: AuditLog,
+}
+
+fn new_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{nanos}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<T> {
+    serde_json::from_slice(&fs::read(path)?).map_err(|e| io::Error::other(format!("{}: {e}", path.display())))
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
+    write_atomic(path, &serde_json::to_vec_pretty(value).map_err(io::Error::other)?)
+}
+
+/// Renames `from` to `to` unless `to` exists (rename(2) would replace a file).
+fn rename_new(from: &Path, to: &Path) -> io::Result<()> {
+    if fs::symlink_metadata(to).is_ok() {
+        return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} already exists", to.display())));
+    }
+    fs::rename(from, to)
+}
+
+impl<'a> Quarantine<'a> {
+    pub fn new(root: Root, scanner: &'a Scanner, policy: &'a Policy) -> io::Result<Self> {
+        root.check()?;
+        let audit = AuditLog::new(&root.audit_log());
+        audit.repair()?;
+        Ok(Quarantine { root, scanner, policy, audit })
+    }
+
+    /// Entries in `incoming/` that may be taken, in name order.
+    pub fn waiting(&self) -> io::Result<Vec<String>> {
+        let mut names: Vec<String> = fs::read_dir(self.root.incoming())?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| is_eligible_name(n))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Finishes or redoes what a crash interrupted. Claim folders with their
+    /// model go back through the pipeline; half-promoted or half-rejected ones
+    /// are finished from their journal.
+    pub fn recover(&self, on_event: &mut dyn FnMut(Event)) -> Vec<Result<Disposition, String>> {
+        let mut out = Vec::new();
+        if let Ok(entries) = fs::read_dir(self.root.scanning()) {
+            let mut dirs: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+            dirs.sort();
+            for dir in dirs {
+                let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                if name.starts_with('.') {
+                    // A claim that never completed: its model is still in incoming/.
+                    let _ = fs::remove_dir_all(&dir);
+                    continue;
+                }
+                tracing::warn!("recovering interrupted work in {}", dir.display());
+                out.push(self.process_claimed(&dir, on_event).map_err(|e| format!("{}: {e}", dir.display())));
+            }
+        }
+        if let Ok(entries) = fs::read_dir(self.root.registry()) {
+            for e in entries.filter_map(|e| e.ok()) {
+                let dir = e.path();
+                if dir.join("decision.json").exists() {
+                    tracing::warn!("finishing the interrupted promotion of {}", dir.display());
+                    out.push(self.finish_promotion(&dir).map_err(|e| format!("{}: {e}", dir.display())));
+                }
+            }
+        }
+        out
+    }
+
+    /// Claims `incoming/<name>` and takes it through the pipeline.
+    pub fn take(&self, name: &str, on_event: &mut dyn FnMut(Event)) -> Result<Disposition, String> {
+        let dir = self.claim(name).map_err(|e| format!("{name}: cannot claim: {e}"))?;
+        self.process_claimed(&dir, on_event).map_err(|e| format!("{name}: {e}"))
+    }
+
+    fn claim(&self, name: &str) -> io::Result<PathBuf> {
+        let id = new_id();
+        let tmp = self.root.scanning().join(format!(".{id}.tmp"));
+        let dir = self.root.scanning().join(&id);
+        fs::create_dir(&tmp)?;
+        write_json(
+            &tmp.join("claim.json"),
+            &Claim { id: id.clone(), name: name.into(), claimed_at: audit::now_rfc3339() },
+        )?;
+        fs::rename(&tmp, &dir)?;
+        let src = self.root.incoming().join(name);
+        // The rename moves the entry itself: a symlink is moved, never followed.
+        fs::rename(&src, dir.join(name))?;
+        let sidecar = self.root.incoming().join(format!("{name}.origin"));
+        if fs::symlink_metadata(&sidecar).is_ok() {
+            fs::rename(&sidecar, dir.join(format!("{name}.origin")))?;
+        }
+        sync_dir(&self.root.incoming())?;
+        sync_dir(&dir)?;
+        sync_dir(&self.root.scanning())?;
+        Ok(dir)
+    }
+
+    /// Why an entry must be rejected without being opened, if it must.
+    fn unclaimable(path: &Path) -> io::Result<Option<String>> {
+        let meta = fs::symlink_metadata(path)?;
+        let ft = meta.file_type();
+        Ok(if ft.is_symlink() {
+            let target = fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
+            Some(format!("is a symlink (to {target}); airlock never follows links"))
+        } else if ft.is_file() && meta.nlink() > 1 {
+            Some(format!("is a hardlinked file ({} links): another name could change it under the scan", meta.nlink()))
+        } else if ft.is_dir() {
+            (!path.join("model_index.json").exists()).then(|| "is a folder without model_index.json".to_string())
+        } else if !ft.is_file() {
+            Some("is not a regular file (a device, FIFO or socket)".to_string())
+        } else {
+            None
+        })
+    }
+
+    fn process_claimed(&self, dir: &Path, on_event: &mut dyn FnMut(Event)) -> io::Result<Disposition> {
+        let claim: Claim = match read_json(&dir.join("claim.json")) {
+            Ok(c) => c,
+            Err(_) => {
+                // Claimed folder without a journal cannot happen by our ordering; keep it for a person.
+                return Err(io::Error::other("claim.json is missing or unreadable; left in place for inspection"));
+            }
+        };
+        let model_path = dir.join(&claim.name);
+        if fs::symlink_metadata(&model_path).is_err() {
+            // The model already left: finish the decision recorded before it moved.
+            return match read_json::<Decision>(&dir.join("decision.json")) {
+                Ok(d) if !d.promote => self.finish_rejection(dir, &claim, &d),
+                _ => {
+                    // Claimed folder made, model never moved in: it is still in incoming/.
+                    fs::remove_dir_all(dir)?;
+                    sync_dir(&self.root.scanning())?;
+                    Err(io::Error::other("the claim never completed; the model stays in incoming/"))
+                }
+            };
+        }
+        let decision = self.decide(dir, &claim, &model_path, on_event)?;
+        write_json(&dir.join("decision.json"), &decision)?;
+        if decision.promote { self.promote(dir, &claim) } else { self.reject(dir, &claim, &decision) }
+    }
+
+    fn reject_decision(failed_stage: &str, reason: String, outcome: serde_json::Value) -> Decision {
+        Decision {
+            promote: false,
+            failed_stage: Some(failed_stage.into()),
+            reason: Some(reason),
+            sha256: None,
+            outcome,
+        }
+    }
+
+    /// Scans the claimed model and, on a pass, writes its manifest.
+    fn decide(&self, dir: &Path, claim: &Claim, path: &Path, on_event: &mut dyn FnMut(Event)) -> io::Result<Decision> {
+        if let Some(why) = Self::unclaimable(path)? {
+            return Ok(Self::reject_decision("claim", format!("{} {why}", claim.name), serde_json::Value::Null));
+        }
+        let model = match Model::open(path, ReadMode::Pread) {
+            Ok(m) => Arc::new(m),
+            Err(e) => return Ok(Self::reject_decision("claim", e.to_string(), serde_json::Value::Null)),
+        };
+        let pins = policy::load_pins(&self.root.pins()).map_err(io::Error::other)?;
+        let input = ScanInput { origin: None, sha256: pins.get(&claim.name).cloned(), read_mode: ReadMode::Pread };
+        let outcome = self.scanner.scan_model(&model, path, &input, on_event);
+        let outcome_json = serde_json::to_value(&outcome).map_err(io::Error::other)?;
+        if outcome.verdict != "pass" {
+            let mut d = Self::reject_decision(
+                outcome.failed_stage.unwrap_or("?"),
+                outcome.reason.clone().unwrap_or_default(),
+                outcome_json,
+            );
+            d.sha256 = outcome.sha256;
+            return Ok(d);
+        }
+        if fs::symlink_metadata(self.root.registry().join(&claim.name)).is_ok() {
+            let mut d = Self::reject_decision(
+                "registry",
+                format!("a model named {:?} is already in the registry; remove it or rename the new file", claim.name),
+                outcome_json,
+            );
+            d.sha256 = outcome.sha256;
+            return Ok(d);
+        }
+        let integrity = manifest::integrity(&model).map_err(io::Error::other)?;
+        // The scan and the manifest must describe the same bytes.
+        model.check_unchanged().map_err(io::Error::other)?;
+        let manifest = Manifest {
+            name: claim.name.clone(),
+            kind: model.kind.name().into(),
+            promoted_at: audit::now_rfc3339(),
+            origin: outcome
+                .stages
+                .iter()
+                .find(|s| s.stage == "source_policy")
+                .and_then(|s| s.details.as_ref())
+                .and_then(|d| d.get("origin"))
+                .and_then(|o| o.as_str())
+                .map(String::from),
+            policy: self.policy.origin.clone(),
+            disabled_stages: self.scanner.disabled_stages(),
+            stages: outcome_json["stages"].clone(),
+            integrity,
+        };
+        write_json(&dir.join("manifest.json"), &manifest)?;
+        Ok(Decision { promote: true, failed_stage: None, reason: None, sha256: outcome.sha256, outcome: outcome_json })
+    }
+
+    fn promote(&self, dir: &Path, claim: &Claim) -> io::Result<Disposition> {
+        let dest = self.root.registry().join(&claim.name);
+        sync_dir(dir)?;
+        rename_new(dir, &dest)?;
+        sync_dir(&self.root.registry())?;
+        sync_dir(&self.root.scanning())?;
+        self.finish_promotion(&dest)
+    }
+
+    /// Pins, index and audit for a model already in `registry/<name>/`; idempotent.
+    fn finish_promotion(&self, dir: &Path) -> io::Result<Disposition> {
+        let manifest: Manifest = read_json(&dir.join("manifest.json"))?;
+        let decision: Decision = read_json(&dir.join("decision.json"))?;
+        let file = manifest.integrity.files.first();
+        if manifest.kind == "file"
+            && let Some(f) = file
+        {
+            self.record_pin(&manifest.name, &f.sha256)?;
+        }
+        let mut index = self.index()?;
+        index.retain(|e| e.name != manifest.name);
+        index.push(IndexEntry {
+            name: manifest.name.clone(),
+            format: manifest.integrity.files.iter().map(|f| f.format.as_str()).collect::<Vec<_>>().join(","),
+            size: manifest.integrity.files.iter().map(|f| f.size).sum(),
+            sha256: decision.sha256.clone(),
+            promoted_at: manifest.promoted_at.clone(),
+            fingerprint: manifest.integrity.fingerprint.clone(),
+            merkle_root: manifest.integrity.merkle_root.clone(),
+        });
+        index.sort_by(|a, b| a.name.cmp(&b.name));
+        write_json(&self.root.index(), &index)?;
+        self.audit.append(Record {
+            level: "INFO",
+            event: "promoted",
+            model: manifest.name.clone(),
+            sha256: decision.sha256,
+            disabled_stages: manifest.disabled_stages.clone(),
+            ..Record::default()
+        })?;
+        fs::remove_file(dir.join("decision.json"))?;
+        sync_dir(dir)?;
+        Ok(Disposition::Promoted { name: manifest.name })
+    }
+
+    fn reject(&self, dir: &Path, claim: &Claim, decision: &Decision) -> io::Result<Disposition> {
+        let dest = self.rejected_name(claim);
+        rename_new(&dir.join(&claim.name), &self.root.rejected().join(&dest))?;
+        let sidecar = dir.join(format!("{}.origin", claim.name));
+        if sidecar.exists() {
+            let _ = rename_new(&sidecar, &self.root.rejected().join(format!("{dest}.origin")));
+        }
+        write_atomic(&dir.join("rejected-as"), dest.as_bytes())?;
+        sync_dir(&self.root.rejected())?;
+        self.finish_rejection(dir, claim, decision)
+    }
+
+    /// A free name in `rejected/`: the model's own, or suffixed with its claim id.
+    fn rejected_name(&self, claim: &Claim) -> String {
+        let plain = self.root.rejected().join(&claim.name);
+        let report = self.root.rejected().join(format!("{}.report.json", claim.name));
+        if fs::symlink_metadata(&plain).is_err() && !report.exists() {
+            claim.name.clone()
+        } else {
+            format!("{}.{}", claim.name, claim.id)
+        }
+    }
+
+    /// Report, audit, and the claim folder's removal; idempotent.
+    fn finish_rejection(&self, dir: &Path, claim: &Claim, d: &Decision) -> io::Result<Disposition> {
+        let dest = fs::read_to_string(dir.join("rejected-as")).unwrap_or_else(|_| claim.name.clone());
+        let failed_stage = d.failed_stage.clone().unwrap_or_default();
+        let reason = d.reason.clone().unwrap_or_default();
+        let report_path = self.root.rejected().join(format!("{dest}.report.json"));
+        let stages = d.outcome.get("stages").cloned().unwrap_or(serde_json::Value::Array(Vec::new()));
+        let scanners: Vec<serde_json::Value> = stages
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| !s["plugin"].is_null())
+            .map(|s| serde_json::json!({ "stage": s["stage"], "plugin": s["plugin"], "plugin_sha256": s["plugin_sha256"] }))
+            .collect();
+        let report = serde_json::json!({
+            "filename": claim.name,
+            "rejected_at": audit::now_rfc3339(),
+            "failed_stage": failed_stage,
+            "reason": reason,
+            "sha256": d.sha256,
+            "scan_details": { "scanners": scanners, "stages": stages },
+        });
+        write_json(&report_path, &report)?;
+        self.audit.append(Record {
+            level: "CRITICAL",
+            event: "rejected",
+            model: claim.name.clone(),
+            sha256: d.sha256.clone(),
+            failed_stage: Some(failed_stage.clone()),
+            reason: Some(reason.clone()),
+            disabled_stages: self.scanner.disabled_stages(),
+        })?;
+        fs::remove_dir_all(dir)?;
+        sync_dir(&self.root.scanning())?;
+        Ok(Disposition::Rejected { name: claim.name.clone(), failed_stage, reason, report: report_path })
+    }
+
+    fn record_pin(&self, name: &str, sha256: &str) -> io::Result<()> {
+        let mut pins = policy::load_pins(&self.root.pins()).map_err(io::Error::other)?;
+        if pins.contains_key(name) {
+            return Ok(());
+        }
+        pins.insert(name.to_string(), sha256.to_string());
+        write_atomic(&self.root.pins(), pins_yaml(&pins).as_bytes())
+    }
+
+    /// The registry index (empty when none was written yet).
+    pub fn index(&self) -> io::Result<Vec<IndexEntry>> {
+        read_index(&self.root)
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+}
+
+pub fn read_index(root: &Root) -> io::Result<Vec<IndexEntry>> {
+    match read_json(&root.index()) {
+        Ok(v) => Ok(v),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+fn pins_yaml(pins: &BTreeMap<String, String>) -> String {
+    #[derive(Serialize)]
+    struct Pins<'a> {
+        models: &'a BTreeMap<String, String>,
+    }
+    format!(
+        "# Pins: model name -> sha256, recorded on first promotion.\n{}",
+        serde_norway::to_string(&Pins { models: pins }).unwrap_or_default()
+    )
+}
+
+/// Moves a rejected model back to `incoming/` and drops its report, so the
+/// watcher takes it again. The audit log records the rescan.
+pub fn rescan(root: &Root, name: &str) -> Result<(), String> {
+    let src = root.rejected().join(name);
+    fs::symlink_metadata(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+    let original = read_json::<serde_json::Value>(&root.rejected().join(format!("{name}.report.json")))
+        .ok()
+        .and_then(|r| r["filename"].as_str().map(String::from))
+        .unwrap_or_else(|| name.to_string());
+    let dest = root.incoming().join(&original);
+    rename_new(&src, &dest).map_err(|e| e.to_string())?;
+    let sidecar = root.rejected().join(format!("{name}.origin"));
+    if sidecar.exists() {
+        let _ = rename_new(&sidecar, &root.incoming().join(format!("{original}.origin")));
+    }
+    let _ = fs::remove_file(root.rejected().join(format!("{name}.report.json")));
+    AuditLog::new(&root.audit_log())
+        .append(Record { level: "INFO", event: "rescan", model: original, ..Record::default() })
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! The quarantine lifecycle: claim, promote with a manifest, reject with a
+//! report, verify, rescan, the audit chain, and crash consistency.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::*;
+
+struct Lab {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let dir = tmp();
+        let root = dir.path().join("root");
+        let lab = Lab { _dir: dir, root };
+        assert!(lab.cmd(&["init"]).status().unwrap().success());
+        lab
+    }
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = airlock(&self.root);
+        c.args(args);
+        c
+    }
+    fn run(&self, args: &[&str]) -> (i32, String) {
+        let out = self.cmd(args).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code().unwrap_or(-1), text)
+    }
+    fn incoming(&self) -> PathBuf {
+        self.root.join("quarantine/incoming")
+    }
+    fn rejected(&self) -> PathBuf {
+        self.root.join("quarantine/rejected")
+    }
+    fn registry(&self) -> PathBuf {
+        self.root.join("registry")
+    }
+    fn drop_file(&self, name: &str, bytes: &[u8]) {
+        std::fs::write(self.incoming().join(name), bytes).unwrap();
+    }
+    fn watch_once(&self) -> String {
+        let (code, out) = self.run(&["watch", "--once", "--settle-ms", "0"]);
+        assert_eq!(code, 0, "{out}");
+        out
+    }
+    fn report(&self, name: &str) -> Value {
+        serde_json::from_slice(&std::fs::read(self.rejected().join(format!("{name}.report.json"))).unwrap()).unwrap()
+    }
+    fn manifest(&self, name: &str) -> Value {
+        serde_json::from_slice(&std::fs::read(self.registry().join(name).join("manifest.json")).unwrap()).unwrap()
+    }
+    fn audit(&self) -> Vec<Value> {
+        let (code, out) = self.run(&["audit"]);
+        assert_eq!(code, 0);
+        out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+}
+
+fn gguf_with_template(template: &str) -> Vec<u8> {
+    let mut g = Gguf::default();
+    g.kvs.push(("tokenizer.chat_template".into(), kv_str(template)));
+    g.bytes()
+}
+
+#[test]
+fn a_real_gguf_is_admitted_promoted_and_verified() {
+    let lab = Lab::new();
+    let origin = "https://huggingface.co/google/gemma-3-270m/resolve/main/gemma-3-270m-q4_k_m.gguf";
+    let (code, out) = lab.run(&["admit", models().gemma.to_str().unwrap(), "--origin", origin]);
+    assert_eq!(code, 0, "{out}");
+    let out = lab.watch_once();
+    assert!(out.contains("PROMOTED: gemma-3-270m-q4_k_m.gguf"), "{out}");
+    let name = "gemma-3-270m-q4_k_m.gguf";
+    assert!(lab.registry().join(name).join(name).is_file());
+    let m = lab.manifest(name);
+    assert_eq!(m["files"][0]["sha256"], "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818");
+    assert!(m["files"][0]["tensors"].as_array().unwrap().len() > 100);
+    assert_eq!(m["origin"], origin);
+    assert_eq!(m["stages"][1]["plugin"], "builtin:format_gate");
+    assert!(m["fingerprint"].as_str().unwrap().len() == 64 && m["merkle_root"].as_str().unwrap().len() == 64);
+    let pins = std::fs::read_to_string(lab.root.join("state/models.lock.yaml")).unwrap();
+    assert!(
+        pins.contains(&format!("{name}: a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")),
+        "{pins}"
+    );
+    let (code, list) = lab.run(&["list"]);
+    assert_eq!(code, 0);
+    assert!(list.contains(name) && list.contains("gguf") && list.contains("253113024"), "{list}");
+    let (code, out) = lab.run(&["verify", name]);
+    assert_eq!(code, 0, "{out}");
+    let audit = lab.audit();
+    assert_eq!(audit.last().unwrap()["event"], "promoted");
+    assert_eq!(audit.last().unwrap()["disabled_stages"].as_array().unwrap().len(), 4);
+
+    // A flipped byte inside one tensor of the registry copy is caught and named.
+    let copy = lab.registry().join(name).join(name);
+    let tensor = &m["files"][0]["tensors"][5];
+    let at = tensor["offset"].as_u64().unwrap() + tensor["length"].as_u64().unwrap() / 2;
+    let mut bytes = std::fs::read(&copy).unwrap();
+    bytes[at as usize] ^= 0x01;
+    std::fs::write(&copy, bytes).unwrap();
+    let (code, out) = lab.run(&["verify", name]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("tensor {} changed", tensor["name"].as_str().unwrap())), "{out}");
+}
+
+#[test]
+fn a_real_safetensors_model_is_promoted() {
+    let lab = Lab::new();
+    std::fs::copy(&models().minilm, lab.incoming().join("minilm.safetensors")).unwrap();
+    let out = lab.watch_once();
+    assert!(out.contains("PROMOTED: minilm.safetensors"), "{out}");
+    assert_eq!(lab.run(&["verify", "minilm.safetensors"]).0, 0);
+}
+
+#[test]
+fn verify_catches_a_changed_chat_template() {
+    let lab = Lab::new();
+    lab.drop_file("chat.gguf", &gguf_with_template("{{ messages[0].content }}"));
+    assert!(lab.watch_once().contains("PROMOTED: chat.gguf"));
+    // Same length, so every tensor offset and byte stays where it was.
+    let evil = gguf_with_template("{{ messages[9].content }}");
+    std::fs::write(lab.registry().join("chat.gguf/chat.gguf"), evil).unwrap();
+    let (code, out) = lab.run(&["verify", "chat.gguf"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("header and metadata region changed"), "{out}");
+    assert!(!out.contains("tensor token_embd.weight changed"), "{out}");
+}
+
+#[test]
+fn a_malicious_drop_is_rejected_with_a_report() {
+    let lab = Lab::new();
+    lab.drop_file("evil.gguf", crate::formats::EVIL_PICKLE);
+    let out = lab.watch_once();
+    assert!(out.contains("REJECTED: evil.gguf — format_gate"), "{out}");
+    assert!(lab.rejected().join("evil.gguf").is_file());
+    let r = lab.report("evil.gguf");
+    assert_eq!(r["filename"], "evil.gguf");
+    assert_eq!(r["failed_stage"], "format_gate");
+    assert_eq!(r["reason"], "format \"pickle\" is denied by policy");
+    assert!(r["rejected_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(r["scan_details"]["scanners"][1]["plugin"], "builtin:format_gate");
+    let last = lab.audit().pop().unwrap();
+    assert_eq!((last["level"].as_str(), last["event"].as_str()), (Some("CRITICAL"), Some("rejected")));
+    assert!(std::fs::read_dir(lab.root.join("quarantine/scanning")).unwrap().next().is_none());
+}
+
+#[test]
+fn links_and_special_files_are_rejected_without_being_read() {
+    let lab = Lab::new();
+    let outside = lab.root.join("outside.gguf");
+    std::fs::write(&outside, Gguf::default().bytes()).unwrap();
+    std::os::unix::fs::symlink(&outside, lab.incoming().join("link.gguf")).unwrap();
+    std::fs::hard_link(&outside, lab.incoming().join("hard.gguf")).unwrap();
+    assert!(Command::new("mkfifo").arg(lab.incoming().join("pipe.gguf")).status().unwrap().success());
+    let out = lab.watch_once();
+    for (name, why) in
+        [("link.gguf", "is a symlink"), ("hard.gguf", "hardlinked file"), ("pipe.gguf", "not a regular file")]
+    {
+        let r = lab.report(name);
+        assert_eq!(r["failed_stage"], "claim", "{name}: {r}");
+        assert!(r["reason"].as_str().unwrap().contains(why), "{name}: {r}");
+    }
+    assert!(std::fs::symlink_metadata(lab.rejected().join("link.gguf")).unwrap().file_type().is_symlink(), "{out}");
+    assert_eq!(std::fs::read(&outside).unwrap(), Gguf::default().bytes());
+}
+
+#[test]
+fn partial_and_dot_files_are_never_taken() {
+    let lab = Lab::new();
+    for n in ["m.gguf.partial", "m.gguf.part", "m.gguf.tmp", ".hidden.gguf"] {
+        lab.drop_file(n, &Gguf::default().bytes());
+    }
+    lab.watch_once();
+    assert_eq!(std::fs::read_dir(lab.incoming()).unwrap().count(), 4);
+    assert!(lab.audit().is_empty());
+}
+
+#[test]
+fn a_name_clash_in_the_registry_is_rejected_and_explained() {
+    let lab = Lab::new();
+    lab.drop_file("m.gguf", &Gguf::default().bytes());
+    assert!(lab.watch_once().contains("PROMOTED: m.gguf"));
+    // The same bytes again (different bytes under a promoted name fail their pin first).
+    lab.drop_file("m.gguf", &Gguf::default().bytes());
+    let out = lab.watch_once();
+    assert!(out.contains("REJECTED: m.gguf — registry"), "{out}");
+    assert!(lab.report("m.gguf")["reason"].as_str().unwrap().contains("already in the registry"));
+    assert!(lab.registry().join("m.gguf/m.gguf").is_file());
+    // A different model under a promoted name fails the pin recorded on first sight.
+    let mut other = Gguf::default();
+    other.kvs.push(("general.description".into(), kv_str("another model, same name")));
+    std::fs::remove_file(lab.rejected().join("m.gguf.report.json")).unwrap();
+    std::fs::remove_file(lab.rejected().join("m.gguf")).unwrap();
+    lab.drop_file("m.gguf", &other.bytes());
+    assert!(lab.watch_once().contains("REJECTED: m.gguf — integrity_check: sha256 mismatch"));
+}
+
+#[test]
+fn rescan_round_trips() {
+    let lab = Lab::new();
+    let bytes = Gguf::default().bytes();
+    // Pinned to the wrong hash: rejected by the integrity stage.
+    let wrong = "1".repeat(64);
+    std::fs::write(lab.root.join("state/models.lock.yaml"), format!("models:\n  m.gguf: {wrong}\n")).unwrap();
+    lab.drop_file("m.gguf", &bytes);
+    assert!(lab.watch_once().contains("REJECTED: m.gguf — integrity_check"));
+    // Fix the pin, send the model back, and it is promoted.
+    let right = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    std::fs::write(lab.root.join("state/models.lock.yaml"), format!("models:\n  m.gguf: {right}\n")).unwrap();
+    let (code, out) = lab.run(&["rescan", "m.gguf"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(lab.incoming().join("m.gguf").is_file() && !lab.rejected().join("m.gguf.report.json").exists());
+    assert!(lab.watch_once().contains("PROMOTED: m.gguf"));
+    let events: Vec<String> = lab.audit().iter().map(|e| e["event"].as_str().unwrap().to_string()).collect();
+    assert_eq!(events, ["rejected", "rescan", "promoted"]);
+}
+
+#[test]
+fn the_audit_chain_catches_edits_drops_and_reorders() {
+    let lab = Lab::new();
+    for n in ["a.gguf", "b.gguf", "c.gguf"] {
+        lab.drop_file(n, crate::formats::EVIL_PICKLE);
+    }
+    lab.watch_once();
+    assert_eq!(lab.run(&["audit", "--verify"]).0, 0);
+    let log = lab.root.join("state/audit.jsonl");
+    let good = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = good.lines().collect();
+    assert_eq!(lines.len(), 3);
+    let broken = |text: String| {
+        std::fs::write(&log, text).unwrap();
+        let (code, out) = lab.run(&["audit", "--verify"]);
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains("BROKEN"), "{out}");
+    };
+    broken(good.replacen("format \\\"pickle\\\" is denied", "format \\\"pickle\\\" is allowed", 1));
+    broken(format!("{}\n{}\n", lines[0], lines[2]));
+    broken(format!("{}\n{}\n{}\n", lines[1], lines[0], lines[2]));
+    broken(format!("{}\n{}\n", lines[0], lines[1]));
+    std::fs::write(&log, good).unwrap();
+    assert_eq!(lab.run(&["audit", "--verify"]).0, 0);
+}
+
+#[test]
+fn the_watcher_takes_a_drop_and_stops_on_sigterm() {
+    let lab = Lab::new();
+    let mut child =
+        lab.cmd(&["watch", "--settle-ms", "300"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    // Written in two steps: the watcher must wait for the file to settle.
+    let bytes = Gguf::default().bytes();
+    let path = lab.incoming().join("late.gguf");
+    std::fs::write(&path, &bytes[..40]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    std::fs::write(&path, &bytes).unwrap();
+    let start = Instant::now();
+    while !lab.registry().join("late.gguf/manifest.json").exists() {
+        assert!(start.elapsed() < Duration::from_secs(30), "the watcher did not promote the drop");
+        assert!(!lab.rejected().join("late.gguf.report.json").exists(), "{}", lab.report("late.gguf"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// Every model is in exactly one place; the registry holds only complete records.
+fn check_invariants(lab: &Lab, names: &[&str]) {
+    let scanning: Vec<_> = std::fs::read_dir(lab.root.join("quarantine/scanning")).unwrap().collect();
+    assert!(scanning.is_empty(), "scanning/ not empty after recovery");
+    for n in names {
+        let places =
+            [lab.incoming().join(n).exists(), lab.registry().join(n).join(n).exists(), lab.rejected().join(n).exists()];
+        assert_eq!(places.iter().filter(|p| **p).count(), 1, "{n} is in {places:?} (incoming, registry, rejected)");
+        if places[1] {
+            let dir = lab.registry().join(n);
+            assert!(
+                dir.join("manifest.json").is_file() && !dir.join("decision.json").exists(),
+                "{n}: incomplete record"
+            );
+        }
+        if places[2] {
+            assert!(lab.rejected().join(format!("{n}.report.json")).is_file(), "{n}: rejected without a report");
+        }
+    }
+    let (code, out) = lab.run(&["audit", "--verify"]);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn kill_9_at_random_points_loses_nothing() {
+    // A small xorshift, seeded from the clock; the seed is printed for replay.
+    let mut seed = std::env::var("AIRLOCK_KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+    });
+    eprintln!("kill test seed: {seed}");
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let names = ["a.gguf", "b.gguf", "c.safetensors", "evil.gguf"];
+    for round in 0..30 {
+        let lab = Lab::new();
+        lab.drop_file("a.gguf", &Gguf::default().bytes());
+        lab.drop_file("b.gguf", &gguf_with_template("{{ x }}"));
+        lab.drop_file("c.safetensors", &safetensors(ST_HEADER, &[1; 24]));
+        lab.drop_file("evil.gguf", crate::formats::EVIL_PICKLE);
+        let mut child =
+            lab.cmd(&["watch", "--settle-ms", "0"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let delay = Duration::from_micros(next() % 600_000);
+        std::thread::sleep(delay);
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        // Restart: recovery, then whatever is still waiting.
+        let out = lab.watch_once();
+        check_invariants(&lab, &names);
+        assert!(
+            names.iter().all(|n| !lab.incoming().join(n).exists()),
+            "round {round} (killed after {delay:?}): something stayed in incoming/\n{out}"
+        );
+        for n in ["a.gguf", "b.gguf", "c.safetensors"] {
+            assert!(lab.registry().join(n).join(n).exists(), "round {round}: {n} was not promoted\n{out}");
+        }
+        assert!(lab.rejected().join("evil.gguf").exists(), "round {round}");
+    }
+}
