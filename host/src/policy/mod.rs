@@ -79,6 +79,24 @@ struct PolicyFile {
     defaults: DefaultsFile,
     #[serde(default)]
     chain: BTreeMap<Stage, Vec<EntryFile>>,
+    #[serde(default)]
+    registry: Option<RegistryFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryFile {
+    url: String,
+    token_file: Option<PathBuf>,
+}
+
+/// An HTTP registry that promotions are announced to.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    /// Base URL; promotions go to `{url}/v1/model/promote`.
+    pub url: String,
+    /// A file holding the bearer token, read at send time.
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -207,6 +225,7 @@ pub struct Policy {
     /// Enabled stages with their chains; stages absent here are disabled.
     pub chain: BTreeMap<Stage, Vec<ChainEntry>>,
     pub allowlist: Vec<AllowEntry>,
+    pub registry: Option<Registry>,
 }
 
 impl Policy {
@@ -322,7 +341,23 @@ impl Policy {
             }
             chain.insert(stage, out);
         }
+        let registry = match pf.registry {
+            None => None,
+            Some(r) => {
+                let url =
+                    url::Url::parse(&r.url).map_err(|e| invalid("registry.url".into(), format!("{:?}: {e}", r.url)))?;
+                if !matches!(url.scheme(), "http" | "https") {
+                    return Err(invalid("registry.url".into(), "must be an http or https URL".into()));
+                }
+                let token_file = r.token_file.map(|p| match (p.is_relative(), dir) {
+                    (true, Some(d)) => d.join(p),
+                    _ => p,
+                });
+                Some(Registry { url: r.url.trim_end_matches('/').to_string(), token_file })
+            }
+        };
         Ok(Policy {
+            registry,
             origin: policy_file.to_string(),
             require_source: pf.quarantine.require_source,
             smoke_test_max_score: pf.quarantine.smoke_test_max_score,

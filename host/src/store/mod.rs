@@ -22,6 +22,7 @@
 
 pub mod audit;
 pub mod manifest;
+pub mod outbox;
 pub mod root;
 
 use std::collections::BTreeMap;
@@ -337,6 +338,18 @@ impl<'a> Quarantine<'a> {
         });
         index.sort_by(|a, b| a.name.cmp(&b.name));
         write_json(&self.root.index(), &index)?;
+        if self.policy.registry.is_some() {
+            let body = serde_json::json!({
+                "name": manifest.name,
+                "sha256": decision.sha256,
+                "metadata": { "kind": manifest.kind, "origin": manifest.origin, "promoted_at": manifest.promoted_at },
+                "scan_results": manifest.stages,
+                "scanners": { "airlock": env!("CARGO_PKG_VERSION"), "policy": manifest.policy,
+                              "disabled_stages": manifest.disabled_stages },
+                "integrity": manifest.integrity,
+            });
+            outbox::enqueue(&self.root.state(), &manifest.name, &body)?;
+        }
         self.audit.append(Record {
             level: "INFO",
             event: "promoted",
@@ -426,6 +439,14 @@ impl<'a> Quarantine<'a> {
 
     pub fn audit(&self) -> &AuditLog {
         &self.audit
+    }
+
+    /// Sends queued registry announcements; returns how many are still waiting.
+    pub fn flush_outbox(&self) -> usize {
+        match &self.policy.registry {
+            Some(r) => outbox::flush(&self.root.state(), r),
+            None => 0,
+        }
     }
 }
 
