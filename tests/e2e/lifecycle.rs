@@ -333,10 +333,13 @@ fn kill_9_at_random_points_loses_nothing() {
     }
 }
 
+/// One recorded request: the request line, the headers and the body.
+type Request = (String, Vec<String>, String);
+
 /// A minimal HTTP/1.1 server on loopback that records each request and answers 200.
 struct Loopback {
     port: u16,
-    requests: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<String>, String)>>>,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<Request>>>,
 }
 
 impl Loopback {
