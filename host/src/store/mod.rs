@@ -282,9 +282,16 @@ impl<'a> Quarantine<'a> {
             d.sha256 = outcome.sha256;
             return Ok(d);
         }
-        let integrity = manifest::integrity(&model).map_err(io::Error::other)?;
-        // The scan and the manifest must describe the same bytes.
-        model.check_unchanged().map_err(io::Error::other)?;
+        // The scan and the manifest must describe the same bytes: a model that
+        // changed (or could not be re-read) since it was opened is rejected.
+        let integrity = match manifest::integrity(&model).and_then(|i| model.check_unchanged().map(|_| i)) {
+            Ok(i) => i,
+            Err(e) => {
+                let mut d = Self::reject_decision("host", e, outcome_json);
+                d.sha256 = outcome.sha256;
+                return Ok(d);
+            }
+        };
         let manifest = Manifest {
             name: claim.name.clone(),
             kind: model.kind.name().into(),
