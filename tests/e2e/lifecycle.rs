@@ -183,6 +183,20 @@ fn partial_and_dot_files_are_never_taken() {
 }
 
 #[test]
+fn a_folder_waits_until_its_model_index_arrives() {
+    let lab = Lab::new();
+    let folder = lab.incoming().join("sd-model");
+    std::fs::create_dir_all(folder.join("unet")).unwrap();
+    std::fs::write(folder.join("unet/diffusion_pytorch_model.safetensors"), safetensors(ST_HEADER, &[1; 24])).unwrap();
+    lab.watch_once();
+    assert!(folder.is_dir(), "a folder without model_index.json was taken");
+    std::fs::write(folder.join("model_index.json"), br#"{"_class_name": "StableDiffusionPipeline"}"#).unwrap();
+    let out = lab.watch_once();
+    assert!(!folder.exists(), "{out}");
+    assert!(out.contains("sd-model"), "{out}");
+}
+
+#[test]
 fn a_name_clash_in_the_registry_is_rejected_and_explained() {
     let lab = Lab::new();
     lab.drop_file("m.gguf", &Gguf::default().bytes());

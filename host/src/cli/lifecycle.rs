@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 
-use super::{PREFIX, print_event};
+use super::{PREFIX, Progress};
 use crate::artifact::{Model, ReadMode};
 use crate::store::{self, AuditLog, Disposition, Manifest, Quarantine, Root, manifest};
 
@@ -77,9 +77,8 @@ pub fn watch(q: &Quarantine, once: bool, settle: Duration) -> Result<ExitCode> {
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
     }
-    let mut printer = |e: crate::pipeline::Event| {
-        let _ = print_event(&mut std::io::stdout().lock(), &e);
-    };
+    let progress = Progress::new();
+    let mut printer = |e: crate::pipeline::Event| progress.event(&e);
     for d in q.recover(&mut printer) {
         report(&d);
     }
@@ -129,6 +128,7 @@ pub fn watch(q: &Quarantine, once: bool, settle: Duration) -> Result<ExitCode> {
             }
             seen.remove(&name);
             let d = q.take(&name, &mut printer);
+            progress.clear();
             report(&d);
             if matches!(d, Ok(Disposition::Promoted { .. })) {
                 outbox_left = q.flush_outbox();

@@ -129,8 +129,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // Under journald (JOURNAL_STREAM is set) or any non-terminal: plain lines,
     // no colours and no timestamps (journald adds its own).
-    use std::io::IsTerminal;
-    let tty = std::io::stderr().is_terminal() && std::env::var_os("JOURNAL_STREAM").is_none();
+    let tty = interactive();
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("AIRLOCK_LOG")
@@ -241,13 +240,16 @@ fn default_cache_dir(root: &Path) -> PathBuf {
 fn scan_all(scanner: &Scanner, paths: &[PathBuf], input: &ScanInput, format: OutputFormat) -> Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let mut worst = 0u8;
+    let progress = Progress::new();
     for path in paths {
         let mut print = |e: Event| {
             if format == OutputFormat::Text {
-                let _ = print_event(&mut std::io::stdout().lock(), &e);
+                progress.event(&e);
             }
         };
-        match scanner.scan(path, input, &mut print) {
+        let result = scanner.scan(path, input, &mut print);
+        progress.clear();
+        match result {
             Ok(outcome) => {
                 if outcome.verdict != "pass" {
                     worst = worst.max(1);
@@ -280,6 +282,64 @@ fn scan_all(scanner: &Scanner, paths: &[PathBuf], input: &ScanInput, format: Out
 }
 
 pub(crate) const PREFIX: &str = "[quarantine]";
+
+/// True when stderr is a terminal a person watches (not journald, not a pipe).
+fn interactive() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("JOURNAL_STREAM").is_none()
+}
+
+/// A stage progress bar on stderr for long scans: one per model, cleared
+/// before its verdict line; only on a terminal, never under journald.
+pub(crate) struct Progress {
+    enabled: bool,
+    bar: std::sync::Mutex<Option<indicatif::ProgressBar>>,
+}
+
+impl Progress {
+    pub(crate) fn new() -> Progress {
+        Progress { enabled: interactive(), bar: std::sync::Mutex::new(None) }
+    }
+
+    /// Prints the event's log line above the bar and moves the bar.
+    pub(crate) fn event(&self, e: &Event) {
+        let print = || {
+            let _ = print_event(&mut std::io::stdout().lock(), e);
+        };
+        if !self.enabled {
+            return print();
+        }
+        let mut bar = self.bar.lock().unwrap_or_else(|p| p.into_inner());
+        if let Event::Processing(name) = e {
+            let pb = indicatif::ProgressBar::new(7);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:21}] stage {pos}/{len} {elapsed}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            pb.set_message(name.to_string());
+            pb.enable_steady_tick(std::time::Duration::from_millis(120));
+            *bar = Some(pb);
+        }
+        match bar.as_ref() {
+            Some(pb) => {
+                pb.suspend(print);
+                match e {
+                    Event::StageStart(stage, _) => pb.set_position(stage.number() as u64 - 1),
+                    Event::StageDone(r) => pb.set_position(r.number as u64),
+                    Event::Processing(_) => {}
+                }
+            }
+            None => print(),
+        }
+    }
+
+    /// Removes the current model's bar (before its verdict line).
+    pub(crate) fn clear(&self) {
+        if let Some(pb) = self.bar.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            pb.finish_and_clear();
+        }
+    }
+}
 
 pub(crate) fn print_event(out: &mut impl Write, e: &Event) -> std::io::Result<()> {
     match e {

@@ -126,12 +126,18 @@ impl<'a> Quarantine<'a> {
         Ok(Quarantine { root, scanner, policy, audit })
     }
 
-    /// Entries in `incoming/` that may be taken, in name order.
+    /// Entries in `incoming/` that may be taken, in name order. A folder waits
+    /// until its `model_index.json` is there (it is still being copied).
     pub fn waiting(&self) -> io::Result<Vec<String>> {
-        let mut names: Vec<String> = fs::read_dir(self.root.incoming())?
+        let incoming = self.root.incoming();
+        let mut names: Vec<String> = fs::read_dir(&incoming)?
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| is_eligible_name(n))
+            .filter(|n| {
+                let p = incoming.join(n);
+                !fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) || p.join("model_index.json").is_file()
+            })
             .collect();
         names.sort();
         Ok(names)
