@@ -197,6 +197,43 @@ fn a_folder_waits_until_its_model_index_arrives() {
 }
 
 #[test]
+fn several_models_at_once() {
+    let lab = Lab::new();
+    for i in 0..4 {
+        let mut g = Gguf::default();
+        g.kvs.push(("general.description".into(), kv_str(&format!("model {i}"))));
+        lab.drop_file(&format!("m{i}.gguf"), &g.bytes());
+        lab.drop_file(&format!("evil{i}.gguf"), crate::formats::EVIL_PICKLE);
+    }
+    let (code, out) = lab.run(&["watch", "--once", "--settle-ms", "0", "--jobs", "3"]);
+    assert_eq!(code, 0, "{out}");
+    for i in 0..4 {
+        assert!(lab.registry().join(format!("m{i}.gguf/manifest.json")).is_file(), "{out}");
+        assert!(lab.rejected().join(format!("evil{i}.gguf.report.json")).is_file(), "{out}");
+    }
+    assert_eq!(lab.run(&["audit", "--verify"]).0, 0);
+    assert_eq!(lab.audit().len(), 8);
+    let (_, list) = lab.run(&["list", "--format", "json"]);
+    assert_eq!(serde_json::from_str::<Value>(&list).unwrap().as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn one_watcher_per_root() {
+    let lab = Lab::new();
+    let mut first = lab.cmd(&["watch"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    // Wait until the first watcher is up (it prints once it holds the lock and watches).
+    let mut err = std::io::BufReader::new(first.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+    assert!(line.contains("watching"), "{line}");
+    let (code, out) = lab.run(&["watch", "--once"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("another `airlock watch` holds"), "{out}");
+    first.kill().unwrap();
+    first.wait().unwrap();
+}
+
+#[test]
 fn a_name_clash_in_the_registry_is_rejected_and_explained() {
     let lab = Lab::new();
     lab.drop_file("m.gguf", &Gguf::default().bytes());
@@ -327,8 +364,14 @@ fn kill_9_at_random_points_loses_nothing() {
         lab.drop_file("b.gguf", &gguf_with_template("{{ x }}"));
         lab.drop_file("c.safetensors", &safetensors(ST_HEADER, &[1; 24]));
         lab.drop_file("evil.gguf", crate::formats::EVIL_PICKLE);
-        let mut child =
-            lab.cmd(&["watch", "--settle-ms", "0"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        // Odd rounds scan two models at once, to exercise the commit lock too.
+        let jobs = if round % 2 == 1 { "2" } else { "1" };
+        let mut child = lab
+            .cmd(&["watch", "--settle-ms", "0", "--jobs", jobs])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         let delay = Duration::from_micros(next() % 600_000);
         std::thread::sleep(delay);
         child.kill().unwrap(); // SIGKILL

@@ -1,11 +1,12 @@
 //! The lifecycle commands: admit, watch, list, show, verify, audit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -70,14 +71,32 @@ fn report(d: &Result<Disposition, String>) {
     let _ = out.flush();
 }
 
+/// Holds an exclusive lock on `state/watch.lock` for the life of the watcher:
+/// two watchers on one root would race each other's claims and audit entries.
+struct RootLock(#[allow(dead_code)] fs::File);
+
+fn lock_root(root: &Root) -> Result<RootLock> {
+    use std::os::fd::AsRawFd;
+    let path = root.state().join("watch.lock");
+    let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!("another `airlock watch` holds {} for this root", path.display());
+    }
+    Ok(RootLock(f))
+}
+
 /// Watches incoming/ with inotify (polling only if inotify is unavailable) and
-/// takes each entry once its size and mtime have been stable for `settle`.
-pub fn watch(q: &Quarantine, once: bool, settle: Duration) -> Result<ExitCode> {
+/// takes each entry once its size and mtime have been stable for `settle`,
+/// scanning up to `jobs` models at once.
+pub fn watch(q: &Quarantine, once: bool, settle: Duration, jobs: usize) -> Result<ExitCode> {
+    let _lock = lock_root(&q.root)?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
     }
-    let progress = Progress::new();
+    // With several models in flight their lines interleave: no progress bar then.
+    let progress = Progress::new(jobs == 1);
     let mut printer = |e: crate::pipeline::Event| progress.event(&e);
     for d in q.recover(&mut printer) {
         report(&d);
@@ -99,53 +118,78 @@ pub fn watch(q: &Quarantine, once: bool, settle: Duration) -> Result<ExitCode> {
         }
     };
     if !once {
-        eprintln!("airlock: watching {}", q.root.incoming().display());
+        eprintln!("airlock: watching {} ({jobs} at a time)", q.root.incoming().display());
     }
 
     // Announcements a previous run could not deliver.
-    let mut outbox_left = q.flush_outbox();
-    let mut last_flush = Instant::now();
+    let outbox_left = Mutex::new(q.flush_outbox());
+    let last_flush = Mutex::new(Instant::now());
     const RETRY: Duration = Duration::from_secs(30);
 
-    // name -> (size, mtime, since when unchanged)
-    let mut seen: HashMap<String, (u64, SystemTime, Instant)> = HashMap::new();
-    while !stop.load(Ordering::Relaxed) {
-        let waiting = q.waiting().context("listing incoming/")?;
-        seen.retain(|n, _| waiting.contains(n));
-        let mut pending = false;
-        for name in waiting {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            let Some((size, mtime)) = snapshot(&q.root.incoming().join(&name)) else { continue };
-            let entry = seen.entry(name.clone()).or_insert((size, mtime, Instant::now()));
-            if (entry.0, entry.1) != (size, mtime) {
-                *entry = (size, mtime, Instant::now());
-            }
-            if entry.2.elapsed() < settle {
-                pending = true;
-                continue;
-            }
-            seen.remove(&name);
-            let d = q.take(&name, &mut printer);
-            progress.clear();
-            report(&d);
-            if matches!(d, Ok(Disposition::Promoted { .. })) {
-                outbox_left = q.flush_outbox();
-                last_flush = Instant::now();
-            }
+    let in_flight: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
+    let (work_tx, work_rx) = std::sync::mpsc::channel::<String>();
+    let work_rx = Mutex::new(work_rx);
+    std::thread::scope(|scope| -> Result<()> {
+        for _ in 0..jobs.max(1) {
+            scope.spawn(|| {
+                loop {
+                    let next = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok(name) = next else { break };
+                    let d = q.take(&name, &mut |e| progress.event(&e));
+                    progress.clear();
+                    report(&d);
+                    if matches!(d, Ok(Disposition::Promoted { .. })) {
+                        *outbox_left.lock().unwrap_or_else(|p| p.into_inner()) = q.flush_outbox();
+                        *last_flush.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                    }
+                    in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+                }
+            });
         }
-        if outbox_left > 0 && last_flush.elapsed() > RETRY {
-            outbox_left = q.flush_outbox();
-            last_flush = Instant::now();
-        }
-        if once && !pending {
-            break;
-        }
-        // Wake on the next filesystem event, or in time to re-check the settle window.
-        let _ = rx.recv_timeout(settle.clamp(Duration::from_millis(50), Duration::from_secs(1)));
-        while rx.try_recv().is_ok() {}
-    }
+        // name -> (size, mtime, since when unchanged)
+        let mut seen: HashMap<String, (u64, SystemTime, Instant)> = HashMap::new();
+        let result = (|| -> Result<()> {
+            while !stop.load(Ordering::Relaxed) {
+                let waiting = q.waiting().context("listing incoming/")?;
+                seen.retain(|n, _| waiting.contains(n));
+                let mut pending = false;
+                for name in waiting {
+                    if in_flight.lock().unwrap_or_else(|p| p.into_inner()).contains(&name) {
+                        continue;
+                    }
+                    let Some((size, mtime)) = snapshot(&q.root.incoming().join(&name)) else { continue };
+                    let entry = seen.entry(name.clone()).or_insert((size, mtime, Instant::now()));
+                    if (entry.0, entry.1) != (size, mtime) {
+                        *entry = (size, mtime, Instant::now());
+                    }
+                    if entry.2.elapsed() < settle {
+                        pending = true;
+                        continue;
+                    }
+                    seen.remove(&name);
+                    in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone());
+                    let _ = work_tx.send(name);
+                }
+                let busy = !in_flight.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+                if once && !pending && !busy {
+                    break;
+                }
+                if *outbox_left.lock().unwrap_or_else(|p| p.into_inner()) > 0
+                    && last_flush.lock().unwrap_or_else(|p| p.into_inner()).elapsed() > RETRY
+                {
+                    *outbox_left.lock().unwrap_or_else(|p| p.into_inner()) = q.flush_outbox();
+                    *last_flush.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                }
+                // Wake on the next filesystem event, or in time to re-check the settle window.
+                let _ = rx.recv_timeout(settle.clamp(Duration::from_millis(50), Duration::from_secs(1)));
+                while rx.try_recv().is_ok() {}
+            }
+            Ok(())
+        })();
+        // Stop handing out work; the workers finish their current model and exit.
+        drop(work_tx);
+        result
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

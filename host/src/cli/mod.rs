@@ -105,6 +105,9 @@ enum Command {
         /// How long a file's size and mtime must stay unchanged before it is taken.
         #[arg(long, value_name = "MS", default_value = "2000")]
         settle_ms: u64,
+        /// How many models are scanned at once.
+        #[arg(long, value_name = "N", default_value = "1", value_parser = clap::value_parser!(u16).range(1..=64))]
+        jobs: u16,
     },
     /// List the promoted models.
     List {
@@ -176,12 +179,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Admit { path, origin } => lifecycle::admit(&Root::new(&root), &path, origin.as_deref()),
-        Command::Watch { engine, once, settle_ms } => {
+        Command::Watch { engine, once, settle_ms, jobs } => {
             let r = Root::new(&root);
             r.check()?;
             let (scanner, policy) = scanner(&engine, &root, Default::default())?;
             let q = Quarantine::new(r, &scanner, &policy)?;
-            lifecycle::watch(&q, once, std::time::Duration::from_millis(settle_ms))
+            lifecycle::watch(&q, once, std::time::Duration::from_millis(settle_ms), jobs.into())
         }
         Command::List { format } => lifecycle::list(&Root::new(&root), format == OutputFormat::Json),
         Command::Show { name } => lifecycle::show(&Root::new(&root), &name),
@@ -240,7 +243,7 @@ fn default_cache_dir(root: &Path) -> PathBuf {
 fn scan_all(scanner: &Scanner, paths: &[PathBuf], input: &ScanInput, format: OutputFormat) -> Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let mut worst = 0u8;
-    let progress = Progress::new();
+    let progress = Progress::new(true);
     for path in paths {
         let mut print = |e: Event| {
             if format == OutputFormat::Text {
@@ -297,8 +300,9 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
-    pub(crate) fn new() -> Progress {
-        Progress { enabled: interactive(), bar: std::sync::Mutex::new(None) }
+    /// A bar only when `wanted` and stderr is a terminal a person watches.
+    pub(crate) fn new(wanted: bool) -> Progress {
+        Progress { enabled: wanted && interactive(), bar: std::sync::Mutex::new(None) }
     }
 
     /// Prints the event's log line above the bar and moves the bar.

@@ -94,6 +94,10 @@ pub struct Quarantine<'a> {
     scanner: &'a Scanner,
     policy: &'a Policy,
     audit: AuditLog,
+    /// Serialises the short commit steps (renames into registry/ and rejected/,
+    /// pins, index, audit) when several models are scanned at once; the scans
+    /// and manifests run outside it.
+    commit: std::sync::Mutex<()>,
 }
 
 fn new_id() -> String {
@@ -123,7 +127,7 @@ impl<'a> Quarantine<'a> {
         root.check()?;
         let audit = AuditLog::new(&root.audit_log());
         audit.repair()?;
-        Ok(Quarantine { root, scanner, policy, audit })
+        Ok(Quarantine { root, scanner, policy, audit, commit: std::sync::Mutex::new(()) })
     }
 
     /// Entries in `incoming/` that may be taken, in name order. A folder waits
@@ -233,7 +237,10 @@ impl<'a> Quarantine<'a> {
         if fs::symlink_metadata(&model_path).is_err() {
             // The model already left: finish the decision recorded before it moved.
             return match read_json::<Decision>(&dir.join("decision.json")) {
-                Ok(d) if !d.promote => self.finish_rejection(dir, &claim, &d),
+                Ok(d) if !d.promote => {
+                    let _commit = self.commit.lock().unwrap_or_else(|p| p.into_inner());
+                    self.finish_rejection(dir, &claim, &d)
+                }
                 _ => {
                     // Claimed folder made, model never moved in: it is still in incoming/.
                     fs::remove_dir_all(dir)?;
@@ -320,7 +327,21 @@ impl<'a> Quarantine<'a> {
     }
 
     fn promote(&self, dir: &Path, claim: &Claim) -> io::Result<Disposition> {
+        let _commit = self.commit.lock().unwrap_or_else(|p| p.into_inner());
         let dest = self.root.registry().join(&claim.name);
+        if fs::symlink_metadata(&dest).is_ok() {
+            // Another model of the same name was promoted while this one was scanned.
+            let mut d: Decision = read_json(&dir.join("decision.json"))?;
+            d.promote = false;
+            d.failed_stage = Some("registry".into());
+            d.reason = Some(format!(
+                "a model named {:?} is already in the registry; remove it or rename the new file",
+                claim.name
+            ));
+            write_json(&dir.join("decision.json"), &d)?;
+            let _ = fs::remove_file(dir.join("manifest.json"));
+            return self.reject_locked(dir, claim, &d);
+        }
         sync_dir(dir)?;
         rename_new(dir, &dest)?;
         sync_dir(&self.root.registry())?;
@@ -377,6 +398,11 @@ impl<'a> Quarantine<'a> {
     }
 
     fn reject(&self, dir: &Path, claim: &Claim, decision: &Decision) -> io::Result<Disposition> {
+        let _commit = self.commit.lock().unwrap_or_else(|p| p.into_inner());
+        self.reject_locked(dir, claim, decision)
+    }
+
+    fn reject_locked(&self, dir: &Path, claim: &Claim, decision: &Decision) -> io::Result<Disposition> {
         let dest = self.rejected_name(claim);
         rename_new(&dir.join(&claim.name), &self.root.rejected().join(&dest))?;
         let sidecar = dir.join(format!("{}.origin", claim.name));
