@@ -83,6 +83,7 @@ fn a_real_gguf_is_admitted_promoted_and_verified() {
     assert!(m["files"][0]["tensors"].as_array().unwrap().len() > 100);
     assert_eq!(m["origin"], origin);
     assert_eq!(m["stages"][1]["plugin"], "builtin:format_gate");
+    assert_eq!(m["stages"][1]["plugin_info"]["version"], "0.1.0");
     assert!(m["fingerprint"].as_str().unwrap().len() == 64 && m["merkle_root"].as_str().unwrap().len() == 64);
     let pins = std::fs::read_to_string(lab.root.join("state/models.lock.yaml")).unwrap();
     assert!(
@@ -146,6 +147,7 @@ fn a_malicious_drop_is_rejected_with_a_report() {
     assert_eq!(r["reason"], "format \"pickle\" is denied by policy");
     assert!(r["rejected_at"].as_str().unwrap().ends_with('Z'));
     assert_eq!(r["scan_details"]["scanners"][1]["plugin"], "builtin:format_gate");
+    assert_eq!(r["scan_details"]["scanners"][1]["version"], "0.1.0");
     let last = lab.audit().pop().unwrap();
     assert_eq!((last["level"].as_str(), last["event"].as_str()), (Some("CRITICAL"), Some("rejected")));
     assert!(std::fs::read_dir(lab.root.join("quarantine/scanning")).unwrap().next().is_none());
@@ -231,6 +233,52 @@ fn one_watcher_per_root() {
     assert!(out.contains("another `airlock watch` holds"), "{out}");
     first.kill().unwrap();
     first.wait().unwrap();
+}
+
+#[test]
+fn a_model_that_changes_during_the_scan_is_rejected() {
+    let lab = Lab::new();
+    let wasm = component("misbehave");
+    let sha = sha256_file(&wasm);
+    let pol = policy_dir(lab.root.parent().unwrap(), |t| {
+        let t = t.replace("static_scan: false", "static_scan: true");
+        format!(
+            "{t}  static_scan:\n    - plugin: {}\n      sha256: {sha}\n      config: {{ mode: slow-pass }}\n",
+            wasm.display()
+        )
+    });
+    lab.drop_file("m.gguf", &Gguf::default().bytes());
+    let child = lab
+        .cmd(&["watch", "--once", "--settle-ms", "0", "--policy", pol.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Find the claimed copy, let the scan get going, then grow the file under it.
+    let scanning = lab.root.join("quarantine/scanning");
+    let start = Instant::now();
+    let claimed = loop {
+        let found = std::fs::read_dir(&scanning)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("m.gguf"))
+            .find(|p| p.exists());
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "the model was never claimed");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    std::thread::sleep(Duration::from_millis(400));
+    use std::io::Write;
+    std::fs::OpenOptions::new().append(true).open(&claimed).unwrap().write_all(&[0u8; 4096]).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let r = lab.report("m.gguf");
+    assert_eq!(r["failed_stage"], "host", "{r}");
+    assert!(r["reason"].as_str().unwrap().contains("changed during the scan"), "{r}");
+    assert!(!lab.registry().join("m.gguf").exists());
 }
 
 #[test]

@@ -30,6 +30,8 @@ fn gemma_gguf_json_report() {
     let st = s.stage("format_gate");
     assert_eq!(st["plugin"], "builtin:format_gate");
     assert_eq!(st["plugin_sha256"], sha256_file(&component("format_gate")));
+    assert_eq!(st["plugin_info"]["name"], "format_gate");
+    assert_eq!(st["plugin_info"]["version"], "0.1.0");
     assert!(st["elapsed_ms"].is_u64());
     assert_eq!(s.stage("static_scan")["verdict"], "skip");
 }

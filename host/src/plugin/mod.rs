@@ -125,7 +125,17 @@ pub enum LoadError {
 pub struct Plugin {
     pub sha256: String,
     pub imports: Vec<String>,
+    /// What the plugin's `describe()` returned when it was loaded.
+    pub info: StageInfo,
     pre: bindings::StagePre<HostState>,
+}
+
+/// A plugin's own name, version and description.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StageInfo {
+    pub name: String,
+    pub version: String,
+    pub description: String,
 }
 
 /// Severity of a finding.
@@ -254,7 +264,28 @@ impl Runtime {
         }
         let pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::Link(format!("{e:#}")))?;
         let pre = bindings::StagePre::new(pre).map_err(|e| LoadError::Link(format!("{e:#}")))?;
-        Ok(Plugin { sha256, imports, pre })
+        let info = self.describe(&pre).map_err(LoadError::Link)?;
+        Ok(Plugin { sha256, imports, info, pre })
+    }
+
+    /// Calls `describe()` in a fresh, limited instance.
+    fn describe(&self, pre: &bindings::StagePre<HostState>) -> Result<StageInfo, String> {
+        let nothing = Arc::new(Model {
+            name: String::new(),
+            kind: crate::artifact::ModelKind::File,
+            root: PathBuf::new(),
+            files: Vec::new(),
+            surroundings: Vec::new(),
+        });
+        let limits = Limits { timeout: Duration::from_secs(10), ..Limits::default() };
+        let (mut store, output) = self.store(nothing, Arc::default(), limits.clone());
+        let inst =
+            pre.instantiate(&mut store).map_err(|e| format!("describe(): {}", explain(&store, &limits, &output, e)))?;
+        let i = inst
+            .call_describe(&mut store)
+            .map_err(|e| format!("describe(): {}", explain(&store, &limits, &output, e)))?;
+        let cap = |s: String| s.chars().take(256).collect::<String>();
+        Ok(StageInfo { name: cap(i.name), version: cap(i.version), description: cap(i.description) })
     }
 
     fn store(&self, model: Arc<Model>, ctx: Arc<RunContext>, limits: Limits) -> (Store<HostState>, BoundedPipe) {

@@ -437,7 +437,10 @@ impl<'a> Quarantine<'a> {
             .into_iter()
             .flatten()
             .filter(|s| !s["plugin"].is_null())
-            .map(|s| serde_json::json!({ "stage": s["stage"], "plugin": s["plugin"], "plugin_sha256": s["plugin_sha256"] }))
+            .map(|s| {
+                serde_json::json!({ "stage": s["stage"], "plugin": s["plugin"], "plugin_sha256": s["plugin_sha256"],
+                                    "version": s["plugin_info"]["version"], "name": s["plugin_info"]["name"] })
+            })
             .collect();
         let report = serde_json::json!({
             "filename": claim.name,

@@ -1,5 +1,5 @@
 //! A deliberately hostile stage, for the host's containment tests. Its config
-//! chooses the misbehaviour: `{"mode": "spin" | "memory-bomb" | "panic" |
+//! chooses the misbehaviour: `{"mode": "spin" | "memory-bomb" | "panic" | "slow-pass" |
 //! "huge-report" | "read-flood" | "stderr-spam" | "wasi-escape" | "pass"}`.
 
 use airlock_sdk::{ChunkReader, Model, Report, Stage, StageInfo, context};
@@ -24,6 +24,14 @@ impl Stage for Misbehave {
         };
         match mode.as_str() {
             "pass" => Report::pass("misbehave: behaving"),
+            "slow-pass" => {
+                // Takes 1.5 s, then passes: room for a test to change the file mid-scan.
+                let start = std::time::Instant::now();
+                while start.elapsed() < std::time::Duration::from_millis(1500) {
+                    std::hint::black_box(start);
+                }
+                Report::pass("misbehave: slow but fine")
+            }
             "spin" => {
                 let mut x: u64 = 0;
                 loop {
