@@ -52,7 +52,7 @@ pub mod __private {
 use __private::wit::airlock::stage as w;
 
 pub use read::ChunkReader;
-pub use w::artifact::{Dtype, File, Format, MetaValue, Model, Surrounding, TensorInfo};
+pub use w::artifact::{Dtype, File, Format, MetaValue, Model, PackedTexts, ParseError, Surrounding, TensorInfo};
 pub use w::context::RecordedOrigin;
 pub use w::types::{Finding, Report, Severity, StageInfo, Verdict};
 
@@ -166,9 +166,33 @@ impl Format {
     }
 }
 
-impl std::fmt::Display for w::artifact::ParseError {
+impl std::fmt::Display for ParseError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "at offset {}, {}: {}", self.offset, self.field, self.message)
+    }
+}
+
+impl PackedTexts {
+    /// The strings, in order. The host packs valid UTF-8; a malformed entry
+    /// (which a correct host never sends) comes back empty rather than panicking.
+    pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
+        let mut start = 0usize;
+        self.ends.iter().map(move |&end| {
+            let end = (end as usize).min(self.bytes.len());
+            let s = std::str::from_utf8(self.bytes.get(start..end).unwrap_or(&[])).unwrap_or("");
+            start = end;
+            s
+        })
+    }
+
+    /// How many strings.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
     }
 }
 

@@ -27,7 +27,9 @@ fn usage_errors_exit_2() {
 fn a_bad_policy_names_the_file_the_line_and_the_key() {
     let d = tmp();
     let pol = policy_dir(d.path(), |t| {
-        t.replace("    static_scan: false\n", "    static_scan: false\n    statik_scan: true\n")
+        let edited = t.replace("    behavioral_test: false\n", "    behavioral_test: false\n    statik_scan: true\n");
+        assert_ne!(edited, t, "the shipped policy changed shape");
+        edited
     });
     let p = Gguf::default().write(d.path(), "m.gguf");
     let s = scan_json(&p, &["--policy", pol.to_str().unwrap()]);
@@ -76,7 +78,7 @@ fn a_tampered_cache_entry_is_recompiled_not_loaded() {
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
         .collect();
-    assert_eq!(entries.len(), 3, "one compiled entry per built-in plugin");
+    assert_eq!(entries.len(), 4, "one compiled entry per built-in plugin");
     for e in &entries {
         let mut bytes = std::fs::read(e).unwrap();
         let mid = bytes.len() / 2;

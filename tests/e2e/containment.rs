@@ -5,13 +5,13 @@ use std::path::{Path, PathBuf};
 
 use crate::harness::*;
 
-/// A policy whose static_scan stage runs `plugin` with `config` and `extra` entry lines.
+/// A policy whose provenance_check stage runs `plugin` with `config` and `extra` entry lines.
 fn hostile_policy(dir: &Path, plugin: &str, extra: &str) -> PathBuf {
     let wasm = component(plugin);
     let sha = sha256_file(&wasm);
     policy_dir(dir, |t| {
-        let t = t.replace("static_scan: false", "static_scan: true");
-        format!("{t}  static_scan:\n    - plugin: {}\n      sha256: {sha}\n{extra}", wasm.display())
+        let t = t.replace("provenance_check: false", "provenance_check: true");
+        format!("{t}  provenance_check:\n    - plugin: {}\n      sha256: {sha}\n{extra}", wasm.display())
     })
 }
 
@@ -27,28 +27,28 @@ fn misbehave(mode: &str, limits: &str) -> (tempfile::TempDir, Scan) {
 fn a_well_behaved_third_party_plugin_runs_in_the_chain() {
     let (_d, s) = misbehave("pass", "");
     assert_eq!(s.code, 0, "{}", s.stdout);
-    assert_eq!(s.stage("static_scan")["verdict"], "pass");
-    assert_eq!(s.stage("static_scan")["summary"], "misbehave: behaving");
+    assert_eq!(s.stage("provenance_check")["verdict"], "pass");
+    assert_eq!(s.stage("provenance_check")["summary"], "misbehave: behaving");
 }
 
 #[test]
 fn an_infinite_loop_is_stopped_at_its_deadline() {
     let (_d, s) = misbehave("spin", "      limits: { timeout_secs: 1.5 }\n");
-    assert_rejected(&s, "static_scan", "timed out: the plugin ran past its 1.5s deadline");
-    let elapsed = s.stage("static_scan")["elapsed_ms"].as_u64().unwrap();
+    assert_rejected(&s, "provenance_check", "timed out: the plugin ran past its 1.5s deadline");
+    let elapsed = s.stage("provenance_check")["elapsed_ms"].as_u64().unwrap();
     assert!((1500..2500).contains(&elapsed), "stopped after {elapsed} ms; deadline 1500 ms");
 }
 
 #[test]
 fn a_memory_bomb_hits_its_limit() {
     let (_d, s) = misbehave("memory-bomb", "      limits: { memory_mib: 64 }\n");
-    assert_rejected(&s, "static_scan", "limit hit: memory limit of 64 MiB exceeded");
+    assert_rejected(&s, "provenance_check", "limit hit: memory limit of 64 MiB exceeded");
 }
 
 #[test]
 fn a_panic_fails_the_stage_with_its_message() {
     let (_d, s) = misbehave("panic", "");
-    assert_rejected(&s, "static_scan", "deliberate panic from the misbehave plugin");
+    assert_rejected(&s, "provenance_check", "deliberate panic from the misbehave plugin");
 }
 
 #[test]
@@ -56,7 +56,7 @@ fn a_100_mb_report_is_refused() {
     let (_d, s) = misbehave("huge-report", "");
     assert_rejected(
         &s,
-        "static_scan",
+        "provenance_check",
         "report refused: it is 104857600 bytes, above this plugin's cap of 1048576 bytes",
     );
 }
@@ -64,7 +64,7 @@ fn a_100_mb_report_is_refused() {
 #[test]
 fn an_oversized_read_is_refused() {
     let (_d, s) = misbehave("read-flood", "");
-    assert_rejected(&s, "static_scan", "read of 4294967295 bytes refused");
+    assert_rejected(&s, "provenance_check", "read of 4294967295 bytes refused");
 }
 
 #[test]
@@ -72,7 +72,7 @@ fn stderr_spam_is_truncated() {
     let (_d, s) = misbehave("stderr-spam", "      limits: { max_log_kib: 4 }\n");
     assert_eq!(s.code, 0, "{}", s.stdout);
     let log: Vec<&str> =
-        s.stage("static_scan")["log"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+        s.stage("provenance_check")["log"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
     let kept: usize = log.iter().map(|l| l.len()).sum();
     assert!(kept < 8 << 10, "kept {kept} bytes of output");
     assert!(log.last().unwrap().contains("more bytes of plugin output dropped"), "{log:?}");
@@ -82,14 +82,14 @@ fn stderr_spam_is_truncated() {
 fn wasi_gives_no_filesystem_and_no_environment() {
     let (_d, s) = misbehave("wasi-escape", "");
     assert_eq!(s.code, 0, "{}", s.stdout);
-    assert!(s.stage("static_scan")["summary"].as_str().unwrap().starts_with("denied:"));
+    assert!(s.stage("provenance_check")["summary"].as_str().unwrap().starts_with("denied:"));
 }
 
 #[test]
 fn the_whole_file_can_be_read_in_chunks() {
     let (_d, s) = misbehave("read-all", "");
     assert_eq!(s.code, 0, "{}", s.stdout);
-    assert!(s.stage("static_scan")["summary"].as_str().unwrap().starts_with("read "));
+    assert!(s.stage("provenance_check")["summary"].as_str().unwrap().starts_with("read "));
 }
 
 #[test]
@@ -100,14 +100,14 @@ fn an_ungranted_import_is_refused_at_load_time() {
     let s = scan_json(&model, &["--policy", pol.to_str().unwrap()]);
     assert_rejected(
         &s,
-        "static_scan",
+        "provenance_check",
         "refused at load time: import \"airlock:stage/inference@0.1.0\" refused: the capability \"inference\" is not granted",
     );
     // With the grant it loads and runs (and fails honestly: no backend here).
     let d2 = tmp();
     let pol = hostile_policy(d2.path(), "wants_inference", "      grants: [inference]\n");
     let s = scan_json(&model, &["--policy", pol.to_str().unwrap()]);
-    assert_rejected(&s, "static_scan", "inference failed: no inference backend is configured");
+    assert_rejected(&s, "provenance_check", "inference failed: no inference backend is configured");
 }
 
 #[test]
@@ -127,7 +127,7 @@ fn the_host_stays_up_and_scans_the_next_model() {
         String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
     for l in lines {
-        assert_eq!(l["failed_stage"], "static_scan");
+        assert_eq!(l["failed_stage"], "provenance_check");
     }
 }
 
@@ -136,8 +136,8 @@ fn a_third_party_plugin_must_match_its_pin() {
     let d = tmp();
     let wasm = component("misbehave");
     let pol = policy_dir(d.path(), |t| {
-        let t = t.replace("static_scan: false", "static_scan: true");
-        format!("{t}  static_scan:\n    - plugin: {}\n      sha256: {}\n", wasm.display(), "ab".repeat(32))
+        let t = t.replace("provenance_check: false", "provenance_check: true");
+        format!("{t}  provenance_check:\n    - plugin: {}\n      sha256: {}\n", wasm.display(), "ab".repeat(32))
     });
     let model = Gguf::default().write(d.path(), "m.gguf");
     let s = scan_json(&model, &["--policy", pol.to_str().unwrap()]);
@@ -160,10 +160,10 @@ fn a_core_module_is_refused() {
     let core = write(d.path(), "core.wasm", b"\0asm\x01\x00\x00\x00");
     let sha = sha256_file(&core);
     let pol = policy_dir(d.path(), |t| {
-        let t = t.replace("static_scan: false", "static_scan: true");
-        format!("{t}  static_scan:\n    - plugin: {}\n      sha256: {sha}\n", core.display())
+        let t = t.replace("provenance_check: false", "provenance_check: true");
+        format!("{t}  provenance_check:\n    - plugin: {}\n      sha256: {sha}\n", core.display())
     });
     let model = Gguf::default().write(d.path(), "m.gguf");
     let s = scan_json(&model, &["--policy", pol.to_str().unwrap()]);
-    assert_rejected(&s, "static_scan", "not a WebAssembly component");
+    assert_rejected(&s, "provenance_check", "not a WebAssembly component");
 }

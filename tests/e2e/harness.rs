@@ -16,7 +16,8 @@ pub fn components() -> PathBuf {
     let dir = std::env::var_os("AIRLOCK_TEST_COMPONENTS")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("plugins/target/wasm32-wasip2/release"));
-    for name in ["source_policy", "format_gate", "integrity_check", "misbehave", "wants_inference"] {
+    for name in ["source_policy", "format_gate", "integrity_check", "metadata_gadgets", "misbehave", "wants_inference"]
+    {
         let p = dir.join(format!("{name}.wasm"));
         assert!(p.exists(), "{} is missing: build the plugins first (`cargo xtask test` does)", p.display());
     }

@@ -10,6 +10,7 @@ mod formats;
 mod gguf_rules;
 mod integrity;
 mod lifecycle;
+mod metadata_gadgets;
 mod real_models;
 mod safetensors_rules;
 mod source_policy;

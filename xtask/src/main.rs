@@ -9,7 +9,7 @@
 //! - `test`: everything above for the debug host, then the whole test suite.
 //! - `demo`: build, start the watcher on a temporary root, drop a clean real
 //!   model and a malicious one, then show `airlock list` and the rejection report.
-//! - `bench`: time `airlock scan` on the gemma GGUF against `openssl dgst -sha256`.
+//! - `bench`: time `airlock scan` (the default chain) on the gemma GGUF against `openssl dgst -sha256`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 /// The plugins shipped as `builtin:<name>`.
-const BUILTINS: [&str; 3] = ["source_policy", "format_gate", "integrity_check"];
+const BUILTINS: [&str; 4] = ["source_policy", "format_gate", "integrity_check", "metadata_gadgets"];
 const TARGET: &str = "wasm32-wasip2";
 
 fn main() {
@@ -400,7 +400,7 @@ fn bench() -> Result<()> {
     let size = std::fs::metadata(&models.gemma)?.len() as f64;
     println!("file: {} ({:.0} MB)", models.gemma.display(), size / 1e6);
     println!(
-        "airlock scan (stages 1-3): {:>8.1} ms  ({:.2} GB/s)",
+        "airlock scan (default):    {:>8.1} ms  ({:.2} GB/s)",
         a.as_secs_f64() * 1e3,
         size / a.as_secs_f64() / 1e9
     );

@@ -290,6 +290,25 @@ impl artifact::HostFile for HostState {
         self.capped(&format!("metadata value {key:?}"), bytes, Some(value))
     }
 
+    fn metadata_packed_texts(&mut self, f: Resource<FileHandle>, key: String) -> Result<Option<artifact::PackedTexts>> {
+        let file = self.file(&f)?;
+        let Some(MetaValue::Texts(list)) =
+            file.parsed().and_then(|h| h.metadata.iter().find(|(k, _)| *k == key)).map(|(_, v)| v)
+        else {
+            return Ok(None);
+        };
+        let total: usize = list.iter().map(String::len).sum();
+        self.capped(&format!("metadata value {key:?}"), total + 4 * list.len(), ())?;
+        let mut bytes = Vec::with_capacity(total);
+        let mut ends = Vec::with_capacity(list.len());
+        for s in list {
+            bytes.extend_from_slice(s.as_bytes());
+            // `capped` bounds the total far below 4 GiB, so every end fits in a u32.
+            ends.push(bytes.len() as u32);
+        }
+        Ok(Some(artifact::PackedTexts { bytes, ends }))
+    }
+
     fn version(&mut self, f: Resource<FileHandle>) -> Result<Option<u32>> {
         Ok(self.file(&f)?.parsed().and_then(|h| h.version))
     }

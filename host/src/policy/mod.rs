@@ -57,7 +57,7 @@ impl Stage {
 }
 
 /// The built-in plugins this build ships.
-pub const BUILTINS: [&str; 3] = ["source_policy", "format_gate", "integrity_check"];
+pub const BUILTINS: [&str; 4] = ["source_policy", "format_gate", "integrity_check", "metadata_gadgets"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -545,9 +545,9 @@ mod tests {
 
     #[test]
     fn enabled_stage_without_a_plugin_is_an_error() {
-        let text = DEFAULT_POLICY.replacen("static_scan: false", "static_scan: true", 1);
+        let text = DEFAULT_POLICY.replacen("behavioral_test: false", "behavioral_test: true", 1);
         let e = Policy::from_texts("p.yaml", &text, None, None).unwrap_err().to_string();
-        assert!(e.contains("chain.static_scan"), "{e}");
+        assert!(e.contains("chain.behavioral_test"), "{e}");
     }
 
     #[test]
