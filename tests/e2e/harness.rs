@@ -164,10 +164,12 @@ pub struct Tensor {
     pub nbytes: Option<u64>,
     /// Offset relative to the data start; `None` computes llama.cpp's rule.
     pub offset: Option<u64>,
+    /// The tensor's bytes; `None` fills a byte pattern (not meaningful floats).
+    pub data: Option<Vec<u8>>,
 }
 
 pub fn f32_tensor(name: &str, dims: &[u64]) -> Tensor {
-    Tensor { name: name.into(), dims: dims.to_vec(), ty: F32, nbytes: None, offset: None }
+    Tensor { name: name.into(), dims: dims.to_vec(), ty: F32, nbytes: None, offset: None, data: None }
 }
 
 /// Writes a GGUF file field by field, so each test can break one rule.
@@ -221,8 +223,15 @@ impl Gguf {
             o.extend(ty.to_le_bytes());
             o.extend(v);
         }
-        let sizes: Vec<u64> =
-            self.tensors.iter().map(|t| t.nbytes.unwrap_or_else(|| 4 * t.dims.iter().product::<u64>())).collect();
+        let sizes: Vec<u64> = self
+            .tensors
+            .iter()
+            .map(|t| {
+                t.nbytes
+                    .or(t.data.as_ref().map(|d| d.len() as u64))
+                    .unwrap_or_else(|| 4 * t.dims.iter().product::<u64>())
+            })
+            .collect();
         let mut running = 0u64;
         for (t, size) in self.tensors.iter().zip(&sizes) {
             o.extend((t.name.len() as u64).to_le_bytes());
@@ -237,7 +246,10 @@ impl Gguf {
         }
         pad_to(&mut o, self.alignment, self.pad);
         for (i, size) in sizes.iter().enumerate() {
-            o.extend((0..*size).map(|j| (j % 251) as u8 + 1));
+            match &self.tensors[i].data {
+                Some(d) => o.extend(d),
+                None => o.extend((0..*size).map(|j| (j % 251) as u8 + 1)),
+            }
             if i + 1 < sizes.len() || !self.trailing.is_empty() {
                 pad_to(&mut o, self.alignment, self.pad);
             }

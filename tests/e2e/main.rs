@@ -14,3 +14,4 @@ mod metadata_gadgets;
 mod real_models;
 mod safetensors_rules;
 mod source_policy;
+mod weights;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 /// The plugins shipped as `builtin:<name>`.
-const BUILTINS: [&str; 4] = ["source_policy", "format_gate", "integrity_check", "metadata_gadgets"];
+const BUILTINS: [&str; 5] = ["source_policy", "format_gate", "integrity_check", "metadata_gadgets", "weights"];
 const TARGET: &str = "wasm32-wasip2";
 
 fn main() {

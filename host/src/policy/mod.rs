@@ -57,7 +57,7 @@ impl Stage {
 }
 
 /// The built-in plugins this build ships.
-pub const BUILTINS: [&str; 4] = ["source_policy", "format_gate", "integrity_check", "metadata_gadgets"];
+pub const BUILTINS: [&str; 5] = ["source_policy", "format_gate", "integrity_check", "metadata_gadgets", "weights"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {

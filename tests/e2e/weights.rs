@@ -1,0 +1,139 @@
+//! Stage 5, weights: every float element and every quant block scale is
+//! checked for NaN/Inf, with no sampling.
+
+use crate::harness::*;
+
+/// The shipped policy with `builtin:weights` added to the static_scan chain.
+fn weights_policy(dir: &std::path::Path) -> std::path::PathBuf {
+    policy_dir(dir, |t| {
+        let edited = t.replace("    # - plugin: builtin:weights\n", "    - plugin: builtin:weights\n");
+        assert_ne!(edited, t, "the shipped policy changed shape");
+        edited
+    })
+}
+
+fn f32s(values: impl IntoIterator<Item = f32>) -> Vec<u8> {
+    values.into_iter().flat_map(f32::to_le_bytes).collect()
+}
+
+fn model(tensors: Vec<Tensor>) -> Vec<u8> {
+    Gguf { tensors, ..Gguf::default() }.bytes()
+}
+
+fn scan_weights(bytes: &[u8]) -> Scan {
+    let d = tmp();
+    let pol = weights_policy(d.path());
+    let p = write(d.path(), "m.gguf", bytes);
+    scan_json(&p, &["--policy", pol.to_str().unwrap()])
+}
+
+#[track_caller]
+fn rejected_at(s: &Scan, rule: &str, tensor: &str, needle: &str) {
+    assert_rejected(s, "static_scan", tensor);
+    let st = s.stage("static_scan");
+    let all: Vec<&serde_json::Value> =
+        s.one()["stages"].as_array().unwrap().iter().filter(|x| x["stage"] == "static_scan").collect();
+    let f = all
+        .iter()
+        .flat_map(|x| x["findings"].as_array().unwrap())
+        .find(|f| f["rule"] == rule)
+        .unwrap_or_else(|| panic!("no {rule} in {st:#}"));
+    assert_eq!(f["severity"], "critical");
+    assert!(f["location"].as_str().unwrap().ends_with(tensor), "{f}");
+    assert!(f["message"].as_str().unwrap().contains(needle), "{f}");
+}
+
+#[test]
+fn one_nan_deep_in_a_large_f32_tensor() {
+    let n = 1_200_000;
+    let data = f32s((0..n).map(|i| if i == 1_000_003 { f32::NAN } else { 0.5 }));
+    let t = Tensor {
+        name: "blk.0.ffn_up.weight".into(),
+        dims: vec![n],
+        ty: F32,
+        nbytes: None,
+        offset: None,
+        data: Some(data),
+    };
+    let s = scan_weights(&model(vec![t]));
+    rejected_at(&s, "weights.non-finite", "blk.0.ffn_up.weight", "at element 1000003");
+}
+
+#[test]
+fn a_q8_0_block_with_an_inf_scale() {
+    let blocks = 64;
+    let mut data = Vec::new();
+    for b in 0..blocks {
+        let d: u16 = if b == 41 { 0x7c00 } else { 0x3c00 }; // +Inf, else 1.0
+        data.extend(d.to_le_bytes());
+        data.extend([1u8; 32]);
+    }
+    let t = Tensor {
+        name: "blk.1.attn_q.weight".into(),
+        dims: vec![32 * blocks],
+        ty: 8,
+        nbytes: None,
+        offset: None,
+        data: Some(data),
+    };
+    let s = scan_weights(&model(vec![t]));
+    rejected_at(&s, "weights.scale-non-finite", "blk.1.attn_q.weight", "Q8_0 block scale at block 41");
+}
+
+#[test]
+fn half_precision_infinities_are_found() {
+    let mut data: Vec<u8> = [0x3c00u16; 64].iter().flat_map(|h| h.to_le_bytes()).collect();
+    data[2 * 17..2 * 18].copy_from_slice(&0xfc00u16.to_le_bytes()); // -Inf
+    let t = Tensor {
+        name: "output_norm.weight".into(),
+        dims: vec![64],
+        ty: 1,
+        nbytes: None,
+        offset: None,
+        data: Some(data),
+    };
+    rejected_at(&scan_weights(&model(vec![t])), "weights.non-finite", "output_norm.weight", "F16 value at element 17");
+}
+
+#[test]
+fn finite_weights_pass_and_unknown_types_are_reported_not_passed_silently() {
+    let f = Tensor {
+        name: "a".into(),
+        dims: vec![256],
+        ty: F32,
+        nbytes: None,
+        offset: None,
+        data: Some(f32s((0..256).map(|i| i as f32))),
+    };
+    // IQ2_XXS: a type this plugin does not analyse yet.
+    let iq =
+        Tensor { name: "b".into(), dims: vec![256], ty: 16, nbytes: Some(66), offset: None, data: Some(vec![0; 66]) };
+    let s = scan_weights(&model(vec![f, iq]));
+    assert_eq!(s.code, 0, "{}", s.stdout);
+    let st =
+        &s.one()["stages"].as_array().unwrap().iter().filter(|x| x["stage"] == "static_scan").last().unwrap().clone();
+    assert_eq!(st["plugin"], "builtin:weights");
+    assert!(st["summary"].as_str().unwrap().contains("1 tensor(s) of unanalysed types"), "{st}");
+    assert_eq!(st["findings"][0]["rule"], "weights.not-analysed");
+    assert_eq!(st["findings"][0]["severity"], "info");
+}
+
+#[test]
+fn real_models_are_finite() {
+    let d = tmp();
+    let pol = weights_policy(d.path());
+    for m in [&models().gemma, &models().minilm] {
+        let s = scan_json(m, &["--policy", pol.to_str().unwrap()]);
+        assert_passed(&s);
+        let st = s.one()["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["plugin"] == "builtin:weights")
+            .last()
+            .unwrap()
+            .clone();
+        assert_eq!(st["verdict"], "pass", "{st}");
+        assert!(st["findings"].as_array().unwrap().iter().all(|f| f["severity"] == "info"), "{st}");
+    }
+}
