@@ -110,8 +110,7 @@ fn finite_weights_pass_and_unknown_types_are_reported_not_passed_silently() {
         Tensor { name: "b".into(), dims: vec![256], ty: 16, nbytes: Some(66), offset: None, data: Some(vec![0; 66]) };
     let s = scan_weights(&model(vec![f, iq]));
     assert_eq!(s.code, 0, "{}", s.stdout);
-    let st =
-        &s.one()["stages"].as_array().unwrap().iter().filter(|x| x["stage"] == "static_scan").last().unwrap().clone();
+    let st = &s.one()["stages"].as_array().unwrap().iter().rfind(|x| x["stage"] == "static_scan").unwrap().clone();
     assert_eq!(st["plugin"], "builtin:weights");
     assert!(st["summary"].as_str().unwrap().contains("1 tensor(s) of unanalysed types"), "{st}");
     assert_eq!(st["findings"][0]["rule"], "weights.not-analysed");
@@ -125,14 +124,8 @@ fn real_models_are_finite() {
     for m in [&models().gemma, &models().minilm] {
         let s = scan_json(m, &["--policy", pol.to_str().unwrap()]);
         assert_passed(&s);
-        let st = s.one()["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|x| x["plugin"] == "builtin:weights")
-            .last()
-            .unwrap()
-            .clone();
+        let st =
+            s.one()["stages"].as_array().unwrap().iter().rfind(|x| x["plugin"] == "builtin:weights").unwrap().clone();
         assert_eq!(st["verdict"], "pass", "{st}");
         assert!(st["findings"].as_array().unwrap().iter().all(|f| f["severity"] == "info"), "{st}");
     }
