@@ -52,16 +52,26 @@ impl HashCell {
 }
 
 fn hash(source: &ByteSource) -> Result<String, String> {
+    hash_range(source, 0, source.size())
+}
+
+/// The lowercase hex sha256 of `[offset, offset + len)`, read in L2-sized chunks.
+pub fn hash_range(source: &ByteSource, offset: u64, len: u64) -> Result<String, String> {
+    let end = offset
+        .checked_add(len)
+        .filter(|&e| e <= source.size())
+        .ok_or_else(|| format!("range [{offset}, +{len}) is past the end of the file ({} bytes)", source.size()))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
-    let mut offset = 0u64;
-    while offset < source.size() {
-        let n = source.read_at(offset, &mut buf).map_err(|e| format!("read failed at offset {offset}: {e}"))?;
-        if n == 0 {
-            break;
+    let mut at = offset;
+    while at < end {
+        let want = (end - at).min(CHUNK as u64) as usize;
+        let n = source.read_at(at, &mut buf[..want]).map_err(|e| format!("read failed at offset {at}: {e}"))?;
+        if n != want {
+            return Err(format!("short read at offset {at}: wanted {want} bytes, got {n}"));
         }
         hasher.update(&buf[..n]);
-        offset += n as u64;
+        at += n as u64;
     }
     Ok(hex::encode(hasher.finalize()))
 }

@@ -275,6 +275,11 @@ impl ModelFile {
         self.sha256.get()
     }
 
+    /// The lowercase hex sha256 of one byte range (a header region, a tensor).
+    pub fn sha256_range(&self, offset: u64, len: u64) -> Result<String, String> {
+        hash::hash_range(&self.source, offset, len)
+    }
+
     /// Fails if the file changed since it was opened (size, mtime or identity).
     pub fn check_unchanged(&self) -> Result<(), String> {
         let meta = self.source.file().metadata().map_err(|e| format!("{}: cannot stat: {e}", self.path.display()))?;

@@ -163,11 +163,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bail!("--sha256 pins one model; pass a single PATH");
             }
             if let Some(s) = &sha256
-                && !(s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+                && !policy::is_sha256(s)
             {
                 bail!("--sha256 {s:?} is not 64 hex digits");
             }
-            let pins = policy::load_pins(&root.join("state").join("models.lock.yaml"))?;
+            let pins = policy::load_pins(&Root::new(&root).pins())?;
             let (scanner, _policy) = scanner(&engine, &root, pins)?;
             let input = ScanInput { origin, sha256, read_mode: if mmap { ReadMode::Mmap } else { ReadMode::Pread } };
             scan_all(&scanner, &paths, &input, format)
@@ -229,9 +229,9 @@ fn default_plugin_dir() -> Result<PathBuf> {
 }
 
 fn default_cache_dir(root: &Path) -> PathBuf {
-    let state = root.join("state");
-    if state.is_dir() {
-        return state.join("plugin-cache");
+    let root = Root::new(root);
+    if root.state().is_dir() {
+        return root.plugin_cache();
     }
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)

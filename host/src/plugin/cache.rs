@@ -8,12 +8,13 @@
 
 use std::fs;
 use std::hash::{Hash, Hasher};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
+
+use crate::store::root::write_atomic;
 
 /// Feeds `Hash` output into sha256 (std's hashers are not stable across builds).
 struct ShaHasher(Sha256);
@@ -90,13 +91,4 @@ impl Cache {
         write_atomic(&sum, hex::encode(Sha256::digest(&bytes)).as_bytes())?;
         Ok(())
     }
-}
-
-/// Writes through a temporary file and a rename, so readers never see half a file.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)
 }

@@ -439,7 +439,8 @@ fn apply_limits(base: &Limits, f: &LimitsFile) -> Result<Limits, String> {
     Ok(l)
 }
 
-fn is_sha256(s: &str) -> bool {
+/// 64 hex digits.
+pub fn is_sha256(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 

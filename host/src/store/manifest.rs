@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::artifact::{MetaValue, Model, ModelFile};
+use crate::artifact::{MetaValue, Model};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TensorDigest {
@@ -52,24 +52,6 @@ pub struct Manifest {
     pub integrity: Integrity,
 }
 
-const CHUNK: usize = 128 << 10;
-
-fn hash_range(file: &ModelFile, offset: u64, len: u64) -> std::io::Result<String> {
-    let mut h = Sha256::new();
-    let mut at = offset;
-    let end = offset + len;
-    while at < end {
-        let want = (end - at).min(CHUNK as u64) as usize;
-        let buf = file.read(at, want)?;
-        if buf.len() != want {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("short read at {at}")));
-        }
-        h.update(&buf);
-        at += want as u64;
-    }
-    Ok(hex::encode(h.finalize()))
-}
-
 fn merkle_root(leaves: &[String]) -> String {
     // Leaves and nodes are domain-separated so a node can never pose as a leaf.
     let mut level: Vec<[u8; 32]> =
@@ -113,11 +95,11 @@ pub fn integrity(model: &Model) -> Result<Integrity, String> {
     let mut leaves = Vec::new();
     for f in &model.files {
         let sha256 = f.sha256()?;
-        let io = |e: std::io::Error| format!("{}: {e}", f.rel_path);
+        let io = |e: String| format!("{}: {e}", f.rel_path);
         let (header_len, header_sha256, tensors) = match f.parsed() {
             Some(h) => {
                 let header_len = h.data_offset.unwrap_or(0);
-                let header_sha = hash_range(f, 0, header_len).map_err(io)?;
+                let header_sha = f.sha256_range(0, header_len).map_err(io)?;
                 let mut tensors = Vec::with_capacity(h.tensors.len());
                 for t in &h.tensors {
                     tensors.push(TensorDigest {
@@ -126,7 +108,7 @@ pub fn integrity(model: &Model) -> Result<Integrity, String> {
                         shape: t.shape.clone(),
                         offset: t.offset,
                         length: t.length,
-                        sha256: hash_range(f, t.offset, t.length).map_err(io)?,
+                        sha256: f.sha256_range(t.offset, t.length).map_err(io)?,
                     });
                 }
                 (header_len, Some(header_sha), tensors)
