@@ -29,6 +29,7 @@
 //! types a stage needs.
 
 pub mod pickle;
+pub mod quant;
 mod read;
 mod report;
 pub mod tensor;

@@ -299,3 +299,90 @@ pub fn policy_dir(dir: &Path, edit: impl FnOnce(String) -> String) -> PathBuf {
     std::fs::copy(repo().join("policy/sources.allowlist.yaml"), p.join("sources.allowlist.yaml")).unwrap();
     p
 }
+
+/// The results of every plugin of `stage`.
+pub fn stage_results<'a>(s: &'a Scan, stage: &str) -> Vec<&'a Value> {
+    s.one()["stages"].as_array().unwrap().iter().filter(|x| x["stage"] == stage).collect()
+}
+
+/// The result of one plugin (`builtin:<name>`).
+#[track_caller]
+pub fn plugin_result<'a>(s: &'a Scan, name: &str) -> &'a Value {
+    let label = format!("builtin:{name}");
+    s.one()["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["plugin"] == label.as_str())
+        .unwrap_or_else(|| panic!("no {label} in {:#}", s.one()))
+}
+
+/// Every static_scan plugin (there must be `plugins` of them) passed with no finding above info.
+#[track_caller]
+pub fn assert_static_scan_clean(s: &Scan, plugins: usize) {
+    let all = stage_results(s, "static_scan");
+    assert_eq!(all.len(), plugins, "{:#}", s.one());
+    for st in all {
+        assert_eq!(st["verdict"], "pass", "{st:#}");
+        assert!(st["findings"].as_array().unwrap().iter().all(|f| f["severity"] == "info"), "{st:#}");
+    }
+}
+
+/// A finding of `rule` at critical severity in a static_scan plugin that failed, located at `location`.
+#[track_caller]
+pub fn assert_static_finding<'a>(s: &'a Scan, rule: &str, location: &str) -> &'a Value {
+    for st in stage_results(s, "static_scan") {
+        if let Some(f) = st["findings"].as_array().unwrap().iter().find(|f| f["rule"] == rule) {
+            assert_eq!(st["verdict"], "fail", "{st:#}");
+            assert_eq!(f["severity"], "critical", "{f}");
+            assert!(f["location"].as_str().unwrap_or("").contains(location), "{f}");
+            return f;
+        }
+    }
+    panic!("no {rule} finding in static_scan: {:#}", s.one())
+}
+
+/// Deterministic pseudo-random numbers for crafted weights (xorshift64*).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| (self.next_u64() >> 56) as u8).collect()
+    }
+    /// A normal deviate (Box-Muller).
+    pub fn gauss(&mut self) -> f32 {
+        let u1 = ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+}
+
+/// `n` values of N(0, sigma²) quantised to Q8_0 blocks the way llama.cpp does (d = max|x|/127).
+pub fn q8_0(rng: &mut Rng, n: usize, sigma: f32) -> Vec<u8> {
+    let mut out = Vec::new();
+    for _ in 0..n / 32 {
+        let xs: Vec<f32> = (0..32).map(|_| rng.gauss() * sigma).collect();
+        let amax = xs.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let d = amax / 127.0;
+        out.extend(f32_to_f16_bits(d).to_le_bytes());
+        out.extend(xs.iter().map(|x| (x / d).round() as i8 as u8));
+    }
+    out
+}
+
+/// Round-to-nearest f32 → f16 for normal values (enough for block scales).
+pub fn f32_to_f16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let sign = ((b >> 16) & 0x8000) as u16;
+    let exp = ((b >> 23) & 0xff) as i32 - 127 + 15;
+    assert!((1..31).contains(&exp), "{x} is outside f16's normal range");
+    let man = (b >> 13) & 0x3ff;
+    let round = (b >> 12) & 1;
+    sign | (((exp as u32) << 10) + man + round) as u16
+}

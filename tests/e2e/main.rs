@@ -14,4 +14,5 @@ mod metadata_gadgets;
 mod real_models;
 mod safetensors_rules;
 mod source_policy;
+mod static_scan;
 mod weights;

@@ -18,7 +18,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 /// The plugins shipped as `builtin:<name>`.
-const BUILTINS: [&str; 5] = ["source_policy", "format_gate", "integrity_check", "metadata_gadgets", "weights"];
+const BUILTINS: [&str; 8] = [
+    "source_policy",
+    "format_gate",
+    "integrity_check",
+    "metadata_gadgets",
+    "template_guard",
+    "pickle_scan",
+    "weights",
+    "entropy",
+];
 const TARGET: &str = "wasm32-wasip2";
 
 fn main() {

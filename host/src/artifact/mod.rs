@@ -264,10 +264,7 @@ impl ModelFile {
 
     /// Reads up to `len` bytes at `offset` (short at end of file).
     pub fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-        let mut buf = vec![0u8; len.min(self.size().saturating_sub(offset) as usize)];
-        let n = self.source.read_at(offset, &mut buf)?;
-        buf.truncate(n);
-        Ok(buf)
+        self.source.read_vec(offset, len)
     }
 
     /// The lowercase hex sha256 of the whole file (computed once, in the background).

@@ -83,6 +83,48 @@ impl ByteSource {
         Ok(want)
     }
 
+    /// Reads up to `len` bytes at `offset` into a new vector (short at end of
+    /// file). Unlike `read_at` on a zeroed buffer, the bytes are written once:
+    /// this is the path every plugin read takes, so it is one copy, not two.
+    pub fn read_vec(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let want = self.size.saturating_sub(offset).min(len as u64) as usize;
+        if let Some(map) = &self.map {
+            let start = offset as usize;
+            return Ok(map[start..start + want].to_vec());
+        }
+        let mut buf: Vec<u8> = Vec::with_capacity(want);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
+        while buf.len() < want {
+            let done = buf.len();
+            // SAFETY: pread writes at most `want - done` bytes into the spare
+            // capacity starting at `done`, which is allocated and unaliased;
+            // `set_len` only covers the bytes the kernel reported written.
+            let n = unsafe {
+                libc::pread(fd, buf.as_mut_ptr().add(done).cast(), want - done, (offset + done as u64) as libc::off_t)
+            };
+            match n {
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "the file shrank during the scan: no bytes at offset {} (size at open: {})",
+                            offset + done as u64,
+                            self.size
+                        ),
+                    ));
+                }
+                n if n > 0 => unsafe { buf.set_len(done + n as usize) },
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(buf)
+    }
+
     /// Reads exactly `len` bytes at `offset`, or fails naming the range.
     pub fn read_exact_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let mut buf = vec![0u8; len];

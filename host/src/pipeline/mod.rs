@@ -1,7 +1,10 @@
 //! Runs one model through the policy's chain and decides the verdict.
 //!
 //! Every enabled stage runs its plugins in order; the first FAIL ends the
-//! chain and the remaining stages are recorded as not reached. A plugin that
+//! chain and the remaining stages are recorded as not reached. The one
+//! exception is the static scan: it reads the whole model but needs no earlier
+//! verdict, so its plugins run in parallel from the start, beside the hashing
+//! thread, and their findings are kept even when an earlier stage failed. A plugin that
 //! traps, times out, hits a limit, returns an oversized report or was refused
 //! at load time gives its stage FAIL with that cause: airlock fails closed.
 
@@ -40,6 +43,35 @@ pub struct StageResult {
     pub details: Option<serde_json::Value>,
     pub log: Vec<String>,
     pub elapsed_ms: u64,
+}
+
+impl StageResult {
+    fn skipped(stage: Stage, summary: String) -> StageResult {
+        StageResult {
+            stage: stage.name(),
+            number: stage.number(),
+            plugin: None,
+            plugin_info: None,
+            plugin_sha256: None,
+            verdict: "skip",
+            summary,
+            findings: Vec::new(),
+            score: None,
+            details: None,
+            log: Vec::new(),
+            elapsed_ms: 0,
+        }
+    }
+
+    fn failed(stage: Stage, l: &Loaded, cause: String) -> StageResult {
+        StageResult {
+            plugin: Some(l.label.clone()),
+            plugin_sha256: Some(l.sha256.clone()),
+            verdict: "fail",
+            summary: format!("plugin {} {cause}", l.label),
+            ..StageResult::skipped(stage, String::new())
+        }
+    }
 }
 
 /// The outcome for one model.
@@ -150,89 +182,81 @@ impl Scanner {
         let origin = resolve_origin(path, input.origin.as_deref());
         let pinned = input.sha256.clone().or_else(|| self.pins.get(&model.name).cloned());
 
+        let run = |stage: Stage, l: &Loaded| {
+            let ctx = Arc::new(RunContext {
+                config_json: l.entry.config.to_string(),
+                origin: origin.clone(),
+                pinned_sha256: pinned.clone(),
+            });
+            self.run_entry(stage, l, model, ctx)
+        };
+
         let mut stages = Vec::new();
         let mut failed: Option<(&'static str, String)> = None;
-        for stage in Stage::ALL {
-            let skip = |summary: String| StageResult {
-                stage: stage.name(),
-                number: stage.number(),
-                plugin: None,
-                plugin_info: None,
-                plugin_sha256: None,
-                verdict: "skip",
-                summary,
-                findings: Vec::new(),
-                score: None,
-                details: None,
-                log: Vec::new(),
-                elapsed_ms: 0,
-            };
-            if let Some((at, _)) = &failed {
-                let r = skip(format!("not reached: the chain stopped at {at}"));
-                on_event(Event::StageDone(&r));
-                stages.push(r);
-                continue;
+        std::thread::scope(|scope| {
+            // The static scan reads every byte of every tensor; it needs no
+            // earlier verdict and touches nothing, so its plugins start now,
+            // each on its own thread, beside the hashing thread and stages 1-4.
+            // Its results are reported even when an earlier stage fails: for a
+            // pickle denied at the format gate, the pickle scan says *why*.
+            let mut early: Vec<_> = match self.chain.get(&Stage::StaticScan) {
+                Some(entries) => entries
+                    .iter()
+                    .map(|l| {
+                        let run = &run;
+                        std::thread::Builder::new()
+                            .name(format!("airlock-{}", l.label))
+                            .spawn_scoped(scope, move || run(Stage::StaticScan, l))
+                            .map_err(|e| (l, e.to_string()))
+                    })
+                    .collect(),
+                None => Vec::new(),
             }
-            let Some(entries) = self.chain.get(&stage) else {
-                let r = skip("disabled by policy".into());
-                on_event(Event::StageDone(&r));
-                stages.push(r);
-                continue;
-            };
-            for l in entries {
-                let label = (entries.len() > 1).then_some(l.label.as_str());
-                on_event(Event::StageStart(stage, label));
-                let ctx = Arc::new(RunContext {
-                    config_json: l.entry.config.to_string(),
-                    origin: origin.clone(),
-                    pinned_sha256: pinned.clone(),
-                });
-                let (result, log, elapsed_ms) = match &l.plugin {
-                    Err(cause) => (Err(cause.clone()), Vec::new(), 0),
-                    Ok(plugin) => {
-                        let out = self.runtime.run(plugin, Arc::clone(model), ctx, l.entry.limits.clone());
-                        let mut log = out.log;
-                        if !out.output.is_empty() {
-                            log.extend(out.output.lines().map(|s| format!("output: {s}")));
+            .into_iter()
+            .rev()
+            .collect();
+
+            for stage in Stage::ALL {
+                let skip = |summary: String| StageResult::skipped(stage, summary);
+                let Some(entries) = self.chain.get(&stage) else {
+                    let r = skip("disabled by policy".into());
+                    on_event(Event::StageDone(&r));
+                    stages.push(r);
+                    continue;
+                };
+                if let Some((at, _)) = &failed
+                    && stage != Stage::StaticScan
+                {
+                    let r = skip(format!("not reached: the chain stopped at {at}"));
+                    on_event(Event::StageDone(&r));
+                    stages.push(r);
+                    continue;
+                }
+                for l in entries {
+                    let multi = entries.len() > 1;
+                    on_event(Event::StageStart(stage, multi.then_some(l.label.as_str())));
+                    let r = if stage == Stage::StaticScan {
+                        match early.pop() {
+                            Some(Ok(handle)) => handle.join().unwrap_or_else(|_| {
+                                StageResult::failed(stage, l, "panicked in the host (a bug in airlock)".into())
+                            }),
+                            Some(Err((l, e))) => StageResult::failed(stage, l, format!("cannot start a thread: {e}")),
+                            None => StageResult::failed(stage, l, "was not started (a bug in airlock)".into()),
                         }
-                        (out.result, log, out.elapsed.as_millis() as u64)
+                    } else {
+                        run(stage, l)
+                    };
+                    on_event(Event::StageDone(&r));
+                    if r.verdict == "fail" && failed.is_none() {
+                        failed = Some((stage.name(), r.summary.clone()));
                     }
-                };
-                let (verdict, summary, findings, score, details) = match result {
-                    Ok(r) => {
-                        let (v, s) = match r.verdict {
-                            Verdict::Pass => ("pass", r.summary),
-                            Verdict::Fail(reason) => ("fail", if r.summary.is_empty() { reason } else { r.summary }),
-                            Verdict::Skip(reason) => ("skip", if r.summary.is_empty() { reason } else { r.summary }),
-                        };
-                        (v, s, r.findings, r.score, r.details)
+                    stages.push(r);
+                    if failed.is_some() && stage != Stage::StaticScan {
+                        break;
                     }
-                    Err(cause) => ("fail", format!("plugin {} {cause}", l.label), Vec::new(), None, None),
-                };
-                let r = StageResult {
-                    stage: stage.name(),
-                    number: stage.number(),
-                    plugin: Some(l.label.clone()),
-                    plugin_info: l.plugin.as_ref().ok().map(|p| p.info.clone()),
-                    plugin_sha256: Some(l.sha256.clone()),
-                    verdict,
-                    summary,
-                    findings,
-                    score,
-                    details,
-                    log,
-                    elapsed_ms,
-                };
-                on_event(Event::StageDone(&r));
-                if verdict == "fail" {
-                    failed = Some((stage.name(), r.summary.clone()));
-                }
-                stages.push(r);
-                if failed.is_some() {
-                    break;
                 }
             }
-        }
+        });
         // A model that changed under the scan was not the model we scanned.
         if failed.is_none()
             && let Err(e) = model.check_unchanged()
@@ -254,6 +278,46 @@ impl Scanner {
             sha256,
             format,
             stages,
+        }
+    }
+
+    /// Runs one plugin of a stage and turns its output into a result.
+    fn run_entry(&self, stage: Stage, l: &Loaded, model: &Arc<Model>, ctx: Arc<RunContext>) -> StageResult {
+        let (result, log, elapsed_ms) = match &l.plugin {
+            Err(cause) => (Err(cause.clone()), Vec::new(), 0),
+            Ok(plugin) => {
+                let out = self.runtime.run(plugin, Arc::clone(model), ctx, l.entry.limits.clone());
+                let mut log = out.log;
+                if !out.output.is_empty() {
+                    log.extend(out.output.lines().map(|s| format!("output: {s}")));
+                }
+                (out.result, log, out.elapsed.as_millis() as u64)
+            }
+        };
+        let (verdict, summary, findings, score, details) = match result {
+            Ok(r) => {
+                let (v, s) = match r.verdict {
+                    Verdict::Pass => ("pass", r.summary),
+                    Verdict::Fail(reason) => ("fail", if r.summary.is_empty() { reason } else { r.summary }),
+                    Verdict::Skip(reason) => ("skip", if r.summary.is_empty() { reason } else { r.summary }),
+                };
+                (v, s, r.findings, r.score, r.details)
+            }
+            Err(cause) => ("fail", format!("plugin {} {cause}", l.label), Vec::new(), None, None),
+        };
+        StageResult {
+            stage: stage.name(),
+            number: stage.number(),
+            plugin: Some(l.label.clone()),
+            plugin_info: l.plugin.as_ref().ok().map(|p| p.info.clone()),
+            plugin_sha256: Some(l.sha256.clone()),
+            verdict,
+            summary,
+            findings,
+            score,
+            details,
+            log,
+            elapsed_ms,
         }
     }
 

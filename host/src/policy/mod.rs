@@ -57,7 +57,16 @@ impl Stage {
 }
 
 /// The built-in plugins this build ships.
-pub const BUILTINS: [&str; 5] = ["source_policy", "format_gate", "integrity_check", "metadata_gadgets", "weights"];
+pub const BUILTINS: [&str; 8] = [
+    "source_policy",
+    "format_gate",
+    "integrity_check",
+    "metadata_gadgets",
+    "template_guard",
+    "pickle_scan",
+    "weights",
+    "entropy",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {

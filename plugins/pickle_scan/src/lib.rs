@@ -1,0 +1,379 @@
+//! Stage 5 (static scan), pickle scan: what a pickle would import, found by
+//! walking its opcodes without executing them (the checks modelscan and
+//! picklescan make, written anew).
+//!
+//! It reads raw pickles, every pickle inside a zip checkpoint (PyTorch's
+//! `archive/data.pkl`, stored or deflated), and a pickle or zip appended
+//! after the declared end of a GGUF or safetensors file. GLOBAL, INST and
+//! STACK_GLOBAL imports are resolved (STACK_GLOBAL through the strings and
+//! memo entries pushed before it), protocols 0 to 5.
+//!
+//! Pickles are denied at the format gate already; this scan is what lets the
+//! rejection report say *why* a file is dangerous, and it guards the `.bin`
+//! components of folder models.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+
+use airlock_sdk::pickle::{WalkError, ops};
+use airlock_sdk::{File, Finding, Format, Model, Report, Severity, Stage, StageInfo};
+
+/// (module, name or "*", severity, why). First match wins.
+const RULES: &[(&str, &str, Severity, &str)] = &[
+    ("builtins", "eval", Severity::Critical, "evaluates Python code"),
+    ("builtins", "exec", Severity::Critical, "executes Python code"),
+    ("builtins", "compile", Severity::Critical, "compiles Python code"),
+    ("builtins", "open", Severity::Critical, "opens files"),
+    ("builtins", "getattr", Severity::Critical, "reaches any attribute (gadget chains)"),
+    ("builtins", "__import__", Severity::Critical, "imports any module"),
+    ("builtins", "breakpoint", Severity::Critical, "starts a debugger"),
+    ("__builtin__", "*", Severity::Critical, "Python 2 builtins (eval, exec, open, ...)"),
+    ("os", "*", Severity::Critical, "runs commands or touches files"),
+    ("posix", "*", Severity::Critical, "runs commands or touches files"),
+    ("nt", "*", Severity::Critical, "runs commands or touches files"),
+    ("subprocess", "*", Severity::Critical, "runs commands"),
+    ("socket", "*", Severity::Critical, "opens network connections"),
+    ("runpy", "*", Severity::Critical, "runs Python modules"),
+    ("pty", "*", Severity::Critical, "spawns a shell"),
+    ("shutil", "*", Severity::Critical, "copies or deletes files"),
+    ("sys", "*", Severity::Critical, "reaches the interpreter"),
+    ("pickle", "*", Severity::Critical, "unpickles nested data"),
+    ("_pickle", "*", Severity::Critical, "unpickles nested data"),
+    ("marshal", "*", Severity::Critical, "loads code objects"),
+    ("webbrowser", "*", Severity::Critical, "opens URLs"),
+    ("requests", "*", Severity::Critical, "makes network requests"),
+    ("urllib", "*", Severity::Critical, "makes network requests"),
+    ("httplib", "*", Severity::Critical, "makes network requests"),
+    ("http.client", "*", Severity::Critical, "makes network requests"),
+    ("pip", "*", Severity::Critical, "installs packages"),
+    ("ctypes", "*", Severity::Critical, "calls native code"),
+    ("importlib", "*", Severity::Critical, "imports any module"),
+    ("code", "*", Severity::Critical, "runs an interpreter"),
+    ("types", "CodeType", Severity::Critical, "builds code objects"),
+    ("types", "FunctionType", Severity::Critical, "builds functions"),
+    ("functools", "partial", Severity::High, "binds arguments to any callable (gadget chains)"),
+    ("operator", "attrgetter", Severity::High, "reaches any attribute (gadget chains)"),
+    ("operator", "methodcaller", Severity::High, "calls any method (gadget chains)"),
+    ("operator", "itemgetter", Severity::Medium, "reaches items (gadget chains)"),
+    ("numpy.testing._private.utils", "runstring", Severity::Critical, "executes Python code"),
+    ("torch.hub", "*", Severity::Critical, "downloads and runs code"),
+    ("torch._dynamo", "*", Severity::High, "compiles code"),
+];
+
+/// Imports a plain PyTorch or NumPy checkpoint makes.
+const SAFE: &[(&str, &str)] = &[
+    ("collections", "OrderedDict"),
+    ("torch._utils", "*"),
+    ("torch", "FloatStorage"),
+    ("torch", "HalfStorage"),
+    ("torch", "BFloat16Storage"),
+    ("torch", "DoubleStorage"),
+    ("torch", "LongStorage"),
+    ("torch", "IntStorage"),
+    ("torch", "ShortStorage"),
+    ("torch", "CharStorage"),
+    ("torch", "ByteStorage"),
+    ("torch", "BoolStorage"),
+    ("torch", "Size"),
+    ("torch", "device"),
+    ("torch", "float32"),
+    ("torch", "float16"),
+    ("torch", "bfloat16"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+    ("builtins", "set"),
+    ("builtins", "slice"),
+    ("builtins", "tuple"),
+    ("builtins", "list"),
+    ("builtins", "dict"),
+];
+
+fn matches(rule: (&str, &str), module: &str, name: &str) -> bool {
+    let (m, n) = rule;
+    (module == m || module.starts_with(&format!("{m}."))) && (n == "*" || n == name)
+}
+
+fn judge(module: &str, name: &str) -> Option<(Severity, String)> {
+    if let Some(&(_, _, sev, why)) = RULES.iter().find(|r| matches((r.0, r.1), module, name)) {
+        return Some((sev, why.to_string()));
+    }
+    if SAFE.iter().any(|&r| matches(r, module, name)) {
+        return None;
+    }
+    Some((Severity::Low, "not on the list of imports a plain checkpoint makes".into()))
+}
+
+/// One import a pickle would perform.
+struct Import {
+    module: String,
+    name: String,
+    offset: usize,
+}
+
+/// Resolves the imports of one pickle stream; stops at STOP or at the first
+/// byte that is not an opcode. `Err` carries the imports found before a
+/// malformed stream, and why it ended.
+fn imports(bytes: &[u8]) -> (Vec<Import>, Option<String>) {
+    let mut found = Vec::new();
+    let mut strings: Vec<Option<String>> = Vec::new();
+    let mut memo: HashMap<u64, String> = HashMap::new();
+    let mut last: Option<String> = None;
+    let text = |arg: &[u8]| String::from_utf8_lossy(arg).into_owned();
+    for op in ops(bytes) {
+        let op = match op {
+            Ok(op) => op,
+            Err(WalkError::BadOpcode { offset, byte }) => {
+                return (found, Some(format!("byte 0x{byte:02x} at offset {offset} is not a pickle opcode")));
+            }
+            Err(WalkError::Truncated { offset }) => return (found, Some(format!("truncated at offset {offset}"))),
+        };
+        let push = |s: Option<String>, strings: &mut Vec<Option<String>>| {
+            strings.push(s.clone());
+            s
+        };
+        last = match op.code {
+            // GLOBAL and INST: "module\nname".
+            b'c' | b'i' => {
+                let s = text(op.arg);
+                let (m, n) = s.split_once('\n').unwrap_or((&s, ""));
+                found.push(Import { module: m.to_string(), name: n.to_string(), offset: op.offset });
+                None
+            }
+            // STACK_GLOBAL: module and name are the two strings pushed last.
+            0x93 => {
+                let n = strings.pop().flatten();
+                let m = strings.pop().flatten();
+                found.push(Import {
+                    module: m.unwrap_or_else(|| "<computed>".into()),
+                    name: n.unwrap_or_else(|| "<computed>".into()),
+                    offset: op.offset,
+                });
+                None
+            }
+            // String pushes: SHORT_BINUNICODE, BINUNICODE, BINUNICODE8, UNICODE, STRING forms.
+            0x8c | b'X' | 0x8d | b'V' | b'U' | b'T' => push(Some(text(op.arg)), &mut strings),
+            b'S' => push(Some(text(op.arg).trim_matches(|c| c == '\'' || c == '"').to_string()), &mut strings),
+            // Memo: store what was pushed last, fetch it back later.
+            0x94 => {
+                if let Some(s) = &last {
+                    memo.insert(memo.len() as u64, s.clone());
+                }
+                last
+            }
+            b'q' | b'r' | b'p' => {
+                let idx = match op.code {
+                    b'q' => u64::from(op.arg[0]),
+                    b'r' => u64::from(u32::from_le_bytes([op.arg[0], op.arg[1], op.arg[2], op.arg[3]])),
+                    _ => text(op.arg).trim().parse().unwrap_or(u64::MAX),
+                };
+                if let Some(s) = &last {
+                    memo.insert(idx, s.clone());
+                }
+                last
+            }
+            b'h' | b'j' | b'g' => {
+                let idx = match op.code {
+                    b'h' => u64::from(op.arg[0]),
+                    b'j' => u64::from(u32::from_le_bytes([op.arg[0], op.arg[1], op.arg[2], op.arg[3]])),
+                    _ => text(op.arg).trim().parse().unwrap_or(u64::MAX),
+                };
+                push(memo.get(&idx).cloned(), &mut strings)
+            }
+            0x80 | 0x95 | b'.' => last,
+            _ => {
+                strings.push(None);
+                None
+            }
+        };
+    }
+    (found, None)
+}
+
+/// Where a pickle came from, for findings.
+struct Origin {
+    location: String,
+    /// Offset of the pickle's first byte in the model file, when known (raw or appended).
+    base: Option<u64>,
+}
+
+fn scan_pickle(bytes: &[u8], origin: &Origin, findings: &mut Vec<Finding>) -> usize {
+    let (found, broken) = imports(bytes);
+    for imp in &found {
+        if let Some((sev, why)) = judge(&imp.module, &imp.name) {
+            let rule = if sev == Severity::Low { "pickle.unknown-import" } else { "pickle.dangerous-import" };
+            let mut f = Finding::new(
+                rule,
+                sev,
+                format!("imports {}.{} ({why}) at pickle offset {}", imp.module, imp.name, imp.offset),
+            )
+            .at(origin.location.clone());
+            if let Some(b) = origin.base {
+                f = f.offset(b + imp.offset as u64);
+            }
+            findings.push(f);
+        }
+    }
+    if let Some(why) = broken {
+        findings.push(
+            Finding::new("pickle.malformed", Severity::Medium, format!("the pickle stream is malformed: {why}"))
+                .at(origin.location.clone()),
+        );
+    }
+    found.len()
+}
+
+/// `Read + Seek` over a byte range of a model file, through the host's read().
+struct RangeReader<'a> {
+    file: &'a File,
+    start: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl Read for RangeReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let want = (self.len.saturating_sub(self.pos)).min(buf.len() as u64).min(1 << 20) as u32;
+        if want == 0 {
+            return Ok(0);
+        }
+        let bytes = self.file.read(self.start + self.pos, want).map_err(std::io::Error::other)?;
+        buf[..bytes.len()].copy_from_slice(&bytes);
+        self.pos += bytes.len() as u64;
+        Ok(bytes.len())
+    }
+}
+
+impl Seek for RangeReader<'_> {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let next = match to {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = next.ok_or_else(|| std::io::Error::other("seek out of range"))?;
+        Ok(self.pos)
+    }
+}
+
+/// Largest pickle read into memory, raw or decompressed.
+const MAX_PICKLE: u64 = 64 << 20;
+
+fn read_range(file: &File, start: u64, len: u64) -> Result<Vec<u8>, String> {
+    if len > MAX_PICKLE {
+        return Err(format!("{len} bytes of pickle at offset {start}, above the {MAX_PICKLE}-byte limit"));
+    }
+    let mut out = Vec::with_capacity(len as usize);
+    for piece in airlock_sdk::ChunkReader::range(file, start, len) {
+        out.extend(piece?.1);
+    }
+    Ok(out)
+}
+
+fn scan_zip(file: &File, start: u64, len: u64, origin: &Origin, findings: &mut Vec<Finding>) -> Result<usize, String> {
+    let reader = RangeReader { file, start, len, pos: 0 };
+    let mut zip = zip::ZipArchive::new(reader).map_err(|e| format!("{}: not a readable zip: {e}", origin.location))?;
+    let mut pickles = 0;
+    for i in 0..zip.len() {
+        let mut entry = zip.by_index(i).map_err(|e| format!("{}: zip entry {i}: {e}", origin.location))?;
+        let name = entry.name().map(|n| n.to_string()).unwrap_or_else(|_| format!("entry {i}"));
+        let looks_pickled = name.ends_with(".pkl") || name.ends_with("data.pkl") || name.ends_with(".pickle");
+        let mut head = [0u8; 2];
+        if !looks_pickled {
+            // Any entry starting with a PROTO opcode is a pickle too, whatever its name.
+            if entry.size() < 2 || entry.read_exact(&mut head).is_err() || head[0] != 0x80 || head[1] > 5 {
+                continue;
+            }
+        }
+        if entry.size() > MAX_PICKLE {
+            return Err(format!(
+                "{}: entry {name} is {} bytes, above the {MAX_PICKLE}-byte limit",
+                origin.location,
+                entry.size()
+            ));
+        }
+        let mut bytes = if looks_pickled { Vec::new() } else { head.to_vec() };
+        entry
+            .by_ref()
+            .take(MAX_PICKLE)
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("{}: entry {name}: {e}", origin.location))?;
+        let inner = Origin { location: format!("{} (zip entry {name})", origin.location), base: None };
+        scan_pickle(&bytes, &inner, findings);
+        pickles += 1;
+    }
+    Ok(pickles)
+}
+
+fn scan_file(file: &File, findings: &mut Vec<Finding>) -> Result<usize, String> {
+    let path = file.path();
+    let origin = |location: String, base: Option<u64>| Origin { location, base };
+    match file.format() {
+        Format::Pickle => {
+            let bytes = read_range(file, 0, file.size())?;
+            scan_pickle(&bytes, &origin(path.clone(), Some(0)), findings);
+            Ok(1)
+        }
+        Format::PytorchZip | Format::Zip => scan_zip(file, 0, file.size(), &origin(path.clone(), Some(0)), findings),
+        Format::Gguf | Format::Safetensors => {
+            // Bytes after the declared end: the parser names where they start.
+            let Some(err) = file.parse_error().filter(|e| e.field == "trailing bytes") else { return Ok(0) };
+            let (start, len) = (err.offset, file.size().saturating_sub(err.offset));
+            let head = file.read(start, 4.min(len as u32)).unwrap_or_default();
+            if head.first() == Some(&0x80) {
+                let bytes = read_range(file, start, len)?;
+                let loc = format!("{path}: bytes appended at offset {start}");
+                scan_pickle(&bytes, &origin(loc, Some(start)), findings);
+                Ok(1)
+            } else if head.starts_with(b"PK\x03\x04") {
+                let loc = format!("{path}: zip appended at offset {start}");
+                scan_zip(file, start, len, &origin(loc, Some(start)), findings)
+            } else {
+                Ok(0)
+            }
+        }
+        _ => Ok(0),
+    }
+}
+
+struct PickleScan;
+
+impl Stage for PickleScan {
+    fn describe() -> StageInfo {
+        StageInfo::new(
+            "pickle_scan",
+            env!("CARGO_PKG_VERSION"),
+            "walks pickle opcodes (raw, in zip checkpoints, appended to other formats) and names dangerous imports",
+        )
+    }
+
+    fn run(model: &Model) -> Report {
+        let mut findings = Vec::new();
+        let mut pickles = 0;
+        for file in model.files() {
+            match scan_file(&file, &mut findings) {
+                Ok(n) => pickles += n,
+                Err(e) => return Report::fail(format!("cannot scan for pickles: {e}")).findings(findings),
+            }
+        }
+        if pickles == 0 {
+            return Report::pass("no pickle content");
+        }
+        let bad: Vec<&Finding> =
+            findings.iter().filter(|f| matches!(f.severity, Severity::Critical | Severity::High)).collect();
+        if let Some(first) = bad.first() {
+            let reason = format!(
+                "{} dangerous import(s) in {pickles} pickle(s); first: {}: {}",
+                bad.len(),
+                first.location.as_deref().unwrap_or("?"),
+                first.message
+            );
+            return Report::fail(reason).findings(findings);
+        }
+        Report::pass(format!("{pickles} pickle(s), no dangerous imports")).findings(findings)
+    }
+}
+
+airlock_sdk::export_stage!(PickleScan);
