@@ -270,3 +270,62 @@ fn planted_outlier_layer_scores_and_fails() {
     );
     assert!(w["score"].as_f64().unwrap() > 0.0, "{w:#}");
 }
+
+#[test]
+fn planted_text_in_a_template_is_flagged_but_not_fatal() {
+    let template = "{% for m in messages %}{{ m['content'] }}{% endfor %}<!-- c2: aGVsbG8gd29ybGQgdGhpcyBpcyBhIHBheWxvYWQgZm9yIHRoZSBtb2RlbA9876 -->";
+    let s = scan_gguf(&gguf_with_template(template));
+    assert_passed(&s);
+    let tg = plugin_result(&s, "template_guard");
+    let rules: Vec<&str> = tg["findings"].as_array().unwrap().iter().map(|f| f["rule"].as_str().unwrap()).collect();
+    assert!(rules.contains(&"template.html-comment") && rules.contains(&"template.base64-blob"), "{tg:#}");
+    assert!(tg["findings"].as_array().unwrap().iter().all(|f| f["severity"] == "medium"), "{tg:#}");
+}
+
+#[test]
+fn quant_block_rules_score_and_enough_of_them_fail_the_stage() {
+    // Six layers whose blocks are all one repeated block: repeated blocks and
+    // collapsed scale entropy in every tensor, 1.2 points in all: above 0.5.
+    let mut rng = Rng(9);
+    let block = q8_0(&mut rng, 32, 0.02);
+    let mut g = Gguf::default();
+    g.tensors.clear();
+    for layer in 0..6 {
+        let data: Vec<u8> = block.iter().copied().cycle().take(34 * 2048).collect();
+        g.tensors.push(tensor(&format!("blk.{layer}.ffn_down.weight"), Q8_0, 32 * 2048, data));
+    }
+    let s = scan_gguf(&g);
+    assert_rejected(&s, "static_scan", "above static_fail_score 0.5");
+    let w = plugin_result(&s, "weights");
+    for rule in ["weights.quant.repeated-blocks", "weights.quant.scale-entropy"] {
+        let f = w["findings"].as_array().unwrap().iter().find(|f| f["rule"] == rule).unwrap_or_else(|| panic!("{w:#}"));
+        assert_eq!(f["severity"], "medium");
+        assert!(f["location"].as_str().unwrap().contains("blk."), "{f}");
+    }
+    assert!(w["score"].as_f64().unwrap() > 0.5, "{w:#}");
+    // A policy with a higher threshold lets the same model through this plugin.
+    let d = tmp();
+    let pol = policy_dir(d.path(), |t| t.replace("static_fail_score: 0.5", "static_fail_score: 5.0"));
+    let s = scan_json(&g.write(d.path(), "m.gguf"), &["--policy", pol.to_str().unwrap()]);
+    assert_eq!(plugin_result(&s, "weights")["verdict"], "pass");
+}
+
+#[test]
+fn zero_scales_are_flagged() {
+    let mut rng = Rng(13);
+    let mut data = q8_0(&mut rng, 64 * 1024, 0.02);
+    for (i, block) in data.chunks_exact_mut(34).enumerate() {
+        if i % 5 != 0 {
+            block.fill(0);
+        }
+    }
+    let g = Gguf { tensors: vec![tensor("blk.0.ffn_gate.weight", Q8_0, 64 * 1024, data)], ..Gguf::default() };
+    let w = plugin_result(&scan_gguf(&g), "weights").clone();
+    let f = w["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["rule"] == "weights.quant.zero-scales")
+        .unwrap_or_else(|| panic!("{w:#}"));
+    assert!(f["message"].as_str().unwrap().starts_with("80.0% of blocks"), "{f}");
+}

@@ -290,6 +290,16 @@ fn test(extra: &[String]) -> Result<()> {
     run(Command::new("cargo")
         .args(["test", "--quiet", "--manifest-path", "sdk/Cargo.toml", "--target-dir", "target/sdk-native"])
         .current_dir(&root))?;
+    // So do the analysis kernels of the stage-5 plugins (their scalar twins of the SIMD code).
+    let rustc = Command::new("rustc").arg("-vV").output()?;
+    let host = String::from_utf8_lossy(&rustc.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+        .context("rustc -vV printed no host triple")?;
+    run(Command::new("cargo")
+        .args(["test", "--quiet", "--manifest-path", "plugins/Cargo.toml", "-p", "weights", "--target", &host])
+        .args(["--target-dir", "target/sdk-native"])
+        .current_dir(&root))?;
     run(Command::new("cargo")
         .args(["test", "--workspace"])
         .args(extra)

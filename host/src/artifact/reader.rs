@@ -66,7 +66,14 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
+    /// Takes `N` bytes into an array: no allocation, so the millions of
+    /// integers in a tokenizer's metadata cost only a copy each.
     pub fn array<const N: usize>(&mut self, field: &str) -> Result<[u8; N], ParseError> {
+        let at = self.pos.wrapping_sub(self.buf_start) as usize;
+        if self.pos >= self.buf_start && at + N <= self.buf.len() {
+            self.pos += N as u64;
+            return Ok(self.buf[at..at + N].try_into().expect("N bytes"));
+        }
         let v = self.take(N as u64, field)?;
         Ok(v.try_into().expect("take returns exactly N bytes"))
     }

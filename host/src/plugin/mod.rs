@@ -205,6 +205,11 @@ impl Runtime {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        // For plugin authors: `AIRLOCK_WASM_PROFILE=perfmap` lets `perf record` name JIT-compiled
+        // plugin functions (use a fresh --cache-dir so the plugins are compiled in this process).
+        if std::env::var("AIRLOCK_WASM_PROFILE").as_deref() == Ok("perfmap") {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("cannot create the wasm engine: {e:#}"))?;
 
         let mut linker: Linker<HostState> = Linker::new(&engine);

@@ -42,7 +42,9 @@ impl Lanes {
         Lanes([[0; 256]; 8])
     }
 
-    /// `bytes` starts at a multiple of 8 from the tensor's start.
+    /// `bytes` starts at a multiple of 8 from the tensor's start. Not inlined:
+    /// cranelift allocates registers better in a small function.
+    #[inline(never)]
     fn add(&mut self, bytes: &[u8]) {
         let mut words = bytes.chunks_exact(8);
         let h = &mut self.0;

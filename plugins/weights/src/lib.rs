@@ -127,6 +127,7 @@ fn analyse(file: &File, t: &TensorInfo) -> Result<Outcome, String> {
     let mut q = quant.map(|_| BlockStats { scale_hist: vec![0; 256], ..BlockStats::default() });
     let mut buf: Vec<f32> = Vec::new();
     let mut prev: Vec<u8> = Vec::new();
+    let mut prev_codes: Option<(u16, [u8; 32])> = None;
     let mut index = 0u64;
     for piece in ChunkReader::tensor(file, t).chunk_size(chunk) {
         let (_, bytes) = piece?;
@@ -162,6 +163,15 @@ fn analyse(file: &File, t: &TensorInfo) -> Result<Outcome, String> {
             (_, Some(quant)) => {
                 let qs = q.as_mut().expect("set for quant types");
                 let bb = quant.block_bytes();
+                if matches!(quant, Quant::Q8_0 | Quant::Q5_0 | Quant::Q4_0) {
+                    // One fused SIMD pass: scale check, repeats, moments.
+                    if let Err(i) = m.add_symmetric(quant, &bytes, qs, &mut prev_codes) {
+                        return Ok(Outcome::NonFinite { index: index + i as u64, what: "block scale" });
+                    }
+                    index += (bytes.len() / bb) as u64;
+                    qs.codes = m.n;
+                    continue;
+                }
                 if let Some(i) = bytes.chunks_exact(bb).position(|b| quant.scales_non_finite(b)) {
                     return Ok(Outcome::NonFinite { index: index + i as u64, what: "block scale" });
                 }
@@ -178,11 +188,6 @@ fn analyse(file: &File, t: &TensorInfo) -> Result<Outcome, String> {
                 }
                 prev = before.to_vec();
                 index += (bytes.len() / bb) as u64;
-                if quant == Quant::Q8_0 {
-                    m.add_q8_0(&bytes, qs);
-                    qs.codes = m.n;
-                    continue;
-                }
                 let n = quant.block_elems();
                 // Dequantise a batch of blocks, then fold it into the moments.
                 buf.resize(64 * 256, 0.0);

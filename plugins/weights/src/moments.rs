@@ -7,6 +7,18 @@
 //! shared/measured-facts.md). Sums run in f32 lanes over at most a few
 //! thousand elements and are then folded into f64.
 
+use airlock_sdk::quant::Quant;
+
+/// f16 to f32 without branches, for finite values (callers reject Inf/NaN
+/// scales first): the f16 bits moved into an f32, rescaled by 2^112. Exact
+/// for normals and subnormals alike.
+#[inline(always)]
+pub fn fast_f16(bits: u16) -> f32 {
+    let sign = u32::from(bits & 0x8000) << 16;
+    let magnitude = f32::from_bits(u32::from(bits & 0x7fff) << 13) * f32::from_bits(0x7780_0000); // 2^112
+    f32::from_bits(magnitude.to_bits() | sign)
+}
+
 /// Elements per amplitude group.
 pub const GROUP: usize = 32;
 
@@ -73,6 +85,7 @@ impl Moments {
     }
 
     #[cfg(target_arch = "wasm32")]
+    #[inline(never)]
     fn batch(&mut self, bytes: &[u8]) {
         use core::arch::wasm32::*;
         debug_assert!(bytes.len().is_multiple_of(4 * GROUP));
@@ -86,72 +99,164 @@ impl Moments {
         acc.fold(self, (bytes.len() / 4) as u64);
     }
 
-    /// Q8_0 blocks (34 bytes: f16 `d`, 32 × i8), dequantised and added in
-    /// SIMD. Returns the saturated-code count. Scales must be finite.
+    /// Blocks of a symmetric format (Q8_0, Q5_0, Q4_0: x = d·q with one f16
+    /// scale and 32 signed codes) added in SIMD without dequantising: the
+    /// power sums of a block are d^k·Σq^k, and Σq^k comes from integer dot
+    /// products of the codes.
+    ///
+    /// The same pass checks each scale for Inf/NaN (returning the block index
+    /// of the first bad one) and counts blocks equal to the one before
+    /// (`prev`, carried across chunks).
+    ///
+    /// Its own function: inlined into the plugin's big `run`, cranelift
+    /// spilled the SIMD accumulators to the stack on every block.
     #[cfg(target_arch = "wasm32")]
-    pub fn add_q8_0(&mut self, blocks: &[u8], scales: &mut crate::BlockStats) {
+    pub fn add_symmetric(
+        &mut self,
+        quant: Quant,
+        blocks: &[u8],
+        scales: &mut crate::BlockStats,
+        prev: &mut Option<(u16, [u8; 32])>,
+    ) -> Result<(), usize> {
+        // One instance per format, so that each keeps only its own constants in registers.
+        match quant {
+            Quant::Q8_0 => self.symmetric::<8>(blocks, scales, prev),
+            Quant::Q5_0 => self.symmetric::<5>(blocks, scales, prev),
+            _ => self.symmetric::<4>(blocks, scales, prev),
+        }
+    }
+
+    #[cfg(target_arch = "wasm32")]
+    #[inline(never)]
+    fn symmetric<const BITS: u8>(
+        &mut self,
+        blocks: &[u8],
+        scales: &mut crate::BlockStats,
+        prev: &mut Option<(u16, [u8; 32])>,
+    ) -> Result<(), usize> {
         use core::arch::wasm32::*;
-        let mut acc = simd::Acc::new();
+        let quant = match BITS {
+            8 => Quant::Q8_0,
+            5 => Quant::Q5_0,
+            _ => Quant::Q4_0,
+        };
+        let bb = quant.block_bytes();
+        let mut acc = simd::CodeAcc::new();
         let mut in_batch = 0;
-        let (hi, lo1, lo2) = (i8x16_splat(127), i8x16_splat(-127), i8x16_splat(-128));
         let mut sat = 0u32;
-        let mut zeros = 0u32;
-        for b in blocks.chunks_exact(34) {
+        let lo_mask = u8x16_splat(0x0f);
+        let top_code = match BITS {
+            8 => 127.0,
+            5 => 16.0,
+            _ => 8.0,
+        };
+        let bits_of_byte = u8x16(1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128);
+        let (mut last_bits, mut last0, mut last1) = match prev {
+            Some((bits, codes)) => unsafe {
+                // SAFETY: 32 bytes, two unaligned loads.
+                (*bits, v128_load(codes.as_ptr().cast::<v128>()), v128_load(codes.as_ptr().add(16).cast::<v128>()))
+            },
+            None => (0xffff, u8x16_splat(0), u8x16_splat(0)), // 0xffff: a NaN scale, never a real previous block
+        };
+        let mut repeated = 0u64;
+        for (i, b) in blocks.chunks_exact(bb).enumerate() {
             let bits = u16::from_le_bytes([b[0], b[1]]);
-            let dv = airlock_sdk::tensor::f16_to_f32(bits);
-            let d = f32x4_splat(dv);
+            if bits & 0x7c00 == 0x7c00 {
+                return Err(i);
+            }
+            let d = fast_f16(bits);
             scales.note_scale(u32::from(bits), bits & 0x7fff == 0);
-            // SAFETY: 32 code bytes follow the 2-byte scale.
-            let (c0, c1) =
-                unsafe { (v128_load(b.as_ptr().add(2).cast::<v128>()), v128_load(b.as_ptr().add(18).cast::<v128>())) };
-            let at_end = |c: v128| v128_or(v128_or(i8x16_eq(c, hi), i8x16_eq(c, lo1)), i8x16_eq(c, lo2));
-            sat += i8x16_bitmask(at_end(c0)).count_ones() + i8x16_bitmask(at_end(c1)).count_ones();
-            let widen = |c: v128| {
-                let (l, h) = (i16x8_extend_low_i8x16(c), i16x8_extend_high_i8x16(c));
-                [
-                    f32x4_mul(f32x4_convert_i32x4(i32x4_extend_low_i16x8(l)), d),
-                    f32x4_mul(f32x4_convert_i32x4(i32x4_extend_high_i16x8(l)), d),
-                    f32x4_mul(f32x4_convert_i32x4(i32x4_extend_low_i16x8(h)), d),
-                    f32x4_mul(f32x4_convert_i32x4(i32x4_extend_high_i16x8(h)), d),
-                ]
+            let p = b.as_ptr();
+            // SAFETY: every load below reads 16 bytes that lie inside the block
+            // (Q8_0: codes at 2..34; Q4_0: nibbles at 2..18; Q5_0: at 6..22).
+            let (c0, c1, edge) = unsafe {
+                match BITS {
+                    8 => {
+                        let (c0, c1) = (v128_load(p.add(2).cast::<v128>()), v128_load(p.add(18).cast::<v128>()));
+                        let at_end =
+                            |c: v128| v128_or(i8x16_eq(i8x16_abs(c), i8x16_splat(127)), i8x16_eq(c, i8x16_splat(-128)));
+                        sat += i8x16_bitmask(at_end(c0)).count_ones() + i8x16_bitmask(at_end(c1)).count_ones();
+                        (c0, c1, None)
+                    }
+                    4 => {
+                        let qs = v128_load(p.add(2).cast::<v128>());
+                        let eight = i8x16_splat(8);
+                        (i8x16_sub(v128_and(qs, lo_mask), eight), i8x16_sub(u8x16_shr(qs, 4), eight), Some(-8))
+                    }
+                    _ => {
+                        // Q5_0: the fifth bit of element j is bit j of qh.
+                        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                        let qs = v128_load(p.add(6).cast::<v128>());
+                        let spread = i32x4_splat(qh as i32);
+                        let fifth = |idx: v128| {
+                            let bytes = i8x16_swizzle(spread, idx);
+                            v128_and(i8x16_eq(v128_and(bytes, bits_of_byte), bits_of_byte), u8x16_splat(0x10))
+                        };
+                        let h0 = fifth(u8x16(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1));
+                        let h1 = fifth(u8x16(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+                        let sixteen = i8x16_splat(16);
+                        (
+                            i8x16_sub(v128_or(v128_and(qs, lo_mask), h0), sixteen),
+                            i8x16_sub(v128_or(u8x16_shr(qs, 4), h1), sixteen),
+                            Some(-16),
+                        )
+                    }
+                }
             };
-            let (a, z) = (widen(c0), widen(c1));
-            acc.sums(&[a[0], a[1], a[2], a[3], z[0], z[1], z[2], z[3]]);
-            // Zeros and the amplitude come from the integer codes: cheaper than from the floats.
-            let zq = i8x16_splat(0);
-            zeros += if dv == 0.0 {
-                32
-            } else {
-                i8x16_bitmask(i8x16_eq(c0, zq)).count_ones() + i8x16_bitmask(i8x16_eq(c1, zq)).count_ones()
-            };
-            let mut top = u8x16_max(i8x16_abs(c0), i8x16_abs(c1));
-            top = u8x16_max(top, i64x2_shuffle::<1, 0>(top, top));
-            top = u8x16_max(top, i32x4_shuffle::<1, 0, 3, 2>(top, top));
-            top = u8x16_max(top, i16x8_shuffle::<1, 0, 3, 2, 5, 4, 7, 6>(top, top));
-            top = u8x16_max(top, u16x8_shr(top, 8));
-            let amax = f32::from(u8x16_extract_lane::<0>(top)) * dv.abs();
-            self.amp[((amax.to_bits() >> 23) & 0xff) as usize] += 1;
+            if let Some(e) = edge {
+                let e = i8x16_splat(e);
+                sat += i8x16_bitmask(i8x16_eq(c0, e)).count_ones() + i8x16_bitmask(i8x16_eq(c1, e)).count_ones();
+            }
+            // A repeated block: same scale and codes as the one before (all-zero blocks are zero scales).
+            if bits == last_bits
+                && bits & 0x7fff != 0
+                && i8x16_all_true(i8x16_eq(c0, last0))
+                && i8x16_all_true(i8x16_eq(c1, last1))
+            {
+                repeated += 1;
+            }
+            (last_bits, last0, last1) = (bits, c0, c1);
+            acc.block(d, bits & 0x7fff == 0, top_code, c0, c1, self);
             in_batch += 1;
             if in_batch == BATCH_GROUPS {
                 acc.fold(self, (32 * in_batch) as u64);
-                acc = simd::Acc::new();
+                acc = simd::CodeAcc::new();
                 in_batch = 0;
             }
         }
         acc.fold(self, (32 * in_batch) as u64);
         scales.saturated += u64::from(sat);
-        self.zeros += u64::from(zeros);
+        scales.repeated += repeated;
+        let mut codes = [0u8; 32];
+        // SAFETY: 32 bytes, two unaligned stores.
+        unsafe {
+            v128_store(codes.as_mut_ptr().cast::<v128>(), last0);
+            v128_store(codes.as_mut_ptr().add(16).cast::<v128>(), last1);
+        }
+        *prev = Some((last_bits, codes));
+        Ok(())
     }
 
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn add_q8_0(&mut self, blocks: &[u8], scales: &mut crate::BlockStats) {
+    pub fn add_symmetric(
+        &mut self,
+        quant: Quant,
+        blocks: &[u8],
+        scales: &mut crate::BlockStats,
+        prev: &mut Option<(u16, [u8; 32])>,
+    ) -> Result<(), usize> {
+        let _ = prev; // the scalar twin serves the unit tests, which do not count repeats
         let mut out = [0f32; 32];
-        for b in blocks.chunks_exact(34) {
-            let s = airlock_sdk::quant::Quant::Q8_0.dequantize(b, &mut out);
+        for (i, b) in blocks.chunks_exact(quant.block_bytes()).enumerate() {
+            if quant.scales_non_finite(b) {
+                return Err(i);
+            }
+            let s = quant.dequantize(b, &mut out);
             scales.note_scale(s.d_bits, s.d == 0.0);
             scales.saturated += u64::from(s.saturated);
             self.add(&out);
         }
+        Ok(())
     }
 
     #[cfg(not(target_arch = "wasm32"))]
@@ -197,13 +302,15 @@ impl Moments {
     /// Share of groups whose largest magnitude is at least 2^OUTLIER_OCTAVES
     /// times the median group's: a few huge values planted among normal ones.
     pub fn outlier_ratio(&self) -> f64 {
-        let groups: u64 = self.amp.iter().map(|&c| u64::from(c)).sum();
+        // All-zero groups (bucket 0: padding rows, zeroed blocks) say nothing
+        // about the scale of the rest, so the median is over the others.
+        let groups: u64 = self.amp[1..].iter().map(|&c| u64::from(c)).sum();
         if groups == 0 {
             return 0.0;
         }
         let mut seen = 0u64;
         let mut median = 0usize;
-        for (e, &c) in self.amp.iter().enumerate() {
+        for (e, &c) in self.amp.iter().enumerate().skip(1) {
             seen += u64::from(c);
             if seen * 2 >= groups {
                 median = e;
@@ -220,6 +327,17 @@ impl Moments {
 mod simd {
     use super::Moments;
     use core::arch::wasm32::*;
+
+    /// Power sums d^k·Σq^k of code blocks, in f32 lanes.
+    pub struct CodeAcc {
+        pub s: [v128; 4],
+    }
+
+    impl CodeAcc {
+        pub fn new() -> Self {
+            CodeAcc { s: [f32x4_splat(0.0); 4] }
+        }
+    }
 
     pub struct Acc {
         a: [v128; 4],
@@ -267,7 +385,6 @@ mod simd {
             m.amp[((f32x4_extract_lane::<0>(top).to_bits() >> 23) & 0xff) as usize] += 1;
         }
 
-        /// Folds the f32 lanes into the f64 sums; `n` values were added.
         pub fn fold(self, m: &mut Moments, n: u64) {
             let lanes = |v: v128| {
                 f64::from(f32x4_extract_lane::<0>(v))
@@ -286,6 +403,70 @@ mod simd {
             m.zeros += u64::from(z.unsigned_abs());
             m.n += n;
         }
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+impl simd::CodeAcc {
+    /// One block of 32 signed codes with scale `d`: power sums from integer
+    /// dot products, zeros and the amplitude from the codes.
+    #[inline(always)]
+    pub fn block(
+        &mut self,
+        d: f32,
+        d_is_zero: bool,
+        top_code: f32,
+        c0: core::arch::wasm32::v128,
+        c1: core::arch::wasm32::v128,
+        m: &mut Moments,
+    ) {
+        use core::arch::wasm32::*;
+        let x = [
+            i16x8_extend_low_i8x16(c0),
+            i16x8_extend_high_i8x16(c0),
+            i16x8_extend_low_i8x16(c1),
+            i16x8_extend_high_i8x16(c1),
+        ];
+        let sq = [i16x8_mul(x[0], x[0]), i16x8_mul(x[1], x[1]), i16x8_mul(x[2], x[2]), i16x8_mul(x[3], x[3])];
+        let dot4 = |a: &[v128; 4], b: &[v128; 4]| {
+            i32x4_add(
+                i32x4_add(i32x4_dot_i16x8(a[0], b[0]), i32x4_dot_i16x8(a[1], b[1])),
+                i32x4_add(i32x4_dot_i16x8(a[2], b[2]), i32x4_dot_i16x8(a[3], b[3])),
+            )
+        };
+        // Σq fits i16 (32·128); Σq² and Σq³ fit i32; Σq⁴ fits u32.
+        let s1 = i32x4_dot_i16x8(i16x8_add(i16x8_add(x[0], x[1]), i16x8_add(x[2], x[3])), i16x8_splat(1));
+        let s2 = dot4(&x, &x);
+        let s3 = dot4(&x, &sq);
+        let s4 = dot4(&sq, &sq);
+        let d2 = d * d;
+        self.s[0] = f32x4_add(self.s[0], f32x4_mul(f32x4_convert_i32x4(s1), f32x4_splat(d)));
+        self.s[1] = f32x4_add(self.s[1], f32x4_mul(f32x4_convert_i32x4(s2), f32x4_splat(d2)));
+        self.s[2] = f32x4_add(self.s[2], f32x4_mul(f32x4_convert_i32x4(s3), f32x4_splat(d2 * d)));
+        self.s[3] = f32x4_add(self.s[3], f32x4_mul(f32x4_convert_u32x4(s4), f32x4_splat(d2 * d2)));
+        let zero = i8x16_splat(0);
+        m.zeros += if d_is_zero {
+            32
+        } else {
+            u64::from(i8x16_bitmask(i8x16_eq(c0, zero)).count_ones() + i8x16_bitmask(i8x16_eq(c1, zero)).count_ones())
+        };
+        // The amplitude is |d| times the largest code a block of this format
+        // has (llama.cpp picks d so that the largest element gets it): no
+        // horizontal reduction per block.
+        let amax = top_code * d.abs();
+        m.amp[((amax.to_bits() >> 23) & 0xff) as usize] += 1;
+    }
+
+    /// Folds the lanes into the f64 sums; `n` values were added.
+    pub fn fold(self, m: &mut Moments, n: u64) {
+        use core::arch::wasm32::*;
+        for (i, v) in self.s.iter().enumerate() {
+            m.s[i] += f64::from(f32x4_extract_lane::<0>(*v))
+                + f64::from(f32x4_extract_lane::<1>(*v))
+                + f64::from(f32x4_extract_lane::<2>(*v))
+                + f64::from(f32x4_extract_lane::<3>(*v));
+        }
+        m.n += n;
     }
 }
 
@@ -316,6 +497,13 @@ mod tests {
     }
 
     #[test]
+    fn fast_f16_matches_the_sdk() {
+        for bits in (0u16..=0xffff).filter(|b| b & 0x7c00 != 0x7c00) {
+            assert_eq!(fast_f16(bits).to_bits(), airlock_sdk::tensor::f16_to_f32(bits).to_bits(), "{bits:#06x}");
+        }
+    }
+
+    #[test]
     fn outliers_and_zeros() {
         let mut xs = vec![0.5f32; 32 * 100];
         xs[5] = 100.0; // one group with a 200× element
@@ -324,7 +512,7 @@ mod tests {
         }
         let mut m = Moments::default();
         m.add(&xs);
-        assert!((m.outlier_ratio() - 0.01).abs() < 1e-9);
+        assert!((m.outlier_ratio() - 1.0 / 99.0).abs() < 1e-9, "zero groups are not counted");
         assert!((m.sparsity() - 0.01).abs() < 1e-9);
     }
 }
