@@ -267,6 +267,11 @@ impl ModelFile {
         self.source.read_vec(offset, len)
     }
 
+    /// Up to `len` bytes at `offset`, zero-copy when the file is mapped.
+    pub fn read_bytes(&self, offset: u64, len: usize) -> std::io::Result<bytes::Bytes> {
+        self.source.read_bytes(offset, len)
+    }
+
     /// The lowercase hex sha256 of the whole file (computed once, in the background).
     pub fn sha256(&self) -> Result<String, String> {
         self.sha256.get()

@@ -23,7 +23,7 @@ pub enum ReadMode {
 /// The bytes of one opened file.
 pub struct ByteSource {
     file: File,
-    map: Option<memmap2::Mmap>,
+    map: Option<std::sync::Arc<memmap2::Mmap>>,
     size: u64,
 }
 
@@ -37,7 +37,7 @@ impl ByteSource {
                 // rename into its own directory, where nothing else writes or
                 // truncates them; every access below is bounds-checked against
                 // the size recorded at open.
-                Some(unsafe { memmap2::MmapOptions::new().len(size as usize).map(&file)? })
+                Some(std::sync::Arc::new(unsafe { memmap2::MmapOptions::new().len(size as usize).map(&file)? }))
             }
             _ => None,
         };
@@ -125,6 +125,27 @@ impl ByteSource {
         Ok(buf)
     }
 
+    /// Up to `len` bytes at `offset` as shared bytes. From a map this is
+    /// zero-copy: the guest's copy, made while lowering the result into its
+    /// memory, is the only one. From a descriptor it is `read_vec`.
+    pub fn read_bytes(&self, offset: u64, len: usize) -> io::Result<bytes::Bytes> {
+        match &self.map {
+            Some(map) => {
+                let start = offset.min(self.size) as usize;
+                let end = start + (self.size as usize - start).min(len);
+                Ok(bytes::Bytes::from_owner(MapRange { map: map.clone(), start, end }))
+            }
+            None => self.read_vec(offset, len).map(bytes::Bytes::from),
+        }
+    }
+
+    /// The mapped bytes of `[offset, offset + len)`, when the file is mapped.
+    pub fn mapped(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        let map = self.map.as_ref()?;
+        let end = offset.checked_add(len).filter(|&e| e <= self.size)?;
+        Some(&map[offset as usize..end as usize])
+    }
+
     /// Reads exactly `len` bytes at `offset`, or fails naming the range.
     pub fn read_exact_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let mut buf = vec![0u8; len];
@@ -141,5 +162,18 @@ impl ByteSource {
     /// The underlying descriptor (for `fstat` re-checks).
     pub fn file(&self) -> &File {
         &self.file
+    }
+}
+
+/// A range of a shared map, owned by `bytes::Bytes`.
+struct MapRange {
+    map: std::sync::Arc<memmap2::Mmap>,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for MapRange {
+    fn as_ref(&self) -> &[u8] {
+        &self.map[self.start..self.end]
     }
 }

@@ -73,6 +73,25 @@ impl HostState {
         Ok(self.table.push(ModelHandle)?)
     }
 
+    /// `file.read`: the bytes are handed to wasmtime as `Bytes`, so a mapped
+    /// file is copied once, straight from the page cache into guest memory.
+    pub fn read_shared(
+        &mut self,
+        f: &Resource<FileHandle>,
+        offset: u64,
+        len: u32,
+    ) -> Result<std::result::Result<bytes::Bytes, String>> {
+        let cap = self.limits.max_read_bytes;
+        if len > cap {
+            return Ok(Err(format!("read of {len} bytes refused: this plugin may read at most {cap} bytes per call")));
+        }
+        let file = self.file(f)?;
+        if offset > file.size() {
+            return Ok(Err(format!("offset {offset} is past the end of the file ({} bytes)", file.size())));
+        }
+        Ok(file.read_bytes(offset, len as usize).map_err(|e| format!("read at offset {offset} failed: {e}")))
+    }
+
     fn file(&self, res: &Resource<FileHandle>) -> Result<&Arc<ModelFile>> {
         let FileHandle(i) = self.table.get(res)?;
         self.model.files.get(*i).ok_or_else(|| format_err!("file handle {i} out of range"))
@@ -235,15 +254,8 @@ impl artifact::HostFile for HostState {
     }
 
     fn read(&mut self, f: Resource<FileHandle>, offset: u64, len: u32) -> Result<std::result::Result<Vec<u8>, String>> {
-        let cap = self.limits.max_read_bytes;
-        if len > cap {
-            return Ok(Err(format!("read of {len} bytes refused: this plugin may read at most {cap} bytes per call")));
-        }
-        let file = self.file(&f)?;
-        if offset > file.size() {
-            return Ok(Err(format!("offset {offset} is past the end of the file ({} bytes)", file.size())));
-        }
-        Ok(file.read(offset, len as usize).map_err(|e| format!("read at offset {offset} failed: {e}")))
+        // Shadowed in the linker by `read_shared` (see Runtime::new); kept so the bindings stay whole.
+        Ok(self.read_shared(&f, offset, len)?.map(|b| b.to_vec()))
     }
 
     fn tensors(&mut self, f: Resource<FileHandle>) -> Result<Vec<artifact::TensorInfo>> {

@@ -216,6 +216,22 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow::anyhow!("linking WASI: {e:#}"))?;
         bindings::Stage::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| anyhow::anyhow!("linking airlock:stage: {e:#}"))?;
+        // `file.read` again, returning `Bytes` instead of the generated `Vec<u8>`: wasmtime
+        // lowers `Bytes` straight into guest memory, so a mapped model is copied once per read.
+        linker.allow_shadowing(true);
+        linker
+            .instance("airlock:stage/artifact@0.1.0")
+            .and_then(|mut i| {
+                i.func_wrap(
+                    "[method]file.read",
+                    |mut store: wasmtime::StoreContextMut<'_, HostState>,
+                     (f, offset, len): (wasmtime::component::Resource<host::FileHandle>, u64, u32)| {
+                        Ok((store.data_mut().read_shared(&f, offset, len)?,))
+                    },
+                )
+            })
+            .map_err(|e| anyhow::anyhow!("linking file.read: {e:#}"))?;
+        linker.allow_shadowing(false);
 
         // The ticker drives epoch deadlines; it stops when the runtime is dropped.
         let stop_ticker = Arc::new(AtomicBool::new(false));
