@@ -92,6 +92,8 @@ enum Outcome {
 }
 
 const CHUNK_TARGET: u32 = 1 << 20;
+/// Tensors whose statistics go into the report details (about 250 bytes each).
+const MAX_LISTED: usize = 1000;
 
 /// The role of a tensor: its name with layer numbers replaced, so
 /// `blk.7.attn_q.weight` and `blk.8.attn_q.weight` compare with each other.
@@ -411,7 +413,9 @@ impl Stage for Weights {
             "score": score,
             "ms_by_type": timing,
             "static_fail_score": config.static_fail_score,
-            "tensors": stats.iter().take(4096).map(|s| (s.name.clone(), json!({
+            // Bounded so the report stays far below the host's 1 MiB cap on any model.
+            "tensors_listed": stats.len().min(MAX_LISTED),
+            "tensors": stats.iter().take(MAX_LISTED).map(|s| (s.name.clone(), json!({
                 "mean": s.m.mean(),
                 "std": s.m.std(),
                 "kurtosis": s.m.kurtosis(),
@@ -440,6 +444,17 @@ impl Stage for Weights {
             if notes.is_empty() { String::new() } else { format!(", {} of unanalysed types", notes.len()) }
         );
         let summary = format!("score={score:.2}, {counts} ({coverage})");
+        // Many tensors of an unanalysed type become one finding per type, so the report stays small.
+        if notes.len() > 50 {
+            let mut per_type: std::collections::BTreeMap<String, usize> = Default::default();
+            for n in &notes {
+                *per_type.entry(n.message.clone()).or_default() += 1;
+            }
+            notes = per_type
+                .into_iter()
+                .map(|(why, count)| Finding::new("weights.not-analysed", Severity::Info, format!("{count} tensors: {why}")))
+                .collect();
+        }
         let findings: Vec<Finding> = gates.iter().cloned().chain(anomalies.0).chain(notes).collect();
         if let Some(first) = gates.first() {
             let reason = format!(
