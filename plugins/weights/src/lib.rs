@@ -452,7 +452,9 @@ impl Stage for Weights {
             }
             notes = per_type
                 .into_iter()
-                .map(|(why, count)| Finding::new("weights.not-analysed", Severity::Info, format!("{count} tensors: {why}")))
+                .map(|(why, count)| {
+                    Finding::new("weights.not-analysed", Severity::Info, format!("{count} tensors: {why}"))
+                })
                 .collect();
         }
         let findings: Vec<Finding> = gates.iter().cloned().chain(anomalies.0).chain(notes).collect();
