@@ -371,6 +371,108 @@ mod tests {
         assert_eq!(out[1], 2.0 * -32.0);
     }
 
+    /// One block of random bytes per format (finite scales written in), and
+    /// what gguf-py's `dequantize` (the llama.cpp reference, in numpy) makes of
+    /// it: Σx, Σx², the first and the last element. Generated once with
+    /// gguf 0.17 / numpy; the block bytes are arbitrary, so every code path is hit.
+    #[test]
+    fn agrees_with_gguf_py_on_random_blocks() {
+        let vectors: [(Quant, &str, f64, f64, f64, f64); 10] = [
+            (
+                Quant::Q4_0,
+                "0423b6faf3fe08fa81ace9fcf7815461b43c",
+                0.328857421875,
+                0.14194320514798164,
+                -0.02740478515625,
+                -0.068511962890625,
+            ),
+            (
+                Quant::Q4_1,
+                "0423391d8e3eda1a5246fe42841e87234658b051",
+                3.068115234375,
+                0.41498730098828673,
+                0.19693374633789062,
+                0.07361221313476562,
+            ),
+            (
+                Quant::Q5_0,
+                "04233a891f3a3b1e8751bdcb5265e43d9bf23ac98670",
+                -0.205535888671875,
+                0.4113724371418357,
+                -0.068511962890625,
+                -0.123321533203125,
+            ),
+            (
+                Quant::Q5_1,
+                "0423391dbce5cdf6fb0e55f5b68d7e4330df3c8ef7c6e570",
+                8.46685791015625,
+                2.65740947984159,
+                0.15582656860351562,
+                0.3202552795410156,
+            ),
+            (
+                Quant::Q8_0,
+                "042335414d7e209c5d46a8e5084916dd74a85ea503391fddcd59ba849105c5acad32",
+                0.24664306640625,
+                33.010807463899255,
+                0.726226806640625,
+                0.68511962890625,
+            ),
+            (
+                Quant::Q2K,
+                "7786eda87027190cd49d5abcf2a919bd3c6206394868f9dd8b870c2ca566e9c90084d3de3e969b7b403f650fcbaf8e29813c06af17eaa30a3c41d6ab24acc523a6ac6b9ce51e7a8caf28650f6d51b12d0423391d",
+                34.537200927734375,
+                11.159228627337143,
+                -0.035701751708984375,
+                -0.056102752685546875,
+            ),
+            (
+                Quant::Q3K,
+                "660e476741225f7064b00a74b72558885c9b6b311047cd005dd64ea5800a53401c635ba88007c6db81ed4f6e4d5ae06c7ba40d2d33a25ebc1422ebb235060becc997a5c651154a27ee13b1cd6bb304feb38d8d5bb44bad2e301d19da393dabf0abcb92f9c8f73d16a3cf03e10423",
+                8.90655517578125,
+                127.80671334639192,
+                -1.4798583984375,
+                -0.232940673828125,
+            ),
+            (
+                Quant::Q4K,
+                "0423391ddea238d4333dbde7850af347a34596c201c87cde90b386ddc56ff6f905875d54d78b7ad7b016dd6c5961e972844be6c1f4a3d95eabe6d2c06639907b12d70f02b9359917c8e186c36ae7073a9ff213fca6675c8992babb2bca11b5bb04bdf93245d1eb7275acf394664c354e0bcd1eadb12886f26149495ae5c043c0ccaa4647f92ad8786672191c34081075",
+                889.6883850097656,
+                5286.005767998518,
+                0.9731025695800781,
+                5.0102081298828125,
+            ),
+            (
+                Quant::Q5K,
+                "0423391d88fe0fbffd4e9650847cfbdaf7e5228509eb224b31def83fc07fbabb3b72788167870fcf25d373c6c62118e3367a1d3f26785b068e23326bcb7036832bda79adb885df9cf719efb6eaf2c447b2fb9e1ea3e7be73b2602d40f41afe87b306109f9d2717fdf523b0cc07c98701f316389e0ba187338a27906bb89cc241cc981d07c40d3b57d7deb3c15f89910d23a6e7fbab249553897299be7c9ac732605b2d1ea56d47d435a8418b2e671aa3",
+                2021.7726135253906,
+                29912.441987452796,
+                2.100505828857422,
+                14.815105438232422,
+            ),
+            (
+                Quant::Q6K,
+                "d953ea6aad71df15dc19ba05366f5c38c21c5512fb8c61aebb2531591ab3682281205a74cc14def46fb23013423cf322c0750ad8163536ccf7027b080f2a907f68bab8fe5b53014e8634c2c086edf43b4ddc35f7e42e9ce440a88e86793ba660f00241e921608b134d4f9030e690a708d168bb636a4a2c7612a60cd355edb2df8eebaf98298bc159d5bf1de62c3ed2d25bfa583577a37bf2c688527a7894291170a008a5883f3f4c35a666411c56819efdda308b93f93f4d530b6467adbcc22cdc423875b06dd97eb3e6c472e3bdb4c20423",
+                250.0960693359375,
+                87664.94286466762,
+                -4.4395751953125,
+                16.14141845703125,
+            ),
+        ];
+        for (quant, hex, sum, sum2, first, last) in vectors {
+            let bytes: Vec<u8> =
+                (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+            assert_eq!(bytes.len(), quant.block_bytes(), "{quant:?}");
+            let mut out = vec![0f32; quant.block_elems()];
+            quant.dequantize(&bytes, &mut out);
+            let s: f64 = out.iter().map(|&x| f64::from(x)).sum();
+            let s2: f64 = out.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * (1.0 + b.abs());
+            assert!(close(s, sum) && close(s2, sum2), "{quant:?}: sums {s}, {s2} vs gguf-py {sum}, {sum2}");
+            assert!(close(f64::from(out[0]), first) && close(f64::from(out[out.len() - 1]), last), "{quant:?}: ends");
+        }
+    }
+
     #[test]
     fn layouts_agree_with_block_layout() {
         for (dt, q) in [(Dtype::Q40, Quant::Q4_0), (Dtype::Q3k, Quant::Q3K), (Dtype::Q8k, Quant::Q8K)] {

@@ -118,3 +118,44 @@ fn real_models_are_finite_and_unremarkable() {
         assert!(st["summary"].as_str().unwrap().starts_with("score=0.00, no anomalies"), "{st}");
     }
 }
+
+/// The SIMD paths (Q8_0, Q5_0, Q4_0) give exact statistics on blocks whose values are known:
+/// half the elements 7.0 and half 1.0 (scale 1.0), so mean 4, std 3, kurtosis 1.
+#[test]
+fn simd_statistics_are_exact_on_known_blocks() {
+    let one = 0x3c00u16.to_le_bytes(); // f16 1.0
+    let blocks = 4096;
+    let mut q8 = Vec::new();
+    let mut q4 = Vec::new();
+    let mut q5 = Vec::new();
+    for _ in 0..blocks {
+        q8.extend(one);
+        q8.extend([7u8; 16].iter().chain([1u8; 16].iter()));
+        q4.extend(one);
+        q4.extend([0x9fu8; 16]); // low nibble 15 → 7, high nibble 9 → 1
+        q5.extend(one);
+        q5.extend(0xffff_ffffu32.to_le_bytes()); // fifth bit set everywhere: 16 + n - 16
+        q5.extend([0x17u8; 16]); // low nibble 7 → 7, high nibble 1 → 1
+    }
+    let t = |name: &str, ty: u32, data: Vec<u8>| Tensor {
+        name: name.into(),
+        dims: vec![32 * blocks],
+        ty,
+        nbytes: None,
+        offset: None,
+        data: Some(data),
+    };
+    let s = scan_weights(&model(vec![t("a.q8_0", 8, q8), t("b.q4_0", 2, q4), t("c.q5_0", 6, q5)]));
+    let w = s.one()["stages"].as_array().unwrap().iter().find(|x| x["plugin"] == "builtin:weights").unwrap().clone();
+    for name in ["a.q8_0", "b.q4_0", "c.q5_0"] {
+        let st = &w["details"]["tensors"][name];
+        let close = |key: &str, want: f64| {
+            let got = st[key].as_f64().unwrap();
+            assert!((got - want).abs() < 1e-6, "{name} {key}: {got} != {want}; {st}");
+        };
+        close("mean", 4.0);
+        close("std", 3.0);
+        close("kurtosis", 1.0);
+        close("sparsity", 0.0);
+    }
+}
