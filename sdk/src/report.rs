@@ -40,6 +40,23 @@ impl Report {
         self.details = Some(details.to_string());
         self
     }
+    /// Keeps at most `max` findings, the most severe first, and says how many
+    /// were left out (rule `report.truncated`). The host refuses reports above
+    /// its size cap, so a plugin that can find unboundedly many things should
+    /// call this rather than fail for the wrong reason.
+    pub fn cap_findings(mut self, max: usize) -> Self {
+        if self.findings.len() > max {
+            self.findings.sort_by_key(|f| std::cmp::Reverse(f.severity as u8));
+            let dropped = self.findings.len() - max;
+            self.findings.truncate(max);
+            self.findings.push(Finding::new(
+                "report.truncated",
+                Severity::Info,
+                format!("{dropped} more findings of lower or equal severity not listed"),
+            ));
+        }
+        self
+    }
     /// True when the verdict is FAIL.
     pub fn is_fail(&self) -> bool {
         matches!(self.verdict, Verdict::Fail(_))

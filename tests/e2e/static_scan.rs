@@ -347,3 +347,15 @@ fn common_real_world_template_shapes_pass() {
         assert!(tg["findings"].as_array().unwrap().is_empty(), "{name}: {tg:#}");
     }
 }
+
+/// Fifty thousand findings would exceed the host's report cap; the plugin
+/// keeps the worst 200 and still fails for the right reason.
+#[test]
+fn a_flood_of_findings_is_truncated_not_refused() {
+    let s = scan_gguf(&gguf_with_template(&"{{ x.__class__ }}".repeat(50_000)));
+    assert_rejected(&s, "static_scan", "50000 critical finding(s)");
+    let tg = plugin_result(&s, "template_guard");
+    let findings = tg["findings"].as_array().unwrap();
+    assert_eq!(findings.len(), 201, "{}", findings.len());
+    assert_eq!(findings[200]["rule"], "report.truncated");
+}

@@ -287,7 +287,7 @@ impl Stage for Entropy {
                 first.location.as_deref().unwrap_or("?"),
                 first.message
             );
-            return Report::fail(reason).findings(findings).details(details);
+            return Report::fail(reason).findings(findings).details(details).cap_findings(200);
         }
         let range = if tested.is_empty() {
             String::from("no tensor big enough to test")

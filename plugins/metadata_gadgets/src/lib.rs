@@ -247,9 +247,11 @@ impl Stage for MetadataGadgets {
                 first.rule,
                 first.location.as_deref().unwrap_or("?")
             );
-            return Report::fail(reason).findings(scan.findings);
+            return Report::fail(reason).findings(scan.findings).cap_findings(200);
         }
-        Report::pass(format!("{} metadata values checked, no gadgets", scan.values)).findings(scan.findings)
+        Report::pass(format!("{} metadata values checked, no gadgets", scan.values))
+            .findings(scan.findings)
+            .cap_findings(200)
     }
 }
 

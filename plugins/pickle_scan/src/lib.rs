@@ -361,13 +361,7 @@ impl Stage for PickleScan {
         if pickles == 0 {
             return Report::pass("no pickle content");
         }
-        // A pickle can name thousands of imports; the report keeps the worst 200.
-        findings.sort_by_key(|f| std::cmp::Reverse(f.severity as u8));
-        if findings.len() > 200 {
-            let dropped = findings.len() - 200;
-            findings.truncate(200);
-            findings.push(Finding::new("pickle.more", Severity::Info, format!("{dropped} more findings not listed")));
-        }
+
         let bad: Vec<&Finding> =
             findings.iter().filter(|f| matches!(f.severity, Severity::Critical | Severity::High)).collect();
         if let Some(first) = bad.first() {
@@ -377,9 +371,10 @@ impl Stage for PickleScan {
                 first.location.as_deref().unwrap_or("?"),
                 first.message
             );
-            return Report::fail(reason).findings(findings);
+            // A pickle can name thousands of imports; the report keeps the worst 200.
+            return Report::fail(reason).findings(findings).cap_findings(200);
         }
-        Report::pass(format!("{pickles} pickle(s), no dangerous imports")).findings(findings)
+        Report::pass(format!("{pickles} pickle(s), no dangerous imports")).findings(findings).cap_findings(200)
     }
 }
 

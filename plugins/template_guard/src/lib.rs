@@ -423,10 +423,12 @@ impl Stage for TemplateGuard {
                 first.location.as_deref().unwrap_or("?"),
                 first.message
             );
-            return Report::fail(reason).findings(findings);
+            return Report::fail(reason).findings(findings).cap_findings(200);
         }
         let flagged = findings.iter().filter(|f| f.severity != Severity::Info).count();
-        Report::pass(format!("{} template(s) compiled and checked, {flagged} flagged", found.len())).findings(findings)
+        Report::pass(format!("{} template(s) compiled and checked, {flagged} flagged", found.len()))
+            .findings(findings)
+            .cap_findings(200)
     }
 }
 

@@ -465,15 +465,16 @@ impl Stage for Weights {
                 first.location.as_deref().unwrap_or("?"),
                 first.message
             );
-            return Report::fail(reason).findings(findings).score(score as f32).details(details);
+            return Report::fail(reason).findings(findings).score(score as f32).details(details).cap_findings(500);
         }
         if score > config.static_fail_score {
             return Report::fail(format!("{summary}: above static_fail_score {}", config.static_fail_score))
                 .findings(findings)
+                .cap_findings(500)
                 .score(score as f32)
                 .details(details);
         }
-        Report::pass(summary).findings(findings).score(score as f32).details(details)
+        Report::pass(summary).findings(findings).score(score as f32).details(details).cap_findings(500)
     }
 }
 
