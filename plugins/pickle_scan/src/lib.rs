@@ -106,6 +106,16 @@ fn judge(module: &str, name: &str) -> Option<(Severity, String)> {
     Some((Severity::Low, "not on the list of imports a plain checkpoint makes".into()))
 }
 
+/// The memo slot of a PUT/GET opcode: one byte (BINPUT, BINGET), four bytes
+/// (LONG_BINPUT, LONG_BINGET) or decimal text (PUT, GET).
+fn memo_index(op: &airlock_sdk::pickle::Op) -> u64 {
+    match op.arg {
+        [b] if matches!(op.code, b'q' | b'h') => u64::from(*b),
+        [a, b, c, d] if matches!(op.code, b'r' | b'j') => u64::from(u32::from_le_bytes([*a, *b, *c, *d])),
+        text => String::from_utf8_lossy(text).trim().parse().unwrap_or(u64::MAX),
+    }
+}
+
 /// One import a pickle would perform.
 struct Import {
     module: String,
@@ -164,24 +174,12 @@ fn imports(bytes: &[u8]) -> (Vec<Import>, Option<String>) {
                 last
             }
             b'q' | b'r' | b'p' => {
-                let idx = match op.code {
-                    b'q' => u64::from(op.arg[0]),
-                    b'r' => u64::from(u32::from_le_bytes([op.arg[0], op.arg[1], op.arg[2], op.arg[3]])),
-                    _ => text(op.arg).trim().parse().unwrap_or(u64::MAX),
-                };
                 if let Some(s) = &last {
-                    memo.insert(idx, s.clone());
+                    memo.insert(memo_index(&op), s.clone());
                 }
                 last
             }
-            b'h' | b'j' | b'g' => {
-                let idx = match op.code {
-                    b'h' => u64::from(op.arg[0]),
-                    b'j' => u64::from(u32::from_le_bytes([op.arg[0], op.arg[1], op.arg[2], op.arg[3]])),
-                    _ => text(op.arg).trim().parse().unwrap_or(u64::MAX),
-                };
-                push(memo.get(&idx).cloned(), &mut strings)
-            }
+            b'h' | b'j' | b'g' => push(memo.get(&memo_index(&op)).cloned(), &mut strings),
             0x80 | 0x95 | b'.' => last,
             _ => {
                 strings.push(None);

@@ -311,32 +311,26 @@ fn score_tensors(stats: &[TensorStats]) -> Anomalies {
             );
         }
         if let Some(q) = &s.q {
-            let zero = q.zero_scale as f64 / q.blocks.max(1) as f64;
-            if zero > 0.5 {
-                a.add(
-                    "weights.quant.zero-scales",
-                    Severity::Medium,
-                    &s.location,
-                    format!("{:.1}% of blocks have a zero scale", 100.0 * zero),
-                );
-            }
-            let repeated = q.repeated as f64 / q.blocks.max(1) as f64;
-            if repeated > 0.05 {
-                a.add(
+            let per_block = |n: u64| n as f64 / q.blocks.max(1) as f64;
+            let ratios = [
+                ("weights.quant.zero-scales", per_block(q.zero_scale), 0.5, "of blocks have a zero scale"),
+                (
                     "weights.quant.repeated-blocks",
-                    Severity::Medium,
-                    &s.location,
-                    format!("{:.1}% of blocks repeat the block before them byte for byte", 100.0 * repeated),
-                );
-            }
-            let saturated = q.saturated as f64 / q.codes.max(1) as f64;
-            if saturated > 0.25 {
-                a.add(
+                    per_block(q.repeated),
+                    0.05,
+                    "of blocks repeat the block before them byte for byte",
+                ),
+                (
                     "weights.quant.saturated",
-                    Severity::Medium,
-                    &s.location,
-                    format!("{:.1}% of codes sit at the end of their range", 100.0 * saturated),
-                );
+                    q.saturated as f64 / q.codes.max(1) as f64,
+                    0.25,
+                    "of codes sit at the end of their range",
+                ),
+            ];
+            for (rule, value, limit, what) in ratios {
+                if value > limit {
+                    a.add(rule, Severity::Medium, &s.location, format!("{:.1}% {what}", 100.0 * value));
+                }
             }
             if q.blocks >= 1024 && q.scale_entropy() < MIN_SCALE_ENTROPY {
                 a.add(
