@@ -262,11 +262,6 @@ impl ModelFile {
         self.header.as_ref().and_then(|h| h.as_ref().err())
     }
 
-    /// Reads up to `len` bytes at `offset` (short at end of file).
-    pub fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-        self.source.read_vec(offset, len)
-    }
-
     /// Up to `len` bytes at `offset`, zero-copy when the file is mapped.
     pub fn read_bytes(&self, offset: u64, len: usize) -> std::io::Result<bytes::Bytes> {
         self.source.read_bytes(offset, len)

@@ -58,7 +58,6 @@ pub(crate) struct BlockStats {
     blocks: u64,
     zero_scale: u64,
     saturated: u64,
-    codes: u64,
     repeated: u64,
     /// Histogram of the top byte of `d` (sign, exponent, leading mantissa bits).
     scale_hist: Vec<u64>,
@@ -176,7 +175,6 @@ fn analyse(file: &File, t: &TensorInfo) -> Result<Outcome, String> {
                         return Ok(Outcome::NonFinite { index: index + i as u64, what: "block scale" });
                     }
                     index += (bytes.len() / bb) as u64;
-                    qs.codes = m.n;
                     continue;
                 }
                 if let Some(i) = bytes.chunks_exact(bb).position(|b| quant.scales_non_finite(b)) {
@@ -211,7 +209,6 @@ fn analyse(file: &File, t: &TensorInfo) -> Result<Outcome, String> {
                     }
                 }
                 m.add(&buf[..filled]);
-                qs.codes = m.n;
             }
             _ => unreachable!("checked above"),
         }
@@ -322,7 +319,7 @@ fn score_tensors(stats: &[TensorStats]) -> Anomalies {
                 ),
                 (
                     "weights.quant.saturated",
-                    q.saturated as f64 / q.codes.max(1) as f64,
+                    q.saturated as f64 / s.m.n.max(1) as f64,
                     0.25,
                     "of codes sit at the end of their range",
                 ),
@@ -421,7 +418,7 @@ impl Stage for Weights {
                 "outlier_ratio": s.m.outlier_ratio(),
                 "sparsity": s.m.sparsity(),
                 "zero_scales": s.q.as_ref().map(|q| q.zero_scale),
-                "saturated": s.q.as_ref().map(|q| q.saturated as f64 / q.codes.max(1) as f64),
+                "saturated": s.q.as_ref().map(|q| q.saturated as f64 / s.m.n.max(1) as f64),
                 "repeated_blocks": s.q.as_ref().map(|q| q.repeated),
                 "scale_entropy": s.q.as_ref().map(BlockStats::scale_entropy),
             }))).collect::<serde_json::Map<_, _>>(),
