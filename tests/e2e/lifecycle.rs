@@ -371,8 +371,10 @@ fn the_watcher_takes_a_drop_and_stops_on_sigterm() {
 
 /// Every model is in exactly one place; the registry holds only complete records.
 fn check_invariants(lab: &Lab, names: &[&str]) {
-    let scanning: Vec<_> = std::fs::read_dir(lab.root.join("quarantine/scanning")).unwrap().collect();
-    assert!(scanning.is_empty(), "scanning/ not empty after recovery");
+    let scanning: Vec<_> =
+        std::fs::read_dir(lab.root.join("quarantine/scanning")).unwrap().map(|e| e.unwrap().path()).collect();
+    let listing: Vec<_> = scanning.iter().map(|d| (d, std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0))).collect();
+    assert!(scanning.is_empty(), "scanning/ not empty after recovery: {listing:?}");
     for n in names {
         let places =
             [lab.incoming().join(n).exists(), lab.registry().join(n).join(n).exists(), lab.rejected().join(n).exists()];
@@ -390,6 +392,46 @@ fn check_invariants(lab: &Lab, names: &[&str]) {
     }
     let (code, out) = lab.run(&["audit", "--verify"]);
     assert_eq!(code, 0, "{out}");
+}
+
+/// Two journal states a kill can leave, written out by hand so that the test
+/// does not depend on timing: a claim folder renamed for removal, and a
+/// rejection whose model already moved to a suffixed name in rejected/.
+#[test]
+fn interrupted_removals_and_suffixed_rejections_are_finished_on_restart() {
+    let lab = Lab::new();
+    let scanning = lab.root.join("quarantine/scanning");
+    let doomed = scanning.join(".1-2-3.done");
+    std::fs::create_dir(&doomed).unwrap();
+    std::fs::write(doomed.join("decision.json"), "{}").unwrap();
+    // An earlier rejection holds the plain name; this one was moved as x.gguf.<id>.
+    lab.drop_file("x.gguf", b"earlier");
+    std::fs::rename(lab.incoming().join("x.gguf"), lab.rejected().join("x.gguf")).unwrap();
+    let id = "4-5-6";
+    let claim = scanning.join(id);
+    std::fs::create_dir(&claim).unwrap();
+    std::fs::write(
+        claim.join("claim.json"),
+        format!(r#"{{"id":"{id}","name":"x.gguf","claimed_at":"2026-01-01T00:00:00Z"}}"#),
+    )
+    .unwrap();
+    std::fs::write(
+        claim.join("decision.json"),
+        r#"{"promote":false,"failed_stage":"format_gate","reason":"crafted","sha256":null,"outcome":null}"#,
+    )
+    .unwrap();
+    std::fs::write(claim.join("rejected-as"), format!("x.gguf.{id}")).unwrap();
+    std::fs::write(lab.rejected().join(format!("x.gguf.{id}")), b"moved before the kill").unwrap();
+
+    lab.watch_once();
+    let left: Vec<_> = std::fs::read_dir(&scanning).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "scanning/ still holds {left:?}");
+    let report = lab.report(&format!("x.gguf.{id}"));
+    assert_eq!(report["failed_stage"], "format_gate");
+    assert_eq!(report["reason"], "crafted");
+    assert!(!lab.rejected().join("x.gguf.report.json").exists(), "the report went to the wrong name");
+    let events: Vec<String> = lab.audit().iter().map(|e| e["event"].as_str().unwrap().to_string()).collect();
+    assert_eq!(events, ["rejected"]);
 }
 
 #[test]

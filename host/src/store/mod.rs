@@ -158,7 +158,8 @@ impl<'a> Quarantine<'a> {
             for dir in dirs {
                 let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 if name.starts_with('.') {
-                    // A claim that never completed: its model is still in incoming/.
+                    // A claim that never completed (its model is still in
+                    // incoming/) or a finished one being removed.
                     let _ = fs::remove_dir_all(&dir);
                     continue;
                 }
@@ -243,8 +244,7 @@ impl<'a> Quarantine<'a> {
                 }
                 _ => {
                     // Claimed folder made, model never moved in: it is still in incoming/.
-                    fs::remove_dir_all(dir)?;
-                    sync_dir(&self.root.scanning())?;
+                    self.remove_claim_dir(dir)?;
                     Err(io::Error::other("the claim never completed; the model stays in incoming/"))
                 }
             };
@@ -404,12 +404,14 @@ impl<'a> Quarantine<'a> {
 
     fn reject_locked(&self, dir: &Path, claim: &Claim, decision: &Decision) -> io::Result<Disposition> {
         let dest = self.rejected_name(claim);
+        // Journal the name first: once the model has left, recovery finishes
+        // the rejection under this name (it may carry the claim id).
+        write_atomic(&dir.join("rejected-as"), dest.as_bytes())?;
         rename_new(&dir.join(&claim.name), &self.root.rejected().join(&dest))?;
         let sidecar = dir.join(format!("{}.origin", claim.name));
         if sidecar.exists() {
             let _ = rename_new(&sidecar, &self.root.rejected().join(format!("{dest}.origin")));
         }
-        write_atomic(&dir.join("rejected-as"), dest.as_bytes())?;
         sync_dir(&self.root.rejected())?;
         self.finish_rejection(dir, claim, decision)
     }
@@ -460,9 +462,21 @@ impl<'a> Quarantine<'a> {
             reason: Some(reason.clone()),
             disabled_stages: self.scanner.disabled_stages(),
         })?;
-        fs::remove_dir_all(dir)?;
-        sync_dir(&self.root.scanning())?;
+        self.remove_claim_dir(dir)?;
         Ok(Disposition::Rejected { name: claim.name.clone(), failed_stage, reason, report: report_path })
+    }
+
+    /// Removes a finished claim folder. remove_dir_all deletes entry by entry,
+    /// so a kill midway could leave a folder without its claim.json, which
+    /// recovery must not guess about; the folder is first renamed to a dot-name
+    /// in one atomic step, and recovery deletes dot-names it finds.
+    fn remove_claim_dir(&self, dir: &Path) -> io::Result<()> {
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let doomed = self.root.scanning().join(format!(".{name}.done"));
+        fs::rename(dir, &doomed)?;
+        sync_dir(&self.root.scanning())?;
+        fs::remove_dir_all(&doomed)?;
+        sync_dir(&self.root.scanning())
     }
 
     fn record_pin(&self, name: &str, sha256: &str) -> io::Result<()> {
