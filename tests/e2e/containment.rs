@@ -10,8 +10,9 @@ fn hostile_policy(dir: &Path, plugin: &str, extra: &str) -> PathBuf {
     let wasm = component(plugin);
     let sha = sha256_file(&wasm);
     policy_dir(dir, |t| {
-        let t = t.replace("provenance_check: false", "provenance_check: true");
-        format!("{t}  provenance_check:\n    - plugin: {}\n      sha256: {sha}\n{extra}", wasm.display())
+        let builtin = "    - plugin: builtin:provenance\n      grants: [sidecars]\n";
+        assert!(t.contains(builtin), "the shipped policy's provenance entry changed");
+        t.replacen(builtin, &format!("    - plugin: {}\n      sha256: {sha}\n{extra}", wasm.display()), 1)
     })
 }
 

@@ -97,7 +97,7 @@ fn a_real_gguf_is_admitted_promoted_and_verified() {
     assert_eq!(code, 0, "{out}");
     let audit = lab.audit();
     assert_eq!(audit.last().unwrap()["event"], "promoted");
-    assert_eq!(audit.last().unwrap()["disabled_stages"].as_array().unwrap().len(), 3);
+    assert_eq!(audit.last().unwrap()["disabled_stages"].as_array().unwrap().len(), 2);
 
     // A flipped byte inside one tensor of the registry copy is caught and named.
     let copy = lab.registry().join(name).join(name);
@@ -240,11 +240,12 @@ fn a_model_that_changes_during_the_scan_is_rejected() {
     let lab = Lab::new();
     let wasm = component("misbehave");
     let sha = sha256_file(&wasm);
+    // A slow stage 4 plugin in place of the built-in one, to widen the window.
     let pol = policy_dir(lab.root.parent().unwrap(), |t| {
-        let t = t.replace("provenance_check: false", "provenance_check: true");
-        format!(
-            "{t}  provenance_check:\n    - plugin: {}\n      sha256: {sha}\n      config: {{ mode: slow-pass }}\n",
-            wasm.display()
+        t.replacen(
+            "    - plugin: builtin:provenance\n      grants: [sidecars]\n",
+            &format!("    - plugin: {}\n      sha256: {sha}\n      config: {{ mode: slow-pass }}\n", wasm.display()),
+            1,
         )
     });
     lab.drop_file("m.gguf", &Gguf::default().bytes());

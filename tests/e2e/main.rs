@@ -11,6 +11,7 @@ mod gguf_rules;
 mod integrity;
 mod lifecycle;
 mod metadata_gadgets;
+mod provenance;
 mod real_models;
 mod safetensors_rules;
 mod source_policy;

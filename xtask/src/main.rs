@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 /// The plugins shipped as `builtin:<name>`.
-const BUILTINS: [&str; 8] = [
+const BUILTINS: [&str; 9] = [
     "source_policy",
     "format_gate",
     "integrity_check",
@@ -27,6 +27,7 @@ const BUILTINS: [&str; 8] = [
     "pickle_scan",
     "weights",
     "entropy",
+    "provenance",
 ];
 const TARGET: &str = "wasm32-wasip2";
 
@@ -276,6 +277,33 @@ fn models() -> Result<Models> {
     Ok(Models { gemma: field("gemma")?, minilm: field("minilm")? })
 }
 
+/// OpenSSF's `model_signing` tool, for the provenance tests: installed from
+/// PyPI with `pip --target` into the cache (no venv, no system packages).
+/// pyOpenSSL is listed because model-signing 1.1.1 imports it without
+/// declaring it.
+const MODEL_SIGNING: [&str; 2] = ["model-signing==1.1.1", "pyOpenSSL==26.4.0"];
+
+fn model_signing() -> Result<PathBuf> {
+    let dir = model_cache().join("tools/model-signing-1.1.1");
+    let done = dir.join(".installed");
+    if done.exists() {
+        return Ok(dir);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("xtask: installing {} from PyPI into {}", MODEL_SIGNING.join(" "), dir.display());
+    let status = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+        .arg(&dir)
+        .args(MODEL_SIGNING)
+        .status()
+        .context("cannot run python3 -m pip")?;
+    if !status.success() {
+        bail!("installing {} from PyPI failed (see above)", MODEL_SIGNING.join(" "));
+    }
+    std::fs::write(&done, MODEL_SIGNING.join("\n"))?;
+    Ok(dir)
+}
+
 // ---------------------------------------------------------------- test
 
 fn test(extra: &[String]) -> Result<()> {
@@ -283,6 +311,7 @@ fn test(extra: &[String]) -> Result<()> {
     println!("xtask: wasm toolchain: {}", route.describe());
     build_plugins(&route)?;
     let models = models()?;
+    let signing = model_signing()?;
     let root = root();
     run(Command::new("cargo").args(["build", "-p", "airlock"]).current_dir(&root))?;
     install_plugins(&route, "debug")?;
@@ -305,6 +334,7 @@ fn test(extra: &[String]) -> Result<()> {
         .args(extra)
         .env("AIRLOCK_TEST_GEMMA", &models.gemma)
         .env("AIRLOCK_TEST_MINILM", &models.minilm)
+        .env("AIRLOCK_TEST_MODEL_SIGNING", &signing)
         .env("AIRLOCK_TEST_COMPONENTS", components_dir(&route))
         .current_dir(&root))
 }

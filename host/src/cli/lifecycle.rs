@@ -16,9 +16,33 @@ use super::{PREFIX, Progress};
 use crate::artifact::{Model, ReadMode};
 use crate::store::{self, AuditLog, Disposition, Manifest, Quarantine, Root, manifest};
 
+/// Which sidecar suffix a signature file travels under: its own suffix, with
+/// model-signing's default names (`model.sig`, `model.sigstore.json`) mapped.
+fn signature_suffix(path: &Path) -> Result<&'static str> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let suffix = match name.as_str() {
+        "model.sig" => Some(".model.sig"),
+        "model.sigstore.json" => Some(".sigstore.json"),
+        _ => [".model.sig", ".sigstore.json", ".asc", ".sig"].into_iter().find(|s| name.ends_with(s)),
+    };
+    suffix.with_context(|| {
+        format!("{}: a signature file must end in .asc, .sig, .sigstore.json or .model.sig", path.display())
+    })
+}
+
+/// Copies `from` to `to` through a hidden `.partial` name, fsynced.
+fn copy_in(root: &Root, from: &Path, to_name: &str) -> Result<()> {
+    let tmp = root.incoming().join(format!(".{to_name}.partial"));
+    fs::copy(from, &tmp).with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
+    fs::File::open(&tmp)?.sync_all()?;
+    fs::rename(&tmp, root.incoming().join(to_name))?;
+    Ok(())
+}
+
 /// Copies a model into incoming/ under a `.partial` name, fsyncs it, writes
-/// its origin sidecar, then renames it into place: the watcher never sees half a file.
-pub fn admit(root: &Root, path: &Path, origin: Option<&str>) -> Result<ExitCode> {
+/// its origin and signature sidecars, then renames it into place: the watcher
+/// never sees half a file, nor a model whose signature has not arrived.
+pub fn admit(root: &Root, path: &Path, origin: Option<&str>, signatures: &[std::path::PathBuf]) -> Result<ExitCode> {
     root.check()?;
     let meta = fs::symlink_metadata(path).with_context(|| path.display().to_string())?;
     if !meta.is_file() {
@@ -26,15 +50,36 @@ pub fn admit(root: &Root, path: &Path, origin: Option<&str>) -> Result<ExitCode>
     }
     let name = path.file_name().context("the path has no file name")?.to_string_lossy().into_owned();
     if !store::is_eligible_name(&name) {
-        bail!("{name}: dot-files and .partial/.tmp/.part/.origin names are never taken from incoming/");
+        bail!(
+            "{name}: dot-files, .partial/.tmp/.part names and sidecar names (.origin, .asc, .sig, .sigstore.json) are never taken from incoming/ as models"
+        );
     }
     let dest = root.incoming().join(&name);
     if fs::symlink_metadata(&dest).is_ok() {
         bail!("{} already exists", dest.display());
     }
+    let mut suffixes = Vec::new();
+    for sig in signatures {
+        let meta = fs::symlink_metadata(sig).with_context(|| sig.display().to_string())?;
+        if !meta.is_file() {
+            bail!("{}: a signature must be a regular file", sig.display());
+        }
+        let suffix = signature_suffix(sig)?;
+        if suffixes.contains(&suffix) {
+            bail!("two signatures would both be stored as {name}{suffix}");
+        }
+        let dest = root.incoming().join(format!("{name}{suffix}"));
+        if fs::symlink_metadata(&dest).is_ok() {
+            bail!("{} already exists", dest.display());
+        }
+        suffixes.push(suffix);
+    }
     let tmp = root.incoming().join(format!(".{name}.partial"));
     fs::copy(path, &tmp).with_context(|| format!("copying to {}", tmp.display()))?;
     fs::File::open(&tmp)?.sync_all()?;
+    for (sig, suffix) in signatures.iter().zip(&suffixes) {
+        copy_in(root, sig, &format!("{name}{suffix}"))?;
+    }
     if let Some(url) = origin {
         store::root::write_atomic(&root.incoming().join(format!("{name}.origin")), format!("{url}\n").as_bytes())?;
     }

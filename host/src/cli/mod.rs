@@ -91,6 +91,10 @@ enum Command {
         /// Where it was downloaded from; stored as `<name>.origin` beside it.
         #[arg(long, value_name = "URL")]
         origin: Option<String>,
+        /// A signature to keep beside it (repeatable): `*.asc`, `*.sig`,
+        /// `*.sigstore.json` or a model-signing `*.model.sig` / `model.sig`.
+        #[arg(long = "signature", value_name = "FILE")]
+        signatures: Vec<PathBuf>,
     },
     /// Take models from incoming/ as they arrive: scan, then promote or reject each.
     ///
@@ -178,7 +182,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("initialised {}", root.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Admit { path, origin } => lifecycle::admit(&Root::new(&root), &path, origin.as_deref()),
+        Command::Admit { path, origin, signatures } => {
+            lifecycle::admit(&Root::new(&root), &path, origin.as_deref(), &signatures)
+        }
         Command::Watch { engine, once, settle_ms, jobs } => {
             let r = Root::new(&root);
             r.check()?;

@@ -423,8 +423,22 @@ impl sidecars::Host for HostState {
         if !SIDECAR_SUFFIXES.contains(&suffix.as_str()) {
             return Ok(Err(format!("sidecar suffix {suffix:?} is not one of {SIDECAR_SUFFIXES:?}")));
         }
-        let mut path = self.model.root.clone().into_os_string();
-        path.push(&suffix);
+        // A file's sidecars sit beside it; a folder's signatures sit at its
+        // root under model-signing's names.
+        let path = match (self.model.kind, suffix.as_str()) {
+            (crate::artifact::ModelKind::Folder, ".sig" | ".model.sig") => {
+                self.model.root.join("model.sig").into_os_string()
+            }
+            (crate::artifact::ModelKind::Folder, ".sigstore.json") => {
+                self.model.root.join("model.sigstore.json").into_os_string()
+            }
+            (crate::artifact::ModelKind::Folder, ".asc") => return Ok(Ok(None)),
+            _ => {
+                let mut p = self.model.root.clone().into_os_string();
+                p.push(&suffix);
+                p
+            }
+        };
         let opened =
             std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&path);
         let file = match opened {

@@ -57,7 +57,7 @@ impl Stage {
 }
 
 /// The built-in plugins this build ships.
-pub const BUILTINS: [&str; 8] = [
+pub const BUILTINS: [&str; 9] = [
     "source_policy",
     "format_gate",
     "integrity_check",
@@ -66,6 +66,7 @@ pub const BUILTINS: [&str; 8] = [
     "pickle_scan",
     "weights",
     "entropy",
+    "provenance",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +81,48 @@ pub enum PolicyError {
 
 // ---- policy.yaml, as written ----
 
+/// A YAML mapping that refuses a key written twice. Plain maps keep the last
+/// value, so a second `static_scan:` appended to a policy would silently
+/// replace the first chain; for a policy that is a hole, not a convenience.
+struct UniqueMap<K, V>(BTreeMap<K, V>);
+
+impl<K, V> Default for UniqueMap<K, V> {
+    fn default() -> Self {
+        UniqueMap(BTreeMap::new())
+    }
+}
+
+impl<'de, K, V> Deserialize<'de> for UniqueMap<K, V>
+where
+    K: Deserialize<'de> + Ord + std::fmt::Debug,
+    V: Deserialize<'de>,
+{
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<K, V>(std::marker::PhantomData<(K, V)>);
+        impl<'de, K, V> serde::de::Visitor<'de> for Visit<K, V>
+        where
+            K: Deserialize<'de> + Ord + std::fmt::Debug,
+            V: Deserialize<'de>,
+        {
+            type Value = UniqueMap<K, V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a mapping with unique keys")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((k, v)) = map.next_entry::<K, V>()? {
+                    if out.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!("the key {k:?} is written twice")));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(UniqueMap(out))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
@@ -87,9 +130,88 @@ struct PolicyFile {
     #[serde(default)]
     defaults: DefaultsFile,
     #[serde(default)]
-    chain: BTreeMap<Stage, Vec<EntryFile>>,
+    chain: UniqueMap<Stage, Vec<EntryFile>>,
     #[serde(default)]
     registry: Option<RegistryFile>,
+    #[serde(default)]
+    provenance: ProvenanceFile,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ProvenanceFile {
+    #[serde(default)]
+    require_signature: bool,
+    #[serde(default)]
+    trusted_keys: Vec<TrustedKeyFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrustedKeyFile {
+    kind: KeyKind,
+    path: PathBuf,
+    name: String,
+}
+
+/// The signature schemes a trusted key can be for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum KeyKind {
+    #[serde(rename = "gpg")]
+    Gpg,
+    #[serde(rename = "cosign")]
+    Cosign,
+    #[serde(rename = "model-signing")]
+    ModelSigning,
+}
+
+impl KeyKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyKind::Gpg => "gpg",
+            KeyKind::Cosign => "cosign",
+            KeyKind::ModelSigning => "model-signing",
+        }
+    }
+}
+
+/// A trusted key, read and parsed at start-up.
+#[derive(Clone, Debug)]
+pub struct TrustedKey {
+    pub kind: KeyKind,
+    pub name: String,
+    pub path: PathBuf,
+    /// The key file's bytes, handed to provenance plugins in their config.
+    pub bytes: Vec<u8>,
+}
+
+/// Reads and parses one trusted key. Parsing here, natively, turns a broken
+/// key into a policy error at start-up instead of a failure on every model.
+fn load_key(kind: KeyKind, name: &str, path: &Path) -> Result<TrustedKey, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let parsed = match kind {
+        KeyKind::Gpg => {
+            use pgp::composed::{Deserializable, SignedPublicKey};
+            SignedPublicKey::from_reader_single(std::io::Cursor::new(&bytes))
+                .map_err(|e| format!("not an OpenPGP public key (armored or binary): {e}"))
+                .and_then(|(k, _)| {
+                    k.verify_bindings().map_err(|e| format!("the key's self-signatures do not verify: {e}"))
+                })
+        }
+        KeyKind::Cosign | KeyKind::ModelSigning => {
+            use p256::pkcs8::DecodePublicKey;
+            std::str::from_utf8(&bytes)
+                .map_err(|_| "not a PEM file (not UTF-8)".to_string())
+                .and_then(|t| {
+                    p256::ecdsa::VerifyingKey::from_public_key_pem(t.trim()).map_err(|e| {
+                        format!("not a PEM ECDSA P-256 public key ({e}); other curves and key types are not supported")
+                    })
+                })
+                .map(|_| ())
+        }
+    };
+    parsed.map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(TrustedKey { kind, name: name.to_string(), path: path.to_path_buf(), bytes })
 }
 
 #[derive(Deserialize)]
@@ -189,7 +311,7 @@ pub struct AllowEntry {
 #[serde(deny_unknown_fields)]
 struct PinsFile {
     #[serde(default)]
-    models: BTreeMap<String, String>,
+    models: UniqueMap<String, String>,
 }
 
 // ---- the loaded policy ----
@@ -235,6 +357,10 @@ pub struct Policy {
     pub chain: BTreeMap<Stage, Vec<ChainEntry>>,
     pub allowlist: Vec<AllowEntry>,
     pub registry: Option<Registry>,
+    /// `provenance.require_signature`.
+    pub require_signature: bool,
+    /// `provenance.trusted_keys`, read and parsed.
+    pub trusted_keys: Vec<TrustedKey>,
 }
 
 impl Policy {
@@ -316,6 +442,27 @@ impl Policy {
             None => Vec::new(),
         };
 
+        let mut trusted_keys = Vec::new();
+        for (i, k) in pf.provenance.trusted_keys.iter().enumerate() {
+            let path = match (k.path.is_relative(), dir) {
+                (true, Some(d)) => d.join(&k.path),
+                _ => k.path.clone(),
+            };
+            if trusted_keys.iter().any(|t: &TrustedKey| t.name == k.name) {
+                return Err(invalid(
+                    format!("provenance.trusted_keys[{i}].name"),
+                    format!("{:?} is used twice", k.name),
+                ));
+            }
+            trusted_keys.push(load_key(k.kind, &k.name, &path).map_err(|m| {
+                invalid(
+                    format!("provenance.trusted_keys[{i}].path"),
+                    format!("{} key {:?}: {m}", k.kind.name(), k.name),
+                )
+            })?);
+        }
+        let provenance = ProvenanceSettings { require_signature: pf.provenance.require_signature, keys: &trusted_keys };
+
         let defaults =
             apply_limits(&Limits::default(), &pf.defaults.limits).map_err(|m| invalid("defaults.limits".into(), m))?;
         let s = &pf.quarantine.stages;
@@ -330,7 +477,7 @@ impl Policy {
         ];
         let mut chain = BTreeMap::new();
         for (stage, on) in Stage::ALL.into_iter().zip(enabled) {
-            let entries = pf.chain.get(&stage).map(Vec::as_slice).unwrap_or(&[]);
+            let entries = pf.chain.0.get(&stage).map(Vec::as_slice).unwrap_or(&[]);
             if !on {
                 continue;
             }
@@ -344,7 +491,7 @@ impl Policy {
             for (i, e) in entries.iter().enumerate() {
                 let key = format!("chain.{}[{i}]", stage.name());
                 out.push(
-                    entry(e, &defaults, dir, stage, &pf.quarantine, &allowlist)
+                    entry(e, &defaults, dir, stage, &pf.quarantine, &allowlist, &provenance)
                         .map_err(|(k, m)| invalid(format!("{key}.{k}"), m))?,
                 );
             }
@@ -373,6 +520,8 @@ impl Policy {
             smoke_test_max_critical: pf.quarantine.smoke_test_max_critical,
             chain,
             allowlist,
+            require_signature: pf.provenance.require_signature,
+            trusted_keys,
         })
     }
 }
@@ -453,6 +602,12 @@ pub fn is_sha256(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// What `provenance.*` hands to the provenance stage's plugins.
+struct ProvenanceSettings<'a> {
+    require_signature: bool,
+    keys: &'a [TrustedKey],
+}
+
 fn entry(
     e: &EntryFile,
     defaults: &Limits,
@@ -460,6 +615,7 @@ fn entry(
     stage: Stage,
     q: &QuarantineFile,
     allowlist: &[AllowEntry],
+    provenance: &ProvenanceSettings,
 ) -> Result<ChainEntry, (String, String)> {
     let source = if let Some(name) = e.plugin.strip_prefix("builtin:") {
         if !BUILTINS.contains(&name) {
@@ -508,6 +664,28 @@ fn entry(
         obj.insert("require_source".into(), q.require_source.into());
         obj.insert("allowlist".into(), serde_json::to_value(allowlist).expect("plain strings"));
     }
+    // The provenance stage gets the trusted keys' bytes (plugins cannot read files).
+    if stage == Stage::ProvenanceCheck {
+        use base64::Engine;
+        for key in ["require_signature", "trusted_keys"] {
+            if obj.contains_key(key) {
+                return Err((format!("config.{key}"), format!("is set by provenance.{key}")));
+            }
+        }
+        obj.insert("require_signature".into(), provenance.require_signature.into());
+        let keys: Vec<serde_json::Value> = provenance
+            .keys
+            .iter()
+            .map(|k| {
+                serde_json::json!({
+                    "kind": k.kind.name(),
+                    "name": k.name,
+                    "data_base64": base64::engine::general_purpose::STANDARD.encode(&k.bytes),
+                })
+            })
+            .collect();
+        obj.insert("trusted_keys".into(), keys.into());
+    }
     Ok(ChainEntry { source, grants: e.grants.clone(), limits, config })
 }
 
@@ -519,7 +697,7 @@ pub fn load_pins(path: &Path) -> Result<BTreeMap<String, String>, PolicyError> {
     let file = path.display().to_string();
     let text = read(path)?;
     let pins: PinsFile = parse_yaml(&file, &text)?;
-    for (name, sha) in &pins.models {
+    for (name, sha) in &pins.models.0 {
         if !is_sha256(sha) {
             let key = format!("models.{name}");
             return Err(PolicyError::Invalid {
@@ -530,7 +708,7 @@ pub fn load_pins(path: &Path) -> Result<BTreeMap<String, String>, PolicyError> {
             });
         }
     }
-    Ok(pins.models)
+    Ok(pins.models.0)
 }
 
 #[cfg(test)]
@@ -551,6 +729,13 @@ mod tests {
         let e = Policy::from_texts("p.yaml", &text, None, None).unwrap_err().to_string();
         assert!(e.starts_with("p.yaml: line "), "{e}");
         assert!(e.contains("requier_source"), "{e}");
+    }
+
+    #[test]
+    fn a_chain_written_twice_is_an_error_not_a_replacement() {
+        let text = format!("{DEFAULT_POLICY}  static_scan:\n    - plugin: builtin:entropy\n");
+        let e = Policy::from_texts("p.yaml", &text, None, None).unwrap_err().to_string();
+        assert!(e.contains("StaticScan") && e.contains("written twice"), "{e}");
     }
 
     #[test]

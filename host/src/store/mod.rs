@@ -43,13 +43,19 @@ pub use manifest::Manifest;
 pub use root::Root;
 use root::{sync_dir, write_atomic};
 
-/// Names that are never taken from `incoming/`: partial downloads and dot-files.
+/// Files that travel beside a model as `<name><suffix>`: its recorded origin
+/// and its signatures. They move with it into quarantine, the registry or
+/// rejected/, and are never taken as models of their own.
+pub const SIDECAR_SUFFIXES: [&str; 5] = [".origin", ".asc", ".sig", ".sigstore.json", ".model.sig"];
+
+/// Names that are never taken from `incoming/`: partial downloads, dot-files
+/// and sidecars.
 pub fn is_eligible_name(name: &str) -> bool {
     !(name.starts_with('.')
         || name.ends_with(".partial")
         || name.ends_with(".tmp")
         || name.ends_with(".part")
-        || name.ends_with(".origin"))
+        || SIDECAR_SUFFIXES.iter().any(|s| name.ends_with(s)))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -198,9 +204,11 @@ impl<'a> Quarantine<'a> {
         let src = self.root.incoming().join(name);
         // The rename moves the entry itself: a symlink is moved, never followed.
         fs::rename(&src, dir.join(name))?;
-        let sidecar = self.root.incoming().join(format!("{name}.origin"));
-        if fs::symlink_metadata(&sidecar).is_ok() {
-            fs::rename(&sidecar, dir.join(format!("{name}.origin")))?;
+        for suffix in SIDECAR_SUFFIXES {
+            let sidecar = self.root.incoming().join(format!("{name}{suffix}"));
+            if fs::symlink_metadata(&sidecar).is_ok() {
+                fs::rename(&sidecar, dir.join(format!("{name}{suffix}")))?;
+            }
         }
         sync_dir(&self.root.incoming())?;
         sync_dir(&dir)?;
@@ -408,9 +416,11 @@ impl<'a> Quarantine<'a> {
         // the rejection under this name (it may carry the claim id).
         write_atomic(&dir.join("rejected-as"), dest.as_bytes())?;
         rename_new(&dir.join(&claim.name), &self.root.rejected().join(&dest))?;
-        let sidecar = dir.join(format!("{}.origin", claim.name));
-        if sidecar.exists() {
-            let _ = rename_new(&sidecar, &self.root.rejected().join(format!("{dest}.origin")));
+        for suffix in SIDECAR_SUFFIXES {
+            let sidecar = dir.join(format!("{}{suffix}", claim.name));
+            if fs::symlink_metadata(&sidecar).is_ok() {
+                let _ = rename_new(&sidecar, &self.root.rejected().join(format!("{dest}{suffix}")));
+            }
         }
         sync_dir(&self.root.rejected())?;
         self.finish_rejection(dir, claim, decision)
@@ -535,11 +545,14 @@ pub fn rescan(root: &Root, name: &str) -> Result<(), String> {
         .and_then(|r| r["filename"].as_str().map(String::from))
         .unwrap_or_else(|| name.to_string());
     let dest = root.incoming().join(&original);
-    rename_new(&src, &dest).map_err(|e| e.to_string())?;
-    let sidecar = root.rejected().join(format!("{name}.origin"));
-    if sidecar.exists() {
-        let _ = rename_new(&sidecar, &root.incoming().join(format!("{original}.origin")));
+    // Sidecars first: a watcher may take the model the moment it appears.
+    for suffix in SIDECAR_SUFFIXES {
+        let sidecar = root.rejected().join(format!("{name}{suffix}"));
+        if fs::symlink_metadata(&sidecar).is_ok() {
+            rename_new(&sidecar, &root.incoming().join(format!("{original}{suffix}"))).map_err(|e| e.to_string())?;
+        }
     }
+    rename_new(&src, &dest).map_err(|e| e.to_string())?;
     let _ = fs::remove_file(root.rejected().join(format!("{name}.report.json")));
     AuditLog::new(&root.audit_log())
         .append(Record { level: "INFO", event: "rescan", model: original, ..Record::default() })
