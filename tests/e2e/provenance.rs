@@ -438,6 +438,36 @@ fn model_signing_statements_must_list_exactly_the_models_files() {
 }
 
 #[test]
+fn sharded_model_signing_statements_are_reported_as_unsupported() {
+    let d = tmp();
+    let (ec, ec_pub) = ec_key(d.path(), "ml");
+    let m = model(d.path());
+    let pol = provenance_policy(d.path(), false, &[("model-signing", &ec_pub, "ml")]);
+    // model_signing 1.1.1's CLI signs whole files only, so the sharded
+    // statement is written here and signed by openssl over its DSSE encoding.
+    let statement = serde_json::json!({
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{ "name": "m.gguf", "digest": { "sha256": "0".repeat(64) } }],
+        "predicateType": "https://model_signing/signature/v1.0",
+        "predicate": {
+            "serialization": { "method": "shards", "hash_type": "sha256", "shard_size": 1000000 },
+            "resources": [{ "name": "m.gguf:0:1000", "algorithm": "sha256", "digest": "0".repeat(64) }],
+        },
+    })
+    .to_string();
+    let ty = "application/vnd.in-toto+json";
+    let pae = format!("DSSEv1 {} {ty} {} {statement}", ty.len(), statement.len());
+    let bundle = serde_json::json!({
+        "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+        "verificationMaterial": { "publicKey": { "hint": "" }, "tlogEntries": [] },
+        "dsseEnvelope": { "payload": b64(statement.as_bytes()), "payloadType": ty,
+                          "signatures": [{ "sig": b64(&openssl_sign(&ec, pae.as_bytes())), "keyid": "" }] },
+    });
+    std::fs::write(d.path().join("m.gguf.model.sig"), bundle.to_string()).unwrap();
+    assert_provenance_fails(&scan_with(&m, &pol), &["sharded digests", "does not support"]);
+}
+
+#[test]
 fn a_key_that_cannot_be_read_or_parsed_stops_airlock_at_start_up() {
     let d = tmp();
     let m = model(d.path());
@@ -512,4 +542,106 @@ fn through_the_watcher_signatures_travel_with_the_model() {
     assert_eq!(report["failed_stage"], "provenance_check");
     let incoming: Vec<_> = std::fs::read_dir(root.join("quarantine/incoming")).unwrap().collect();
     assert!(incoming.is_empty(), "{incoming:?}");
+}
+
+/// Every case of the acceptance list, dropped into incoming/ and taken by the watcher.
+#[test]
+fn every_case_through_the_watcher() {
+    let d = tmp();
+    let gpg = Gpg::new(d.path());
+    gpg.key("pub@example.org", "ed25519", "sign", "1y", None);
+    gpg.key("other@example.org", "ed25519", "sign", "1y", None);
+    gpg.key("old@example.org", "ed25519", "sign", "1d", Some("20200101T000000!"));
+    let gpg_key = d.path().join("keyring.asc");
+    gpg.export("pub@example.org", &gpg_key);
+    let old_key = d.path().join("old.asc");
+    gpg.export("old@example.org", &old_key);
+    let (ec, ec_pub) = ec_key(d.path(), "ci");
+    let pol = policy_dir(d.path(), |t| {
+        t.replacen("allowed_formats: [gguf, safetensors]", "allowed_formats: [gguf, safetensors, json]", 1)
+            .replacen("  require_signature: false", "  require_signature: true", 1)
+            .replacen(
+                "  trusted_keys: []",
+                &format!(
+                    "  trusted_keys:\n    - {{kind: gpg, path: {}, name: publisher}}\n    - {{kind: gpg, path: {}, name: old}}\n    - {{kind: cosign, path: {}, name: ci}}\n    - {{kind: model-signing, path: {}, name: ml}}",
+                    gpg_key.display(),
+                    old_key.display(),
+                    ec_pub.display(),
+                    ec_pub.display()
+                ),
+                1,
+            )
+    });
+    let root = d.path().join("root");
+    let cmd = |args: &[&str]| {
+        let mut c = airlock(&root);
+        c.env("AIRLOCK_POLICY", &pol).args(args);
+        c
+    };
+    assert!(cmd(&["init"]).status().unwrap().success());
+    let incoming = root.join("quarantine/incoming");
+    // Each model differs in its name metadata, so no signature fits another.
+    let drop = |name: &str| {
+        let g = Gguf {
+            kvs: vec![("general.architecture".into(), kv_str("llama")), ("general.name".into(), kv_str(name))],
+            ..Gguf::default()
+        };
+        g.write(&incoming, name)
+    };
+    let sig = |m: &Path, suffix: &str| incoming.join(format!("{}{suffix}", m.file_name().unwrap().to_str().unwrap()));
+
+    let m = drop("gpg-valid.gguf");
+    gpg.sign("pub@example.org", &m, &sig(&m, ".asc"), true, None);
+    let m = drop("gpg-tampered.gguf");
+    gpg.sign("pub@example.org", &m, &sig(&m, ".asc"), true, None);
+    tamper(&m);
+    let m = drop("gpg-untrusted.gguf");
+    gpg.sign("other@example.org", &m, &sig(&m, ".asc"), true, None);
+    let m = drop("gpg-expired.gguf");
+    gpg.sign("old@example.org", &m, &sig(&m, ".asc"), true, Some("20200101T120000!"));
+    let m = drop("garbage.gguf");
+    std::fs::write(sig(&m, ".asc"), b"-----BEGIN PGP SIGNATURE-----\n\ngarbage\n").unwrap();
+    let m = drop("cosign-valid.gguf");
+    std::fs::write(sig(&m, ".sig"), cosign_sign_blob(&ec, &m)).unwrap();
+    let m = drop("ms-valid.gguf");
+    model_signing_sign(&ec, &m, &sig(&m, ".model.sig"), &[]);
+    drop("unsigned.gguf");
+    // A folder whose model-signing statement omits one of its files.
+    let staging = d.path().join("staging/omits");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(staging.join("model_index.json"), r#"{"_class_name": "StableDiffusionPipeline"}"#).unwrap();
+    std::fs::write(staging.join("extra.json"), "{}").unwrap();
+    model_signing_sign(&ec, &staging, &staging.join("model.sig"), &[&staging.join("extra.json")]);
+    std::fs::rename(&staging, incoming.join("omits")).unwrap();
+
+    let out = String::from_utf8(run(&mut cmd(&["watch", "--once", "--settle-ms", "0"]))).unwrap();
+    let line = |name: &str| {
+        out.lines()
+            .find(|l| l.contains(&format!(": {name} ")))
+            .unwrap_or_else(|| panic!("{name} not in:\n{out}"))
+            .to_string()
+    };
+    for name in ["gpg-valid.gguf", "cosign-valid.gguf", "ms-valid.gguf"] {
+        assert!(line(name).contains("PROMOTED"), "{out}");
+    }
+    let rejected = [
+        (
+            "gpg-tampered.gguf",
+            "signature verification failed: gpg-tampered.gguf.asc: the OpenPGP signature by Publisher",
+        ),
+        ("gpg-untrusted.gguf", "signature verification failed: gpg-untrusted.gguf.asc: signed by an unknown key"),
+        ("gpg-expired.gguf", "expired on 2020-01-02"),
+        ("garbage.gguf", "signature verification failed: garbage.gguf.asc: not an OpenPGP signature"),
+        ("unsigned.gguf", "provenance_check: no signature found"),
+        ("omits", "signature verification failed: model.sig: extra.json is not listed in the signed statement"),
+    ];
+    for (name, needle) in rejected {
+        let l = line(name);
+        assert!(l.contains("REJECTED") && l.contains("provenance_check") && l.contains(needle), "{name}: {l}");
+        let report: Value = serde_json::from_slice(
+            &std::fs::read(root.join(format!("quarantine/rejected/{name}.report.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(report["failed_stage"], "provenance_check", "{name}");
+    }
 }
