@@ -282,6 +282,26 @@ fn a_revoked_gpg_key_fails() {
 }
 
 #[test]
+fn a_key_whose_sign_capability_was_withdrawn_fails() {
+    let d = tmp();
+    let gpg = Gpg::new(d.path());
+    let fpr = gpg.key("signer@example.org", "ed25519", "sign", "1y", None);
+    let m = model(d.path());
+    gpg.sign("signer@example.org", &m, &d.path().join("m.gguf.asc"), true, None);
+    // Then, a minute later, the owner switches the key to certify-only (a newer self-signature).
+    let later = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 60;
+    let mut edit = gpg.cmd(Some(&later.to_string()));
+    edit.args(["--expert", "--command-fd", "0", "--edit-key", &fpr]).stdin(Stdio::piped()).stdout(Stdio::null());
+    let mut child = edit.stderr(Stdio::null()).spawn().unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"change-usage\nS\nC\nQ\nsave\n").unwrap();
+    assert!(child.wait().unwrap().success());
+    let key = d.path().join("signer.asc");
+    gpg.export("signer@example.org", &key);
+    let s = scan_with(&m, &provenance_policy(d.path(), false, &[("gpg", &key, "signer")]));
+    assert_provenance_fails(&s, &["is not allowed to sign"]);
+}
+
+#[test]
 fn garbage_and_truncated_signature_files_fail() {
     let d = tmp();
     let gpg = Gpg::new(d.path());
