@@ -302,6 +302,31 @@ fn a_key_whose_sign_capability_was_withdrawn_fails() {
 }
 
 #[test]
+fn text_mode_and_sha1_gpg_signatures_fail() {
+    let d = tmp();
+    let gpg = Gpg::new(d.path());
+    gpg.key("pub@example.org", "rsa3072", "sign", "1y", None);
+    let key = d.path().join("publisher.asc");
+    gpg.export("pub@example.org", &key);
+    let m = model(d.path());
+    let pol = provenance_policy(d.path(), false, &[("gpg", &key, "publisher")]);
+    let asc = d.path().join("m.gguf.asc");
+    for (extra, needle) in [
+        (&["--textmode"][..], "text-mode signature"),
+        (&["--digest-algo", "SHA1"][..], "uses SHA1, which is not collision-resistant"),
+    ] {
+        run(gpg
+            .cmd(None)
+            .args(extra)
+            .args(["--armor", "--local-user", "pub@example.org", "--output"])
+            .arg(&asc)
+            .arg("--detach-sign")
+            .arg(&m));
+        assert_provenance_fails(&scan_with(&m, &pol), &[needle]);
+    }
+}
+
+#[test]
 fn garbage_and_truncated_signature_files_fail() {
     let d = tmp();
     let gpg = Gpg::new(d.path());

@@ -11,6 +11,7 @@ use std::io::{Cursor, Read};
 
 use airlock_sdk::ChunkReader;
 use pgp::composed::{Deserializable, DetachedSignature, SignedPublicKey};
+use pgp::crypto::hash::HashAlgorithm;
 use pgp::packet::{KeyFlags, Signature, SignatureType};
 use pgp::types::{KeyDetails, Timestamp};
 
@@ -109,8 +110,24 @@ pub(crate) fn verify(model: &airlock_sdk::Model, bytes: &[u8], keys: &[TrustedKe
         .map_err(|e| format!("not an OpenPGP signature (armored or binary): {e}"))?;
     let sig = &detached.signature;
     match sig.typ() {
-        Some(SignatureType::Binary | SignatureType::Text) => {}
+        Some(SignatureType::Binary) => {}
+        // Text mode hashes canonical line endings, so LF↔CRLF edits to the
+        // model's bytes would still verify: it cannot pin a binary file.
+        Some(SignatureType::Text) => {
+            return Err("a text-mode signature (gpg --textmode) hashes canonical line endings, so it does not \
+                        pin a model's bytes; sign in binary mode"
+                .into());
+        }
         other => return Err(format!("an OpenPGP signature of type {other:?}, not a signature over a document")),
+    }
+    match sig.hash_alg() {
+        Some(HashAlgorithm::Md5 | HashAlgorithm::Sha1 | HashAlgorithm::Ripemd160 | HashAlgorithm::None) | None => {
+            let name = sig.hash_alg().map(|h| h.to_string()).unwrap_or_else(|| "an unknown hash".into());
+            return Err(format!(
+                "the signature uses {name}, which is not collision-resistant; sign with SHA-256 or stronger"
+            ));
+        }
+        Some(_) => {}
     }
     let fingerprints = sig.issuer_fingerprint();
     let key_ids = sig.issuer_key_id();
