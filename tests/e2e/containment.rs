@@ -10,10 +10,15 @@ fn hostile_policy(dir: &Path, plugin: &str, extra: &str) -> PathBuf {
     let wasm = component(plugin);
     let sha = sha256_file(&wasm);
     policy_dir(dir, |t| {
-        let builtin = "    - plugin: builtin:provenance\n      grants: [sidecars]\n";
-        assert!(t.contains(builtin), "the shipped policy's provenance entry changed");
-        t.replacen(builtin, &format!("    - plugin: {}\n      sha256: {sha}\n{extra}", wasm.display()), 1)
+        provenance_entry(&t, &format!("    - plugin: {}\n      sha256: {sha}\n{extra}", wasm.display()))
     })
+}
+
+/// The shipped policy with its provenance_check plugin replaced by `entry` (YAML lines).
+fn provenance_entry(policy: &str, entry: &str) -> String {
+    let builtin = "    - plugin: builtin:provenance\n      grants: [sidecars]\n";
+    assert!(policy.contains(builtin), "the shipped policy's provenance entry changed");
+    policy.replacen(builtin, entry, 1)
 }
 
 fn misbehave(mode: &str, limits: &str) -> (tempfile::TempDir, Scan) {
@@ -137,8 +142,7 @@ fn a_third_party_plugin_must_match_its_pin() {
     let d = tmp();
     let wasm = component("misbehave");
     let pol = policy_dir(d.path(), |t| {
-        let t = t.replace("provenance_check: false", "provenance_check: true");
-        format!("{t}  provenance_check:\n    - plugin: {}\n      sha256: {}\n", wasm.display(), "ab".repeat(32))
+        provenance_entry(&t, &format!("    - plugin: {}\n      sha256: {}\n", wasm.display(), "ab".repeat(32)))
     });
     let model = Gguf::default().write(d.path(), "m.gguf");
     let s = scan_json(&model, &["--policy", pol.to_str().unwrap()]);
@@ -161,8 +165,7 @@ fn a_core_module_is_refused() {
     let core = write(d.path(), "core.wasm", b"\0asm\x01\x00\x00\x00");
     let sha = sha256_file(&core);
     let pol = policy_dir(d.path(), |t| {
-        let t = t.replace("provenance_check: false", "provenance_check: true");
-        format!("{t}  provenance_check:\n    - plugin: {}\n      sha256: {sha}\n", core.display())
+        provenance_entry(&t, &format!("    - plugin: {}\n      sha256: {sha}\n", core.display()))
     });
     let model = Gguf::default().write(d.path(), "m.gguf");
     let s = scan_json(&model, &["--policy", pol.to_str().unwrap()]);

@@ -56,6 +56,12 @@ impl Stage {
     }
 }
 
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The built-in plugins this build ships.
 pub const BUILTINS: [&str; 9] = [
     "source_policy",
@@ -94,14 +100,14 @@ impl<K, V> Default for UniqueMap<K, V> {
 
 impl<'de, K, V> Deserialize<'de> for UniqueMap<K, V>
 where
-    K: Deserialize<'de> + Ord + std::fmt::Debug,
+    K: Deserialize<'de> + Ord + std::fmt::Display,
     V: Deserialize<'de>,
 {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Visit<K, V>(std::marker::PhantomData<(K, V)>);
         impl<'de, K, V> serde::de::Visitor<'de> for Visit<K, V>
         where
-            K: Deserialize<'de> + Ord + std::fmt::Debug,
+            K: Deserialize<'de> + Ord + std::fmt::Display,
             V: Deserialize<'de>,
         {
             type Value = UniqueMap<K, V>;
@@ -112,7 +118,7 @@ where
                 let mut out = BTreeMap::new();
                 while let Some((k, v)) = map.next_entry::<K, V>()? {
                     if out.contains_key(&k) {
-                        return Err(serde::de::Error::custom(format!("the key {k:?} is written twice")));
+                        return Err(serde::de::Error::custom(format!("{k} is written twice")));
                     }
                     out.insert(k, v);
                 }
@@ -735,7 +741,7 @@ mod tests {
     fn a_chain_written_twice_is_an_error_not_a_replacement() {
         let text = format!("{DEFAULT_POLICY}  static_scan:\n    - plugin: builtin:entropy\n");
         let e = Policy::from_texts("p.yaml", &text, None, None).unwrap_err().to_string();
-        assert!(e.contains("StaticScan") && e.contains("written twice"), "{e}");
+        assert!(e.contains("static_scan is written twice"), "{e}");
     }
 
     #[test]
