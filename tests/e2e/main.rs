@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod behavioral;
 mod cli;
 mod containment;
 mod formats;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 /// The plugins shipped as `builtin:<name>`.
-const BUILTINS: [&str; 9] = [
+const BUILTINS: [&str; 10] = [
     "source_policy",
     "format_gate",
     "integrity_check",
@@ -28,6 +28,7 @@ const BUILTINS: [&str; 9] = [
     "weights",
     "entropy",
     "provenance",
+    "behavioral",
 ];
 const TARGET: &str = "wasm32-wasip2";
 
@@ -326,7 +327,8 @@ fn test(extra: &[String]) -> Result<()> {
         .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
         .context("rustc -vV printed no host triple")?;
     run(Command::new("cargo")
-        .args(["test", "--quiet", "--manifest-path", "plugins/Cargo.toml", "-p", "weights", "--target", &host])
+        .args(["test", "--quiet", "--manifest-path", "plugins/Cargo.toml", "-p", "weights", "-p", "behavioral"])
+        .args(["--target", &host])
         .args(["--target-dir", "target/sdk-native"])
         .current_dir(&root))?;
     run(Command::new("cargo")

@@ -63,7 +63,7 @@ impl std::fmt::Display for Stage {
 }
 
 /// The built-in plugins this build ships.
-pub const BUILTINS: [&str; 9] = [
+pub const BUILTINS: [&str; 10] = [
     "source_policy",
     "format_gate",
     "integrity_check",
@@ -73,6 +73,7 @@ pub const BUILTINS: [&str; 9] = [
     "weights",
     "entropy",
     "provenance",
+    "behavioral",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -378,6 +379,19 @@ impl Policy {
 /// The policy files shipped in the repo, compiled in as the fallback default.
 pub const DEFAULT_POLICY: &str = include_str!("../../../policy/policy.yaml");
 pub const DEFAULT_ALLOWLIST: &str = include_str!("../../../policy/sources.allowlist.yaml");
+/// The behavioral stage's prompt suite, used unless an entry names its own `suite` file.
+pub const DEFAULT_SUITE: &str = include_str!("../../../policy/prompts/suite.yaml");
+
+/// Reads a prompt suite (YAML, `prompts: [...]`) and returns its prompt list as JSON.
+/// The prompts themselves are validated by the plugin, which owns their shape.
+fn load_suite(file: &str, text: &str) -> Result<serde_json::Value, String> {
+    let v: serde_norway::Value = serde_norway::from_str(text).map_err(|e| format!("{file}: {e}"))?;
+    let prompts = serde_json::to_value(&v).map_err(|e| format!("{file}: {e}"))?["prompts"].clone();
+    match prompts.as_array() {
+        Some(a) if !a.is_empty() => Ok(prompts),
+        _ => Err(format!("{file}: no `prompts` list")),
+    }
+}
 
 fn parse_yaml<T: serde::de::DeserializeOwned>(file: &str, text: &str) -> Result<T, PolicyError> {
     serde_norway::from_str(text).map_err(|e| {
@@ -670,6 +684,34 @@ fn entry(
         obj.insert("require_source".into(), q.require_source.into());
         obj.insert("allowlist".into(), serde_json::to_value(allowlist).expect("plain strings"));
     }
+    // The behavioral stage gets the prompt suite and the seed's thresholds.
+    if stage == Stage::BehavioralTest {
+        for key in ["prompts", "max_score", "max_critical"] {
+            if obj.contains_key(key) {
+                return Err((
+                    format!("config.{key}"),
+                    "is set by the suite file and quarantine.smoke_test_max_score/max_critical".into(),
+                ));
+            }
+        }
+        let prompts = match obj.remove("suite") {
+            None => load_suite("<built-in prompts/suite.yaml>", DEFAULT_SUITE),
+            Some(serde_json::Value::String(path)) => {
+                let path = match (Path::new(&path).is_relative(), dir) {
+                    (true, Some(d)) => d.join(&path),
+                    _ => PathBuf::from(&path),
+                };
+                std::fs::read_to_string(&path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                    .and_then(|t| load_suite(&path.display().to_string(), &t))
+            }
+            Some(_) => Err("must be a path to a YAML suite".into()),
+        }
+        .map_err(|m| ("config.suite".to_string(), m))?;
+        obj.insert("prompts".into(), prompts);
+        obj.insert("max_score".into(), q.smoke_test_max_score.into());
+        obj.insert("max_critical".into(), q.smoke_test_max_critical.into());
+    }
     // The provenance stage gets the trusted keys' bytes (plugins cannot read files).
     if stage == Stage::ProvenanceCheck {
         use base64::Engine;
@@ -746,9 +788,9 @@ mod tests {
 
     #[test]
     fn enabled_stage_without_a_plugin_is_an_error() {
-        let text = DEFAULT_POLICY.replacen("behavioral_test: false", "behavioral_test: true", 1);
+        let text = DEFAULT_POLICY.replacen("diffusion_deep_scan: false", "diffusion_deep_scan: true", 1);
         let e = Policy::from_texts("p.yaml", &text, None, None).unwrap_err().to_string();
-        assert!(e.contains("chain.behavioral_test"), "{e}");
+        assert!(e.contains("chain.diffusion_deep_scan"), "{e}");
     }
 
     #[test]
