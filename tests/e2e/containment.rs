@@ -16,7 +16,8 @@ fn hostile_policy(dir: &Path, plugin: &str, extra: &str) -> PathBuf {
 
 /// The shipped policy with its provenance_check plugin replaced by `entry` (YAML lines).
 fn provenance_entry(policy: &str, entry: &str) -> String {
-    let builtin = "    - plugin: builtin:provenance\n      grants: [sidecars]\n";
+    let builtin =
+        "    - plugin: builtin:provenance\n      grants: [sidecars]\n      limits:\n        timeout_secs: 900\n";
     assert!(policy.contains(builtin), "the shipped policy's provenance entry changed");
     policy.replacen(builtin, entry, 1)
 }

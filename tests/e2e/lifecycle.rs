@@ -243,7 +243,7 @@ fn a_model_that_changes_during_the_scan_is_rejected() {
     // A slow stage 4 plugin in place of the built-in one, to widen the window.
     let pol = policy_dir(lab.root.parent().unwrap(), |t| {
         t.replacen(
-            "    - plugin: builtin:provenance\n      grants: [sidecars]\n",
+            "    - plugin: builtin:provenance\n      grants: [sidecars]\n      limits:\n        timeout_secs: 900\n",
             &format!("    - plugin: {}\n      sha256: {sha}\n      config: {{ mode: slow-pass }}\n", wasm.display()),
             1,
         )
