@@ -96,10 +96,6 @@ fn expiry(created: Timestamp, binding: Option<&Signature>) -> Option<u64> {
     (secs > 0).then(|| u64::from(created.as_secs()) + u64::from(secs))
 }
 
-fn flags_can_sign(flags: &KeyFlags) -> bool {
-    flags.sign()
-}
-
 fn no_flags(flags: &KeyFlags) -> bool {
     !(flags.sign() || flags.certify() || flags.encrypt_comms() || flags.encrypt_storage() || flags.authentication())
 }
@@ -169,7 +165,7 @@ pub(crate) fn verify(model: &airlock_sdk::Model, bytes: &[u8], keys: &[TrustedKe
         {
             return Err(format!("the key {who} expired on {}", date(exp)));
         }
-        let flags: KeyFlags = match sub {
+        let can_sign = match sub {
             Some(s) => {
                 if s.signatures.iter().any(|b| b.typ() == Some(SignatureType::SubkeyRevocation)) {
                     return Err(format!("the signing subkey {:X} of {who} is revoked", s.key.fingerprint()));
@@ -184,21 +180,15 @@ pub(crate) fn verify(model: &airlock_sdk::Model, bytes: &[u8], keys: &[TrustedKe
                         date(exp)
                     ));
                 }
-                binding.map(Signature::key_flags).unwrap_or_default()
+                binding.is_some_and(|b| b.key_flags().sign())
             }
             None => {
-                let flags = self_sig.map(Signature::key_flags).unwrap_or_default();
                 // A primary key with no flags at all predates key flags and may sign.
-                if no_flags(&flags) {
-                    let mut f = KeyFlags::default();
-                    f.set_sign(true);
-                    f
-                } else {
-                    flags
-                }
+                let flags = self_sig.map(Signature::key_flags).unwrap_or_default();
+                flags.sign() || no_flags(&flags)
             }
         };
-        if !flags_can_sign(&flags) {
+        if !can_sign {
             return Err(format!("the key that made this signature ({issuer}, of {who}) is not allowed to sign"));
         }
         if let (Some(created), Some(exp)) = (sig.created(), sig.signature_expiration_time())
