@@ -628,6 +628,18 @@ struct ProvenanceSettings<'a> {
     keys: &'a [TrustedKey],
 }
 
+/// Config keys the host fills in for a stage: an entry may not set them itself.
+fn reserved(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    keys: &[&str],
+    set_by: &str,
+) -> Result<(), (String, String)> {
+    match keys.iter().find(|k| obj.contains_key(**k)) {
+        Some(k) => Err((format!("config.{k}"), format!("is set by {set_by}"))),
+        None => Ok(()),
+    }
+}
+
 fn entry(
     e: &EntryFile,
     defaults: &Limits,
@@ -673,27 +685,17 @@ fn entry(
     };
     // The source stage gets the policy-level settings it enforces.
     if stage == Stage::SourcePolicy {
-        for key in ["require_source", "allowlist"] {
-            if obj.contains_key(key) {
-                return Err((
-                    format!("config.{key}"),
-                    "is set by quarantine.require_source and sources.allowlist.yaml".into(),
-                ));
-            }
-        }
+        reserved(obj, &["require_source", "allowlist"], "quarantine.require_source and sources.allowlist.yaml")?;
         obj.insert("require_source".into(), q.require_source.into());
         obj.insert("allowlist".into(), serde_json::to_value(allowlist).expect("plain strings"));
     }
     // The behavioral stage gets the prompt suite and the seed's thresholds.
     if stage == Stage::BehavioralTest {
-        for key in ["prompts", "max_score", "max_critical"] {
-            if obj.contains_key(key) {
-                return Err((
-                    format!("config.{key}"),
-                    "is set by the suite file and quarantine.smoke_test_max_score/max_critical".into(),
-                ));
-            }
-        }
+        reserved(
+            obj,
+            &["prompts", "max_score", "max_critical"],
+            "the suite file and quarantine.smoke_test_max_score/max_critical",
+        )?;
         let prompts = match obj.remove("suite") {
             None => load_suite("<built-in prompts/suite.yaml>", DEFAULT_SUITE),
             Some(serde_json::Value::String(path)) => {
@@ -715,11 +717,11 @@ fn entry(
     // The provenance stage gets the trusted keys' bytes (plugins cannot read files).
     if stage == Stage::ProvenanceCheck {
         use base64::Engine;
-        for key in ["require_signature", "trusted_keys"] {
-            if obj.contains_key(key) {
-                return Err((format!("config.{key}"), format!("is set by provenance.{key}")));
-            }
-        }
+        reserved(
+            obj,
+            &["require_signature", "trusted_keys"],
+            "provenance.require_signature and provenance.trusted_keys",
+        )?;
         obj.insert("require_signature".into(), provenance.require_signature.into());
         let keys: Vec<serde_json::Value> = provenance
             .keys
