@@ -414,14 +414,14 @@ impl log::Host for HostState {
     }
 }
 
-/// Suffixes a plugin may ask for with `sidecar`: signature files only.
-const SIDECAR_SUFFIXES: [&str; 5] = [".sig", ".asc", ".sigstore.json", ".model.sig", ".origin"];
 const MAX_SIDECAR: u64 = 4 << 20;
 
+/// A plugin may ask `sidecar` only for the files that travel with a model.
 impl sidecars::Host for HostState {
     fn sidecar(&mut self, suffix: String) -> Result<std::result::Result<Option<Vec<u8>>, String>> {
-        if !SIDECAR_SUFFIXES.contains(&suffix.as_str()) {
-            return Ok(Err(format!("sidecar suffix {suffix:?} is not one of {SIDECAR_SUFFIXES:?}")));
+        if !crate::store::SIDECAR_SUFFIXES.contains(&suffix.as_str()) {
+            let known = crate::store::SIDECAR_SUFFIXES;
+            return Ok(Err(format!("sidecar suffix {suffix:?} is not one of {known:?}")));
         }
         // A file's sidecars sit beside it; a folder's signatures sit at its
         // root under model-signing's names.
