@@ -88,6 +88,20 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+/// A sigstore v0.3 bundle whose DSSE envelope carries `statement`, signed by
+/// openssl over DSSE's pre-authentication encoding.
+fn dsse_bundle(key: &Path, statement: &str) -> String {
+    let ty = "application/vnd.in-toto+json";
+    let pae = format!("DSSEv1 {} {ty} {} {statement}", ty.len(), statement.len());
+    serde_json::json!({
+        "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+        "verificationMaterial": { "publicKey": { "hint": "" }, "tlogEntries": [] },
+        "dsseEnvelope": { "payload": b64(statement.as_bytes()), "payloadType": ty,
+                          "signatures": [{ "sig": b64(&openssl_sign(key, pae.as_bytes())), "keyid": "" }] },
+    })
+    .to_string()
+}
+
 /// What `cosign sign-blob --key` writes: the base64 of the DER signature over the file.
 fn cosign_sign_blob(key: &Path, file: &Path) -> String {
     b64(&openssl_sign(key, &std::fs::read(file).unwrap()))
@@ -419,15 +433,7 @@ fn sigstore_bundles_with_a_key_based_message_signature_or_dsse_verify() {
             "predicate": {},
         })
         .to_string();
-        let ty = "application/vnd.in-toto+json";
-        let pae = format!("DSSEv1 {} {ty} {} {statement}", ty.len(), statement.len());
-        serde_json::json!({
-            "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
-            "verificationMaterial": { "publicKey": { "hint": "" } },
-            "dsseEnvelope": { "payload": b64(statement.as_bytes()), "payloadType": ty,
-                              "signatures": [{ "sig": b64(&openssl_sign(&ec, pae.as_bytes())), "keyid": "" }] },
-        })
-        .to_string()
+        dsse_bundle(&ec, &statement)
     };
     std::fs::write(&bundle, dsse(&hex::encode(digest))).unwrap();
     let s = scan_with(&m, &pol);
@@ -500,15 +506,7 @@ fn sharded_model_signing_statements_are_reported_as_unsupported() {
         },
     })
     .to_string();
-    let ty = "application/vnd.in-toto+json";
-    let pae = format!("DSSEv1 {} {ty} {} {statement}", ty.len(), statement.len());
-    let bundle = serde_json::json!({
-        "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
-        "verificationMaterial": { "publicKey": { "hint": "" }, "tlogEntries": [] },
-        "dsseEnvelope": { "payload": b64(statement.as_bytes()), "payloadType": ty,
-                          "signatures": [{ "sig": b64(&openssl_sign(&ec, pae.as_bytes())), "keyid": "" }] },
-    });
-    std::fs::write(d.path().join("m.gguf.model.sig"), bundle.to_string()).unwrap();
+    std::fs::write(d.path().join("m.gguf.model.sig"), dsse_bundle(&ec, &statement)).unwrap();
     assert_provenance_fails(&scan_with(&m, &pol), &["sharded digests", "does not support"]);
 }
 

@@ -464,10 +464,7 @@ impl Policy {
 
         let mut trusted_keys = Vec::new();
         for (i, k) in pf.provenance.trusted_keys.iter().enumerate() {
-            let path = match (k.path.is_relative(), dir) {
-                (true, Some(d)) => d.join(&k.path),
-                _ => k.path.clone(),
-            };
+            let path = relative_to(dir, &k.path);
             if trusted_keys.iter().any(|t: &TrustedKey| t.name == k.name) {
                 return Err(invalid(
                     format!("provenance.trusted_keys[{i}].name"),
@@ -525,10 +522,7 @@ impl Policy {
                 if !matches!(url.scheme(), "http" | "https") {
                     return Err(invalid("registry.url".into(), "must be an http or https URL".into()));
                 }
-                let token_file = r.token_file.map(|p| match (p.is_relative(), dir) {
-                    (true, Some(d)) => d.join(p),
-                    _ => p,
-                });
+                let token_file = r.token_file.map(|p| relative_to(dir, &p));
                 Some(Registry { url: r.url.trim_end_matches('/').to_string(), token_file })
             }
         };
@@ -628,6 +622,14 @@ struct ProvenanceSettings<'a> {
     keys: &'a [TrustedKey],
 }
 
+/// A path from the policy: relative ones resolve against the policy's folder.
+fn relative_to(dir: Option<&Path>, path: &Path) -> PathBuf {
+    match dir {
+        Some(d) if path.is_relative() => d.join(path),
+        _ => path.to_path_buf(),
+    }
+}
+
 /// Config keys the host fills in for a stage: an entry may not set them itself.
 fn reserved(
     obj: &serde_json::Map<String, serde_json::Value>,
@@ -667,11 +669,7 @@ fn entry(
         if !is_sha256(sha) {
             return Err(("sha256".into(), format!("{sha:?} is not 64 hex digits")));
         }
-        let path = PathBuf::from(&e.plugin);
-        let path = match (path.is_relative(), dir) {
-            (true, Some(d)) => d.join(path),
-            _ => path,
-        };
+        let path = relative_to(dir, Path::new(&e.plugin));
         PluginSource::Path { path, sha256: sha.to_ascii_lowercase() }
     };
     let limits = apply_limits(defaults, &e.limits).map_err(|m| ("limits".to_string(), m))?;
@@ -699,10 +697,7 @@ fn entry(
         let prompts = match obj.remove("suite") {
             None => load_suite("<built-in prompts/suite.yaml>", DEFAULT_SUITE),
             Some(serde_json::Value::String(path)) => {
-                let path = match (Path::new(&path).is_relative(), dir) {
-                    (true, Some(d)) => d.join(&path),
-                    _ => PathBuf::from(&path),
-                };
+                let path = relative_to(dir, Path::new(&path));
                 std::fs::read_to_string(&path)
                     .map_err(|e| format!("cannot read {}: {e}", path.display()))
                     .and_then(|t| load_suite(&path.display().to_string(), &t))

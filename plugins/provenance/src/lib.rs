@@ -205,17 +205,22 @@ fn sidecar_name(model: &Model, suffix: &str, folder: bool) -> String {
     }
 }
 
+/// 64 hex digits as the 32 bytes of a sha256.
+pub(crate) fn sha256_from_hex(text: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if text.len() != 64 || !text.is_ascii() {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
 /// The sha256 the host computed for a file, as bytes.
 pub(crate) fn host_sha256(file: &airlock_sdk::File) -> Result<[u8; 32], String> {
     let hex = file.sha256().map_err(|e| format!("{}: the host could not hash it: {e}", file.path()))?;
-    let mut out = [0u8; 32];
-    if hex.len() != 64 {
-        return Err(format!("{}: the host's sha256 {hex:?} is not 64 hex digits", file.path()));
-    }
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|e| format!("host sha256 {hex:?}: {e}"))?;
-    }
-    Ok(out)
+    sha256_from_hex(&hex).ok_or_else(|| format!("{}: the host's sha256 {hex:?} is not 64 hex digits", file.path()))
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {

@@ -11,7 +11,7 @@ use serde_json::Value;
 use sha2::Digest;
 
 use crate::ecdsa::{decode_b64, find_message, find_prehash, parse_der, unknown_key};
-use crate::{Keyring, Verified, hex, host_sha256, single_file};
+use crate::{Keyring, Verified, hex, host_sha256, sha256_from_hex, single_file};
 
 const MODEL_SIGNING_PREDICATE: &str = "https://model_signing/signature/v1.0";
 const IN_TOTO_PAYLOAD: &str = "application/vnd.in-toto+json";
@@ -169,13 +169,8 @@ fn model_signing_statement(model: &airlock_sdk::Model, statement: &Value) -> Res
             return Err(format!("{name}: digest algorithm {algorithm:?} is not supported (only sha256)"));
         }
         let digest = text(&r["digest"], "resources[].digest")?.to_ascii_lowercase();
-        let raw = (0..digest.len() / 2)
-            .map(|i| u8::from_str_radix(digest.get(2 * i..2 * i + 2).unwrap_or("zz"), 16))
-            .collect::<Result<Vec<u8>, _>>()
-            .ok()
-            .filter(|d| d.len() == 32 && digest.len() == 64)
-            .ok_or_else(|| format!("{name}: digest {digest:?} is not a sha256"))?;
-        root.update(&raw);
+        let raw = sha256_from_hex(&digest).ok_or_else(|| format!("{name}: digest {digest:?} is not a sha256"))?;
+        root.update(raw);
         if listed.insert(name.to_string(), digest).is_some() {
             return Err(format!("the statement lists {name} twice"));
         }
