@@ -53,7 +53,9 @@ pub mod __private {
 use __private::wit::airlock::stage as w;
 
 pub use read::ChunkReader;
-pub use w::artifact::{Dtype, File, Format, MetaValue, Model, PackedTexts, ParseError, Surrounding, TensorInfo};
+pub use w::artifact::{
+    Dtype, File, Format, MetaKind, MetaValue, Model, PackedTexts, ParseError, Surrounding, TensorInfo,
+};
 pub use w::context::RecordedOrigin;
 pub use w::types::{Finding, Report, Severity, StageInfo, Verdict};
 

@@ -7,7 +7,7 @@ fn help_explains_every_flag() {
     let d = tmp();
     let out = airlock(d.path()).args(["scan", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--policy", "--origin", "--sha256", "--format", "--root", "--plugin-dir", "--cache-dir", "--mmap"] {
+    for flag in ["--policy", "--origin", "--sha256", "--format", "--root", "--plugin-dir", "--cache-dir", "--pread"] {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
 }

@@ -41,8 +41,8 @@ fn gemma_gguf_json_report() {
 }
 
 #[test]
-fn gemma_gguf_passes_with_mmap_reads() {
-    assert_passed(&scan_json(&models().gemma, &["--mmap"]));
+fn gemma_gguf_passes_with_pread_reads() {
+    assert_passed(&scan_json(&models().gemma, &["--pread"]));
 }
 
 #[test]

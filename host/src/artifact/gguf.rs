@@ -136,7 +136,12 @@ fn scalar(r: &mut Reader, ty: u32, field: &str) -> Result<MetaValue, ParseError>
         },
         T_STRING => {
             let max = r.remaining();
-            MetaValue::Text(String::from_utf8_lossy(&string(r, field, max)?).into_owned())
+            // Valid UTF-8 (nearly every string) keeps its buffer: one allocation per string,
+            // which matters for a 262k-token vocabulary.
+            MetaValue::Text(
+                String::from_utf8(string(r, field, max)?)
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+            )
         }
         _ => return Err(ParseError::new(at, field, format!("unknown value type {ty}"))),
     })

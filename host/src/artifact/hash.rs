@@ -65,6 +65,7 @@ pub fn hash_range(source: &ByteSource, offset: u64, len: u64) -> Result<String, 
     if let Some(bytes) = source.mapped(offset, len) {
         // A mapped file (one airlock owns) is hashed in place, without a copy.
         hasher.update(bytes);
+        source.intact().map_err(|e| e.to_string())?;
         return Ok(hex::encode(hasher.finalize()));
     }
     let mut buf = vec![0u8; CHUNK];

@@ -10,6 +10,7 @@ mod gguf;
 mod hash;
 mod reader;
 mod safetensors;
+mod sigbus;
 mod sniff;
 mod source;
 
@@ -279,6 +280,7 @@ impl ModelFile {
 
     /// Fails if the file changed since it was opened (size, mtime or identity).
     pub fn check_unchanged(&self) -> Result<(), String> {
+        self.source.intact().map_err(|e| format!("{}: {e}", self.path.display()))?;
         let meta = self.source.file().metadata().map_err(|e| format!("{}: cannot stat: {e}", self.path.display()))?;
         if meta.len() != self.size() || meta.modified().ok() != self.mtime || meta.ino() != self.ino {
             return Err(format!(

@@ -1,47 +1,79 @@
-//! Where a file's bytes come from: `pread` on an open descriptor, or a
-//! read-only memory map.
+//! Where a file's bytes come from: a read-only memory map (the default), or
+//! `pread` on an open descriptor.
 //!
-//! A map of a file that someone truncates under us raises SIGBUS on access, so
-//! the map is only for files airlock owns (claimed by rename into its own
-//! directories). Paths given on the command line are read with `pread`, which
-//! turns the same race into a short read and a clean error.
+//! A map saves the kernel's copy on every read: the plugins' reads are then
+//! one copy, straight from the page cache into guest memory. A map of a file
+//! someone truncates under us would raise SIGBUS; [`super::sigbus`] turns that
+//! into zero pages plus a mark that every reader checks, so a truncation is a
+//! clean error, as a short `pread` is.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use super::sigbus;
 
 /// How to read an opened file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ReadMode {
-    /// `pread` through the descriptor: safe against concurrent truncation.
+    /// A read-only `mmap`, guarded against truncation.
     #[default]
-    Pread,
-    /// A read-only `mmap`: only for files nothing else can change.
     Mmap,
+    /// `pread` through the descriptor (`--pread`): for filesystems where maps misbehave.
+    Pread,
+}
+
+/// A map and its SIGBUS registration. The guard is declared first so that it
+/// is dropped (unregistered) before the map is unmapped.
+struct Mapped {
+    guard: sigbus::Guard,
+    map: memmap2::Mmap,
 }
 
 /// The bytes of one opened file.
 pub struct ByteSource {
     file: File,
-    map: Option<std::sync::Arc<memmap2::Mmap>>,
+    map: Option<Arc<Mapped>>,
     size: u64,
+}
+
+fn shrank(offset: u64, size: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("the file shrank during the scan: no bytes at offset {offset} (size at open: {size})"),
+    )
 }
 
 impl ByteSource {
     /// Wraps an open file whose size was taken from `fstat` at open time.
     pub fn new(file: File, size: u64, mode: ReadMode) -> io::Result<Self> {
-        let map = match mode {
-            ReadMode::Mmap if size > 0 => {
-                // SAFETY: the map is read-only and private to this process. The
-                // caller only asks for it on files airlock has claimed by
-                // rename into its own directory, where nothing else writes or
-                // truncates them; every access below is bounds-checked against
-                // the size recorded at open.
-                Some(std::sync::Arc::new(unsafe { memmap2::MmapOptions::new().len(size as usize).map(&file)? }))
+        let mut map = None;
+        if mode == ReadMode::Mmap && size > 0 && usize::try_from(size).is_ok() {
+            // SAFETY: the map is read-only and private. Another process may
+            // still truncate the file; the guard registered next turns the
+            // SIGBUS that would raise into zero pages and a mark every reader
+            // checks (see `intact`). Every access is bounds-checked against
+            // the size recorded at open.
+            let m = unsafe { memmap2::MmapOptions::new().len(size as usize).map(&file)? };
+            // No free guard slot: read this file with pread rather than unguarded.
+            if let Some(guard) = sigbus::Guard::register(m.as_ptr(), m.len()) {
+                map = Some(Arc::new(Mapped { guard, map: m }));
             }
-            _ => None,
-        };
+        }
         Ok(ByteSource { file, map, size })
+    }
+
+    /// Fails if a read of the map ever went past the end of the file: it was
+    /// truncated under the scan, and what was read there were zeros, not the file.
+    pub fn intact(&self) -> io::Result<()> {
+        match &self.map {
+            Some(m) if m.guard.hit() => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the file shrank during the scan (size at open: {} bytes)", self.size),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// The file's size at open time.
@@ -57,24 +89,16 @@ impl ByteSource {
         }
         let want = (self.size - offset).min(buf.len() as u64) as usize;
         let buf = &mut buf[..want];
-        if let Some(map) = &self.map {
+        if let Some(m) = &self.map {
             let start = offset as usize;
-            buf.copy_from_slice(&map[start..start + want]);
+            buf.copy_from_slice(&m.map[start..start + want]);
+            self.intact()?;
             return Ok(want);
         }
         let mut done = 0;
         while done < want {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!(
-                            "the file shrank during the scan: no bytes at offset {} (size at open: {})",
-                            offset + done as u64,
-                            self.size
-                        ),
-                    ));
-                }
+                Ok(0) => return Err(shrank(offset + done as u64, self.size)),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -88,9 +112,11 @@ impl ByteSource {
     /// this is the path every plugin read takes, so it is one copy, not two.
     pub fn read_vec(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let want = self.size.saturating_sub(offset).min(len as u64) as usize;
-        if let Some(map) = &self.map {
+        if let Some(m) = &self.map {
             let start = offset as usize;
-            return Ok(map[start..start + want].to_vec());
+            let v = m.map[start..start + want].to_vec();
+            self.intact()?;
+            return Ok(v);
         }
         let mut buf: Vec<u8> = Vec::with_capacity(want);
         let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
@@ -103,16 +129,7 @@ impl ByteSource {
                 libc::pread(fd, buf.as_mut_ptr().add(done).cast(), want - done, (offset + done as u64) as libc::off_t)
             };
             match n {
-                0 => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!(
-                            "the file shrank during the scan: no bytes at offset {} (size at open: {})",
-                            offset + done as u64,
-                            self.size
-                        ),
-                    ));
-                }
+                0 => return Err(shrank(offset + done as u64, self.size)),
                 n if n > 0 => unsafe { buf.set_len(done + n as usize) },
                 _ => {
                     let e = io::Error::last_os_error();
@@ -127,23 +144,26 @@ impl ByteSource {
 
     /// Up to `len` bytes at `offset` as shared bytes. From a map this is
     /// zero-copy: the guest's copy, made while lowering the result into its
-    /// memory, is the only one. From a descriptor it is `read_vec`.
+    /// memory, is the only one. A truncation during that copy shows in
+    /// `intact`, which the pipeline checks before it trusts a verdict.
     pub fn read_bytes(&self, offset: u64, len: usize) -> io::Result<bytes::Bytes> {
         match &self.map {
-            Some(map) => {
+            Some(m) => {
+                self.intact()?;
                 let start = offset.min(self.size) as usize;
                 let end = start + (self.size as usize - start).min(len);
-                Ok(bytes::Bytes::from_owner(MapRange { map: map.clone(), start, end }))
+                Ok(bytes::Bytes::from_owner(MapRange { map: m.clone(), start, end }))
             }
             None => self.read_vec(offset, len).map(bytes::Bytes::from),
         }
     }
 
     /// The mapped bytes of `[offset, offset + len)`, when the file is mapped.
+    /// Call `intact` after using them.
     pub fn mapped(&self, offset: u64, len: u64) -> Option<&[u8]> {
-        let map = self.map.as_ref()?;
+        let m = self.map.as_ref()?;
         let end = offset.checked_add(len).filter(|&e| e <= self.size)?;
-        Some(&map[offset as usize..end as usize])
+        Some(&m.map[offset as usize..end as usize])
     }
 
     /// Reads exactly `len` bytes at `offset`, or fails naming the range.
@@ -167,13 +187,63 @@ impl ByteSource {
 
 /// A range of a shared map, owned by `bytes::Bytes`.
 struct MapRange {
-    map: std::sync::Arc<memmap2::Mmap>,
+    map: Arc<Mapped>,
     start: usize,
     end: usize,
 }
 
 impl AsRef<[u8]> for MapRange {
     fn as_ref(&self) -> &[u8] {
-        &self.map[self.start..self.end]
+        &self.map.map[self.start..self.end]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A mapped file truncated under the scan gives errors, not a SIGBUS that
+    /// kills the host, and the truncation stays visible through `intact`.
+    #[test]
+    fn a_map_truncated_under_a_read_is_an_error_not_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.bin");
+        let size = 1 << 20;
+        std::fs::File::create(&path).unwrap().write_all(&vec![7u8; size]).unwrap();
+        let file = File::open(&path).unwrap();
+        let src = ByteSource::new(file, size as u64, ReadMode::Mmap).unwrap();
+        assert!(src.mapped(0, 1).is_some(), "the file should be mapped");
+        assert_eq!(src.read_vec(0, 16).unwrap(), vec![7u8; 16]);
+        src.intact().unwrap();
+
+        // wasmtime installs its own SIGBUS handler when an engine is made, after
+        // ours here (as in `airlock scan`, which opens the model first): ours
+        // must still be reached through its chain.
+        let _engine = wasmtime::Engine::default();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(4096).unwrap();
+        // Inside what is left: still the file's bytes.
+        assert_eq!(src.read_vec(0, 16).unwrap(), vec![7u8; 16]);
+        // Past the new end: the copy runs into the guard, and the read fails.
+        let err = src.read_vec(512 << 10, 4096).unwrap_err();
+        assert!(err.to_string().contains("shrank during the scan"), "{err}");
+        // The zero-copy path and the hash refuse from now on as well.
+        assert!(src.read_bytes(0, 16).is_err());
+        assert!(src.intact().is_err());
+        let hash = super::super::hash::hash_range(&src, 0, size as u64).unwrap_err();
+        assert!(hash.contains("shrank"), "{hash}");
+    }
+
+    /// The same truncation through pread: a short read, named as such.
+    #[test]
+    fn pread_of_a_truncated_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.bin");
+        std::fs::File::create(&path).unwrap().write_all(&vec![7u8; 65536]).unwrap();
+        let src = ByteSource::new(File::open(&path).unwrap(), 65536, ReadMode::Pread).unwrap();
+        assert!(src.mapped(0, 1).is_none());
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(100).unwrap();
+        let err = src.read_vec(0, 4096).unwrap_err();
+        assert!(err.to_string().contains("shrank during the scan"), "{err}");
     }
 }

@@ -283,7 +283,7 @@ pub fn show(root: &Root, name: &str) -> Result<ExitCode> {
 pub fn verify(root: &Root, name: &str) -> Result<ExitCode> {
     let (dir, m) = manifest_of(root, name)?;
     let target = if m.kind == "file" { dir.join(&m.name) } else { dir.clone() };
-    let model = Model::open(&target, ReadMode::Pread)?;
+    let model = Model::open(&target, ReadMode::default())?;
     let now = manifest::integrity(&model).map_err(anyhow::Error::msg)?;
     let diffs = manifest::differences(&m.integrity, &now);
     if diffs.is_empty() {

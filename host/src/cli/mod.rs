@@ -8,8 +8,10 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::artifact::ReadMode;
-use crate::pipeline::{Event, Outcome, ScanInput, Scanner, StageResult};
+use std::sync::Arc;
+
+use crate::artifact::{Model, OpenError, ReadMode};
+use crate::pipeline::{Event, Outcome, ScanError, ScanInput, Scanner, StageResult};
 use crate::plugin::Runtime;
 use crate::policy::{self, Policy};
 use crate::store::{self, Quarantine, Root};
@@ -77,10 +79,10 @@ enum Command {
         /// Output: text log lines, or one JSON object per model per line.
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
-        /// Memory-map the model instead of reading it with pread. Only safe when nothing
-        /// else can truncate the file during the scan (a truncated map kills the process).
+        /// Read the model with pread instead of a memory map (one more copy per read). For
+        /// filesystems where maps misbehave; a file truncated under a map is handled either way.
         #[arg(long)]
-        mmap: bool,
+        pread: bool,
     },
     /// Create the data root's folders with safe permissions.
     Init,
@@ -162,7 +164,7 @@ pub fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     let root = cli.root;
     match cli.command {
-        Command::Scan { paths, engine, origin, sha256, format, mmap } => {
+        Command::Scan { paths, engine, origin, sha256, format, pread } => {
             if sha256.is_some() && paths.len() > 1 {
                 bail!("--sha256 pins one model; pass a single PATH");
             }
@@ -171,10 +173,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             {
                 bail!("--sha256 {s:?} is not 64 hex digits");
             }
+            let input = ScanInput { origin, sha256, read_mode: if pread { ReadMode::Pread } else { ReadMode::Mmap } };
+            // Opening the first model starts its hashing thread, the longest
+            // single job of a scan, so it runs while the plugins load.
+            let first = paths.first().map(|p| Model::open(p, input.read_mode).map(Arc::new));
             let pins = policy::load_pins(&Root::new(&root).pins())?;
             let (scanner, _policy) = scanner(&engine, &root, pins)?;
-            let input = ScanInput { origin, sha256, read_mode: if mmap { ReadMode::Mmap } else { ReadMode::Pread } };
-            scan_all(&scanner, &paths, &input, format)
+            scan_all(&scanner, &paths, first, &input, format)
         }
         Command::Init => {
             let r = Root::new(&root);
@@ -246,7 +251,13 @@ fn default_cache_dir(root: &Path) -> PathBuf {
     base.join("airlock")
 }
 
-fn scan_all(scanner: &Scanner, paths: &[PathBuf], input: &ScanInput, format: OutputFormat) -> Result<ExitCode> {
+fn scan_all(
+    scanner: &Scanner,
+    paths: &[PathBuf],
+    mut first: Option<Result<Arc<Model>, OpenError>>,
+    input: &ScanInput,
+    format: OutputFormat,
+) -> Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let mut worst = 0u8;
     let progress = Progress::new(true);
@@ -256,7 +267,8 @@ fn scan_all(scanner: &Scanner, paths: &[PathBuf], input: &ScanInput, format: Out
                 progress.event(&e);
             }
         };
-        let result = scanner.scan(path, input, &mut print);
+        let opened = first.take().unwrap_or_else(|| Model::open(path, input.read_mode).map(Arc::new));
+        let result = opened.map_err(ScanError::from).map(|model| scanner.scan_model(&model, path, input, &mut print));
         progress.clear();
         match result {
             Ok(outcome) => {

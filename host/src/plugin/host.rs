@@ -302,6 +302,23 @@ impl artifact::HostFile for HostState {
         self.capped(&format!("metadata value {key:?}"), bytes, Some(value))
     }
 
+    fn metadata_kind(&mut self, f: Resource<FileHandle>, key: String) -> Result<Option<artifact::MetaKind>> {
+        use artifact::MetaKind as K;
+        let file = self.file(&f)?;
+        Ok(file.parsed().and_then(|h| h.metadata.iter().find(|(k, _)| *k == key)).map(|(_, v)| match v {
+            MetaValue::Text(_) => K::Text,
+            MetaValue::Int(_) => K::Int,
+            MetaValue::Uint(_) => K::Uint,
+            MetaValue::Float(_) => K::Float,
+            MetaValue::Bool(_) => K::Boolean,
+            MetaValue::Texts(_) => K::Texts,
+            MetaValue::Ints(_) => K::Ints,
+            MetaValue::Uints(_) => K::Uints,
+            MetaValue::Floats(_) => K::Floats,
+            MetaValue::Bools(_) => K::Booleans,
+        }))
+    }
+
     fn metadata_packed_texts(&mut self, f: Resource<FileHandle>, key: String) -> Result<Option<artifact::PackedTexts>> {
         let file = self.file(&f)?;
         let Some(MetaValue::Texts(list)) =

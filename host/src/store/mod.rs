@@ -277,12 +277,12 @@ impl<'a> Quarantine<'a> {
         if let Some(why) = Self::unclaimable(path)? {
             return Ok(Self::reject_decision("claim", format!("{} {why}", claim.name), serde_json::Value::Null));
         }
-        let model = match Model::open(path, ReadMode::Pread) {
+        let model = match Model::open(path, ReadMode::default()) {
             Ok(m) => Arc::new(m),
             Err(e) => return Ok(Self::reject_decision("claim", e.to_string(), serde_json::Value::Null)),
         };
         let pins = policy::load_pins(&self.root.pins()).map_err(io::Error::other)?;
-        let input = ScanInput { origin: None, sha256: pins.get(&claim.name).cloned(), read_mode: ReadMode::Pread };
+        let input = ScanInput { origin: None, sha256: pins.get(&claim.name).cloned(), read_mode: ReadMode::default() };
         let outcome = self.scanner.scan_model(&model, path, &input, on_event);
         let outcome_json = serde_json::to_value(&outcome).map_err(io::Error::other)?;
         if outcome.verdict != "pass" {

@@ -12,7 +12,7 @@
 //! and HTML comments that reach the output. Ordinary templates, `namespace()`
 //! and loops included, pass.
 
-use airlock_sdk::{File, Finding, Format, MetaValue, Model, Report, Severity, Stage, StageInfo, context};
+use airlock_sdk::{File, Finding, Format, MetaKind, MetaValue, Model, Report, Severity, Stage, StageInfo, context};
 use minijinja::machinery::{Instruction, Instructions, get_compiled_template};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -341,6 +341,10 @@ fn sources(model: &Model) -> Result<Vec<Source>, String> {
                     let chat = key == "tokenizer.chat_template"
                         || key.starts_with("tokenizer.chat_template.")
                         || key.contains("chat_template");
+                    // Only text values can be templates; arrays (the vocabulary) are not copied in.
+                    if file.metadata_kind(&key) != Some(MetaKind::Text) {
+                        continue;
+                    }
                     match file.metadata(&key) {
                         Some(MetaValue::Text(t)) if chat || looks_like_template(&t) => {
                             let location = if file.format() == Format::Safetensors {
