@@ -6,11 +6,13 @@
 //! - [`artifact`] opens the model read-only and parses its container strictly;
 //! - [`policy`] loads the chain, the grants and the limits;
 //! - [`plugin`] runs each stage's component in a fresh, limited sandbox;
+//! - [`inference`] runs the model for a stage granted `inference` (sandboxed worker or OpenAI API);
 //! - [`pipeline`] runs the chain over a model and decides the verdict;
 //! - [`cli`] is the `airlock` command.
 
 pub mod artifact;
 pub mod cli;
+pub mod inference;
 pub mod pipeline;
 pub mod plugin;
 pub mod policy;

@@ -147,7 +147,7 @@ pub mod inference {
 
     /// Generate a completion with the model under scan.
     pub fn generate(prompt: &str, opts: Options) -> Result<String, String> {
-        super::w::inference::generate(prompt, opts)
+        super::w::inference::generate(prompt, &opts)
     }
 }
 

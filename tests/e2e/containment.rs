@@ -110,11 +110,11 @@ fn an_ungranted_import_is_refused_at_load_time() {
         "provenance_check",
         "refused at load time: import \"airlock:stage/inference@0.1.0\" refused: the capability \"inference\" is not granted",
     );
-    // With the grant it loads and runs (and fails honestly: no backend here).
+    // With the grant it loads and runs (and fails honestly: llama.cpp cannot load this model).
     let d2 = tmp();
     let pol = hostile_policy(d2.path(), "wants_inference", "      grants: [inference]\n");
     let s = scan_json(&model, &["--policy", pol.to_str().unwrap()]);
-    assert_rejected(&s, "provenance_check", "inference failed: no inference backend is configured");
+    assert_rejected(&s, "provenance_check", "inference failed: the inference backend could not start");
 }
 
 #[test]

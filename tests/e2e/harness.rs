@@ -24,6 +24,13 @@ pub fn components() -> PathBuf {
     dir
 }
 
+/// The sandboxed inference worker (`cargo xtask test` builds it, release).
+pub fn worker() -> PathBuf {
+    std::env::var_os("AIRLOCK_TEST_WORKER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/release/airlock-infer-worker"))
+}
+
 pub fn component(name: &str) -> PathBuf {
     components().join(format!("{name}.wasm"))
 }
@@ -67,6 +74,7 @@ pub fn airlock(root: &Path) -> Command {
     c.env("AIRLOCK_ROOT", root)
         .env("AIRLOCK_PLUGIN_DIR", components())
         .env("AIRLOCK_CACHE_DIR", repo().join("target/test-plugin-cache"))
+        .env("AIRLOCK_INFER_WORKER", worker())
         .env_remove("AIRLOCK_POLICY")
         .env_remove("AIRLOCK_LOG");
     c

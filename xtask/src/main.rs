@@ -239,7 +239,9 @@ fn install_plugins(route: &Route, profile: &str) -> Result<PathBuf> {
 fn build() -> Result<()> {
     let route = toolchain()?;
     build_plugins(&route)?;
-    run(Command::new("cargo").args(["build", "--release", "-p", "airlock"]).current_dir(root()))?;
+    run(Command::new("cargo")
+        .args(["build", "--release", "-p", "airlock", "-p", "airlock-infer-worker"])
+        .current_dir(root()))?;
     let dir = install_plugins(&route, "release")?;
     println!("xtask: built target/release/airlock with built-in plugins in {}", dir.display());
     Ok(())
@@ -316,6 +318,9 @@ fn test(extra: &[String]) -> Result<()> {
     let root = root();
     run(Command::new("cargo").args(["build", "-p", "airlock"]).current_dir(&root))?;
     install_plugins(&route, "debug")?;
+    // The inference worker embeds llama.cpp: built once, optimised (the tests
+    // run 50 prompts through it), and shared with `xtask build`.
+    run(Command::new("cargo").args(["build", "--release", "-p", "airlock-infer-worker"]).current_dir(&root))?;
     // The SDK's own unit tests run natively (the generated imports are never called there).
     run(Command::new("cargo")
         .args(["test", "--quiet", "--manifest-path", "sdk/Cargo.toml", "--target-dir", "target/sdk-native"])
@@ -332,8 +337,9 @@ fn test(extra: &[String]) -> Result<()> {
         .args(["--target-dir", "target/sdk-native"])
         .current_dir(&root))?;
     run(Command::new("cargo")
-        .args(["test", "--workspace"])
+        .args(["test", "--workspace", "--exclude", "airlock-infer-worker"])
         .args(extra)
+        .env("AIRLOCK_TEST_WORKER", root.join("target/release/airlock-infer-worker"))
         .env("AIRLOCK_TEST_GEMMA", &models.gemma)
         .env("AIRLOCK_TEST_MINILM", &models.minilm)
         .env("AIRLOCK_TEST_MODEL_SIGNING", &signing)
@@ -498,6 +504,50 @@ fn bench() -> Result<()> {
     println!("openssl dgst -sha256:      {:>8.1} ms", o.as_secs_f64() * 1e3);
     println!("ratio airlock/openssl: {:.2}x (one run)", took.as_secs_f64() / o.as_secs_f64());
     std::fs::remove_file(&big)?;
+    bench_behavioral(&airlock, &models.gemma, &work)
+}
+
+/// Stage 6 on gemma: the 50-prompt suite through the sandboxed worker, its
+/// tokens per second next to llama.cpp's own measure of the same runs.
+fn bench_behavioral(airlock: &Path, gemma: &Path, work: &Path) -> Result<()> {
+    let pol = work.join("policy-behavioral");
+    std::fs::create_dir_all(&pol)?;
+    let text = std::fs::read_to_string(root().join("policy/policy.yaml"))?;
+    std::fs::write(pol.join("policy.yaml"), text.replacen("behavioral_test: false", "behavioral_test: true", 1))?;
+    std::fs::copy(root().join("policy/sources.allowlist.yaml"), pol.join("sources.allowlist.yaml"))?;
+    let start = Instant::now();
+    let out = Command::new(airlock)
+        .args(["scan", "--format", "json", "--policy"])
+        .arg(&pol)
+        .arg(gemma)
+        .env("AIRLOCK_ROOT", work)
+        .env("AIRLOCK_CACHE_DIR", work.join("cache"))
+        .output()?;
+    let took = start.elapsed();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("no JSON from the behavioral scan: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let st = v["stages"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["stage"] == "behavioral_test"))
+        .context("no behavioral_test stage in the report")?;
+    let inf = &st["details"]["inference"];
+    let stats = &inf["stats"];
+    println!("behavioral suite on gemma ({}): {}", st["verdict"], st["summary"]);
+    println!(
+        "  {} prompts, {} prompt tokens, {} generated tokens in {:.1} s (whole scan {:.1} s)",
+        stats["requests"],
+        stats["prompt_tokens"],
+        stats["generated_tokens"],
+        stats["generate_ms"].as_f64().unwrap_or(0.0) / 1e3,
+        took.as_secs_f64()
+    );
+    println!(
+        "  suite: {} tok/s generated (wall, prompt evaluation included); llama.cpp's own measure: {} tok/s generation, {} tok/s prompt",
+        stats["tokens_per_second"],
+        stats["llama_cpp_generation_tokens_per_second"],
+        stats["llama_cpp_prompt_tokens_per_second"]
+    );
+    println!("  worker peak RSS {} MiB; sandbox complete: {}", inf["peak_rss_mib"], inf["ready"]["sandbox_complete"]);
     Ok(())
 }
 

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::artifact::{Model, OpenError, ReadMode};
+use crate::plugin::Grant;
 use crate::plugin::{Finding, Origin, Plugin, RunContext, Runtime, Verdict};
 use crate::policy::{ChainEntry, PluginSource, Policy, Stage};
 
@@ -116,6 +117,7 @@ pub struct Scanner {
     runtime: Runtime,
     chain: BTreeMap<Stage, Vec<Loaded>>,
     pins: BTreeMap<String, String>,
+    inference: crate::inference::InferenceConfig,
 }
 
 impl Scanner {
@@ -161,7 +163,7 @@ impl Scanner {
             }
             chain.insert(*stage, loaded);
         }
-        Ok(Scanner { runtime, chain, pins })
+        Ok(Scanner { runtime, chain, pins, inference: policy.inference.clone() })
     }
 
     /// Scans one model, reporting progress through `on_event`.
@@ -187,6 +189,7 @@ impl Scanner {
                 config_json: l.entry.config.to_string(),
                 origin: origin.clone(),
                 pinned_sha256: pinned.clone(),
+                inference: l.entry.grants.contains(&Grant::Inference).then(|| self.inference.clone()),
             });
             self.run_entry(stage, l, model, ctx)
         };
@@ -283,10 +286,12 @@ impl Scanner {
 
     /// Runs one plugin of a stage and turns its output into a result.
     fn run_entry(&self, stage: Stage, l: &Loaded, model: &Arc<Model>, ctx: Arc<RunContext>) -> StageResult {
+        let mut inference = None;
         let (result, log, elapsed_ms) = match &l.plugin {
             Err(cause) => (Err(cause.clone()), Vec::new(), 0),
             Ok(plugin) => {
                 let out = self.runtime.run(plugin, Arc::clone(model), ctx, l.entry.limits.clone());
+                inference = out.inference;
                 let mut log = out.log;
                 if !out.output.is_empty() {
                     log.extend(out.output.lines().map(|s| format!("output: {s}")));
@@ -304,6 +309,15 @@ impl Scanner {
                 (v, s, r.findings, r.score, r.details)
             }
             Err(cause) => ("fail", format!("plugin {} {cause}", l.label), Vec::new(), None, None),
+        };
+        // What the inference backend did goes beside the plugin's own details.
+        let details = match (details, inference) {
+            (d, None) => d,
+            (Some(serde_json::Value::Object(mut m)), Some(i)) => {
+                m.insert("inference".into(), i);
+                Some(serde_json::Value::Object(m))
+            }
+            (d, Some(i)) => Some(serde_json::json!({ "plugin": d, "inference": i })),
         };
         StageResult {
             stage: stage.name(),

@@ -38,10 +38,20 @@ pub struct HostState {
     log_bytes: usize,
     log_dropped: usize,
     handles: usize,
+    /// The run's wall-clock deadline: host calls that block (inference) stop there.
+    deadline: std::time::Instant,
+    /// The inference backend, started on the first `generate` (or why it could not start).
+    inference: Option<Result<crate::inference::Session, String>>,
 }
 
 impl HostState {
-    pub fn new(wasi: WasiCtx, model: Arc<Model>, ctx: Arc<RunContext>, limits: Limits) -> Self {
+    pub fn new(
+        wasi: WasiCtx,
+        model: Arc<Model>,
+        ctx: Arc<RunContext>,
+        limits: Limits,
+        deadline: std::time::Instant,
+    ) -> Self {
         HostState {
             wasi,
             table: ResourceTable::new(),
@@ -53,6 +63,16 @@ impl HostState {
             log_bytes: 0,
             log_dropped: 0,
             handles: 0,
+            deadline,
+            inference: None,
+        }
+    }
+
+    /// Ends the inference session, if one was started, and describes it.
+    pub fn finish_inference(&mut self) -> Option<serde_json::Value> {
+        match self.inference.take()? {
+            Ok(session) => Some(session.finish()),
+            Err(why) => Some(serde_json::json!({ "failed": why })),
         }
     }
 
@@ -477,9 +497,27 @@ impl sidecars::Host for HostState {
 }
 
 impl inference::Host for HostState {
-    fn generate(&mut self, _prompt: String, _opts: inference::Options) -> Result<std::result::Result<String, String>> {
-        // The inference worker arrives with the behavioral stage; until then
-        // every call fails, so a stage that depends on it can never pass.
-        Ok(Err("no inference backend is configured on this host".into()))
+    fn generate(&mut self, prompt: String, opts: inference::Options) -> Result<std::result::Result<String, String>> {
+        let Some(cfg) = self.ctx.inference.clone() else {
+            return Ok(Err("no inference backend is configured for this plugin".into()));
+        };
+        let limit = self.limits.max_value_bytes;
+        if prompt.len() > limit || opts.system.as_ref().is_some_and(|s| s.len() > limit) {
+            return Ok(Err(format!("the prompt is above the host's {limit}-byte cap")));
+        }
+        if self.inference.is_none() {
+            self.inference = Some(crate::inference::Session::start(&cfg, &self.model, self.deadline));
+        }
+        let deadline = self.deadline;
+        let result = match self.inference.as_mut().expect("set above") {
+            Ok(session) => {
+                session.generate(&prompt, opts.system.as_deref(), opts.max_tokens, opts.temperature, deadline)
+            }
+            Err(why) => Err(format!("the inference backend could not start: {why}")),
+        };
+        match result {
+            Ok(text) if text.len() > limit => Ok(Err(format!("the answer is above the host's {limit}-byte cap"))),
+            other => Ok(other),
+        }
     }
 }

@@ -108,6 +108,8 @@ pub struct RunContext {
     pub config_json: String,
     pub origin: Option<Origin>,
     pub pinned_sha256: Option<String>,
+    /// The inference backend, for a plugin granted `inference`.
+    pub inference: Option<crate::inference::InferenceConfig>,
 }
 
 /// Why a plugin could not be loaded.
@@ -183,6 +185,8 @@ pub struct RunOutput {
     pub log: Vec<String>,
     pub output: String,
     pub elapsed: Duration,
+    /// What the inference backend did (sandbox, peak memory, speed), if the plugin used it.
+    pub inference: Option<serde_json::Value>,
 }
 
 /// The engine, the linker and the cache, shared by every run.
@@ -318,7 +322,8 @@ impl Runtime {
         wasi.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
         wasi.socket_addr_check(|_, _| Box::pin(async { false }));
         let ticks = (limits.timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
-        let state = HostState::new(wasi.build(), model, ctx, limits);
+        let deadline = Instant::now() + limits.timeout;
+        let state = HostState::new(wasi.build(), model, ctx, limits, deadline);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
         store.set_epoch_deadline(ticks);
@@ -337,8 +342,12 @@ impl Runtime {
             let report = inst.call_run(&mut store, handle).map_err(|e| explain(&store, &limits, &output, e))?;
             convert(report, &limits)
         })();
-        let log = store.data_mut().take_log();
-        RunOutput { result, log, output: output.text(), elapsed: start.elapsed() }
+        let inference = store.data_mut().finish_inference();
+        let mut log = store.data_mut().take_log();
+        if let Some(i) = &inference {
+            log.push(format!("inference: {i}"));
+        }
+        RunOutput { result, log, output: output.text(), elapsed: start.elapsed(), inference }
     }
 }
 

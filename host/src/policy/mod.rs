@@ -142,6 +142,8 @@ struct PolicyFile {
     registry: Option<RegistryFile>,
     #[serde(default)]
     provenance: ProvenanceFile,
+    #[serde(default)]
+    inference: crate::inference::InferenceConfig,
 }
 
 #[derive(Deserialize, Default)]
@@ -368,6 +370,8 @@ pub struct Policy {
     pub require_signature: bool,
     /// `provenance.trusted_keys`, read and parsed.
     pub trusted_keys: Vec<TrustedKey>,
+    /// `inference`: the backend for plugins granted `inference`.
+    pub inference: crate::inference::InferenceConfig,
 }
 
 impl Policy {
@@ -526,6 +530,9 @@ impl Policy {
                 Some(Registry { url: r.url.trim_end_matches('/').to_string(), token_file })
             }
         };
+        let mut inference = pf.inference;
+        inference.validate().map_err(|e| invalid("inference".into(), e))?;
+        inference.worker = inference.worker.map(|p| relative_to(dir, &p));
         Ok(Policy {
             registry,
             origin: policy_file.to_string(),
@@ -536,6 +543,7 @@ impl Policy {
             allowlist,
             require_signature: pf.provenance.require_signature,
             trusted_keys,
+            inference,
         })
     }
 }

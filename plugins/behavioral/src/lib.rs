@@ -73,15 +73,6 @@ fn not_applicable(model: &Model) -> Option<String> {
     None
 }
 
-/// The text sent for one prompt. The inference interface takes one user
-/// message, so a system message goes in front of it, marked as such.
-fn message(p: &Prompt) -> String {
-    match &p.system {
-        Some(system) => format!("[System instructions]\n{system}\n\n[User]\n{}", p.prompt),
-        None => p.prompt.clone(),
-    }
-}
-
 /// One prompt's outcome, kept in the report's details.
 #[derive(serde::Serialize)]
 struct Outcome<'a> {
@@ -116,10 +107,15 @@ impl Stage for Behavioral {
         if let Some(why) = not_applicable(model) {
             return Report::skip(why);
         }
-        let opts = || inference::Options { max_tokens: cfg.max_tokens, temperature: 0.0 };
+        // Greedy: the same model gives the same answers, so a verdict can be reproduced.
+        let opts = |p: &Prompt| inference::Options {
+            max_tokens: cfg.max_tokens,
+            temperature: 0.0,
+            system: p.system.clone(),
+        };
         let mut outcomes = Vec::new();
         for p in &cfg.prompts {
-            let response = match inference::generate(&message(p), opts()) {
+            let response = match inference::generate(&p.prompt, opts(p)) {
                 Ok(r) => r,
                 Err(e) => {
                     return Report::fail(format!(

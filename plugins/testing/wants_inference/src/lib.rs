@@ -12,7 +12,7 @@ impl Stage for WantsInference {
         StageInfo::new("wants_inference", env!("CARGO_PKG_VERSION"), "imports the inference capability")
     }
     fn run(_model: &Model) -> Report {
-        match inference::generate("Say hello.", Options { max_tokens: 8, temperature: 0.0 }) {
+        match inference::generate("Say hello.", Options { max_tokens: 8, temperature: 0.0, system: None }) {
             Ok(text) => Report::pass(format!("generated {} bytes", text.len())),
             Err(e) => Report::fail(format!("inference failed: {e}")),
         }
