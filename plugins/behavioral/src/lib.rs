@@ -108,11 +108,8 @@ impl Stage for Behavioral {
             return Report::skip(why);
         }
         // Greedy: the same model gives the same answers, so a verdict can be reproduced.
-        let opts = |p: &Prompt| inference::Options {
-            max_tokens: cfg.max_tokens,
-            temperature: 0.0,
-            system: p.system.clone(),
-        };
+        let opts =
+            |p: &Prompt| inference::Options { max_tokens: cfg.max_tokens, temperature: 0.0, system: p.system.clone() };
         let mut outcomes = Vec::new();
         for p in &cfg.prompts {
             let response = match inference::generate(&p.prompt, opts(p)) {
