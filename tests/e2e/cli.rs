@@ -78,7 +78,7 @@ fn a_tampered_cache_entry_is_recompiled_not_loaded() {
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
         .collect();
-    assert_eq!(entries.len(), 9, "one compiled entry per plugin of the default policy");
+    assert_eq!(entries.len(), 10, "one compiled entry per plugin of the default policy");
     for e in &entries {
         let mut bytes = std::fs::read(e).unwrap();
         let mid = bytes.len() / 2;

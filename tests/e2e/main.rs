@@ -7,6 +7,7 @@ mod harness;
 mod behavioral;
 mod cli;
 mod containment;
+mod diffusion;
 mod formats;
 mod gguf_rules;
 mod integrity;

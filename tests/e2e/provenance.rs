@@ -455,7 +455,7 @@ fn sigstore_bundles_with_a_key_based_message_signature_or_dsse_verify() {
 fn model_signing_statements_must_list_exactly_the_models_files() {
     let d = tmp();
     let (ec, ec_pub) = ec_key(d.path(), "ml");
-    // A folder model: json is allowed at the format gate for this test.
+    // A folder model, not a complete diffusers one: stage 7 is off for this test.
     let folder = d.path().join("tiny");
     std::fs::create_dir_all(folder.join("unet")).unwrap();
     std::fs::write(folder.join("model_index.json"), r#"{"_class_name": "StableDiffusionPipeline"}"#).unwrap();
@@ -463,7 +463,7 @@ fn model_signing_statements_must_list_exactly_the_models_files() {
     let st = safetensors(r#"{"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}}"#, &[0x3f; 24]);
     std::fs::write(folder.join("unet/model.safetensors"), st).unwrap();
     let pol = policy_dir(d.path(), |t| {
-        t.replacen("allowed_formats: [gguf, safetensors]", "allowed_formats: [gguf, safetensors, json]", 1).replacen(
+        t.replacen("diffusion_deep_scan: true", "diffusion_deep_scan: false", 1).replacen(
             "  trusted_keys: []",
             &format!("  trusted_keys:\n    - {{kind: model-signing, path: {}, name: ml}}", ec_pub.display()),
             1,

@@ -13,7 +13,7 @@ fn gemma_gguf_passes_stages_1_to_3() {
         "[quarantine] Stage 3/7: integrity_check — PASS (sha256=a5fd3b62...",
         "[quarantine] Stage 4/7: provenance_check — PASS (no signature; not required by policy)",
         "[quarantine] Stage 5/7: static_scan — PASS (",
-        "[quarantine] Stage 7/7: diffusion_deep_scan — SKIP (disabled by policy)",
+        "[quarantine] Stage 7/7: diffusion_deep_scan — SKIP (not a diffusion model",
     ];
     for line in want {
         assert!(s.stdout.lines().any(|l| l.starts_with(line)), "missing {line:?} in:\n{}", s.stdout);

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 /// The plugins shipped as `builtin:<name>`.
-const BUILTINS: [&str; 10] = [
+const BUILTINS: [&str; 11] = [
     "source_policy",
     "format_gate",
     "integrity_check",
@@ -29,6 +29,7 @@ const BUILTINS: [&str; 10] = [
     "entropy",
     "provenance",
     "behavioral",
+    "diffusion_deep_scan",
 ];
 const TARGET: &str = "wasm32-wasip2";
 

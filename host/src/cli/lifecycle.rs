@@ -282,7 +282,8 @@ pub fn show(root: &Root, name: &str) -> Result<ExitCode> {
 /// Re-hashes the registry copy and compares it with the manifest.
 pub fn verify(root: &Root, name: &str) -> Result<ExitCode> {
     let (dir, m) = manifest_of(root, name)?;
-    let target = if m.kind == "file" { dir.join(&m.name) } else { dir.clone() };
+    // The model (file or folder) sits in its registry folder under its own name.
+    let target = dir.join(&m.name);
     let model = Model::open(&target, ReadMode::default())?;
     let now = manifest::integrity(&model).map_err(anyhow::Error::msg)?;
     let diffs = manifest::differences(&m.integrity, &now);

@@ -63,7 +63,7 @@ impl std::fmt::Display for Stage {
 }
 
 /// The built-in plugins this build ships.
-pub const BUILTINS: [&str; 10] = [
+pub const BUILTINS: [&str; 11] = [
     "source_policy",
     "format_gate",
     "integrity_check",
@@ -74,6 +74,7 @@ pub const BUILTINS: [&str; 10] = [
     "entropy",
     "provenance",
     "behavioral",
+    "diffusion_deep_scan",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -793,8 +794,9 @@ mod tests {
 
     #[test]
     fn enabled_stage_without_a_plugin_is_an_error() {
-        let text = DEFAULT_POLICY.replacen("diffusion_deep_scan: false", "diffusion_deep_scan: true", 1);
-        let e = Policy::from_texts("p.yaml", &text, None, None).unwrap_err().to_string();
+        let at = DEFAULT_POLICY.find("  diffusion_deep_scan:\n    #").expect("the default chain has stage 7");
+        let text = &DEFAULT_POLICY[..at];
+        let e = Policy::from_texts("p.yaml", text, None, None).unwrap_err().to_string();
         assert!(e.contains("chain.diffusion_deep_scan"), "{e}");
     }
 

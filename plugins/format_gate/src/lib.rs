@@ -11,6 +11,13 @@ struct Config {
     allowed_formats: Vec<String>,
     #[serde(default = "default_denied")]
     denied_formats: Vec<String>,
+    /// What the files of a folder model (diffusers) may be.
+    #[serde(default = "default_folder_allowed")]
+    folder_allowed_formats: Vec<String>,
+}
+
+fn default_folder_allowed() -> Vec<String> {
+    ["safetensors", "json", "text"].map(String::from).to_vec()
 }
 
 fn default_allowed() -> Vec<String> {
@@ -149,9 +156,23 @@ impl Stage for FormatGate {
         if files.is_empty() {
             return Report::fail("the model has no regular files");
         }
+        // A folder's links and special files are never followed by the host; a
+        // model that contains them is refused here, naming the entry.
+        if let Some(s) = model.surroundings().first() {
+            let reason = format!(
+                "{}: the model folder holds a {}{}; links and special files are not accepted in models",
+                s.path,
+                s.kind,
+                if s.detail.is_empty() { String::new() } else { format!(" ({})", s.detail) }
+            );
+            let finding =
+                Finding::new(format!("format.{}", s.kind), Severity::Critical, reason.clone()).at(s.path.clone());
+            return Report::fail(reason).finding(finding);
+        }
+        let allowed = if model.kind() == "folder" { &config.folder_allowed_formats } else { &config.allowed_formats };
         let mut formats: Vec<&'static str> = Vec::new();
         for file in &files {
-            if let Err((reason, finding)) = check(file, &config.allowed_formats, &config.denied_formats) {
+            if let Err((reason, finding)) = check(file, allowed, &config.denied_formats) {
                 // A single-file model's path is the model itself: keep the reason short.
                 let reason = if files.len() == 1 {
                     reason.strip_prefix(&format!("{}: ", file.path())).map(str::to_owned).unwrap_or(reason)
