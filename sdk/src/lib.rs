@@ -112,6 +112,11 @@ pub mod context {
     pub fn pinned_sha256() -> Option<String> {
         c::pinned_sha256()
     }
+
+    /// A folder model's per-file pins, (path, sha256); empty when it has none.
+    pub fn pinned_files() -> Vec<(String, String)> {
+        c::pinned_files()
+    }
 }
 
 /// Log lines that the host attaches to this stage's span.

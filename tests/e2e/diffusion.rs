@@ -331,3 +331,55 @@ fn a_diffusers_folder_is_promoted_verified_and_rescanned_through_the_watcher() {
     let (code, out) = lab.run(&["verify", "bad-sd"]);
     assert_eq!(code, 0, "{out}");
 }
+
+#[test]
+fn a_promoted_folder_is_pinned_per_file_and_a_changed_copy_fails_integrity() {
+    let lab = Lab::new();
+    tiny_diffusers(&lab.incoming(), "tiny-sd");
+    let out = lab.watch_once();
+    assert!(out.contains("PROMOTED: tiny-sd"), "{out}");
+    let pins = std::fs::read_to_string(lab.root.join("state/models.lock.yaml")).unwrap();
+    assert!(pins.contains("unet/diffusion_pytorch_model.safetensors:"), "{pins}");
+    assert!(pins.contains("scheduler/scheduler_config.json:"), "{pins}");
+    // The same model again, elsewhere: it matches its pins.
+    let d = tmp();
+    let copy = tiny_diffusers(d.path(), "tiny-sd");
+    let scan = |p: &Path| scan_in(&lab.root, p, &["--format", "json"], &[]);
+    let s = scan(&copy);
+    assert_passed(&s);
+    assert_eq!(s.stage("integrity_check")["summary"], "11 files match their pins");
+    // A changed scheduler and an added file: integrity fails and names both.
+    std::fs::write(copy.join("scheduler/scheduler_config.json"), SCHEDULER.replace("1000", "500")).unwrap();
+    std::fs::write(copy.join("README.md"), "# tiny\n").unwrap();
+    let s = scan(&copy);
+    assert_rejected(&s, "integrity_check", "2 file(s) differ from their pins");
+    assert_eq!(
+        finding_at(&s, "integrity_check", "scheduler/scheduler_config.json")["rule"],
+        "integrity.sha256-mismatch"
+    );
+    assert_eq!(finding_at(&s, "integrity_check", "README.md")["rule"], "integrity.unpinned-file");
+}
+
+#[test]
+fn folder_limits_come_from_the_policy() {
+    let d = tmp();
+    let root = tiny_diffusers(d.path(), "m");
+    let with = |limits: &str| {
+        policy_dir(&d.path().join(limits.replace([' ', ':'], "")), |t| {
+            t.replacen("  max_files: 10000\n  max_depth: 32\n  max_total_gib: 512\n", limits, 1)
+        })
+    };
+    let cases = [
+        ("  max_files: 10\n", "folder holds more than 10 files"),
+        ("  max_depth: 0\n", "folder is nested deeper than 0 levels"),
+        ("  max_total_gib: 0\n", "folder holds more than 0 bytes"),
+    ];
+    for (limits, needle) in cases {
+        let pol = with(limits);
+        let s = scan_json(&root, &["--policy", pol.to_str().unwrap()]);
+        assert_eq!(s.code, 2, "{limits}: {}{}", s.stdout, s.stderr);
+        assert!(s.stderr.contains(needle) && s.stderr.contains("/m"), "{limits}: {}", s.stderr);
+    }
+    // Within the defaults it opens and passes.
+    assert_passed(&scan_json(&root, &[]));
+}

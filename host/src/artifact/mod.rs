@@ -171,6 +171,8 @@ pub enum OpenError {
     TooManyFiles { path: PathBuf, limit: usize },
     #[error("{path}: folder is nested deeper than {limit} levels")]
     TooDeep { path: PathBuf, limit: usize },
+    #[error("{path}: folder holds more than {limit} bytes")]
+    TooLarge { path: PathBuf, limit: u64 },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OpenError + '_ {
@@ -326,13 +328,44 @@ impl ModelKind {
     }
 }
 
-/// Limits on walking a folder model.
-const MAX_FILES: usize = 10_000;
-const MAX_DEPTH: usize = 32;
+/// Limits on walking a folder model (the policy's `folders` section).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FolderLimits {
+    /// Regular files, at most.
+    #[serde(default = "default_max_files")]
+    pub max_files: usize,
+    /// Nested folders below the model's root, at most.
+    #[serde(default = "default_max_depth")]
+    pub max_depth: usize,
+    /// All files together, at most, in GiB.
+    #[serde(default = "default_max_total_gib")]
+    pub max_total_gib: u64,
+}
+
+fn default_max_files() -> usize {
+    10_000
+}
+fn default_max_depth() -> usize {
+    32
+}
+fn default_max_total_gib() -> u64 {
+    512
+}
+
+impl Default for FolderLimits {
+    fn default() -> Self {
+        FolderLimits {
+            max_files: default_max_files(),
+            max_depth: default_max_depth(),
+            max_total_gib: default_max_total_gib(),
+        }
+    }
+}
 
 impl Model {
     /// Opens a single file or a folder, never following links.
-    pub fn open(path: &Path, mode: ReadMode) -> Result<Model, OpenError> {
+    pub fn open(path: &Path, mode: ReadMode, limits: &FolderLimits) -> Result<Model, OpenError> {
         let meta = fs::symlink_metadata(path).map_err(io_err(path))?;
         let name =
             path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string());
@@ -355,7 +388,8 @@ impl Model {
         }
         let mut files = Vec::new();
         let mut surroundings = Vec::new();
-        walk(path, path, 0, mode, &mut files, &mut surroundings)?;
+        let mut total = 0u64;
+        walk(path, path, 0, mode, limits, &mut total, &mut files, &mut surroundings)?;
         files.sort_by(|a: &Arc<ModelFile>, b| a.rel_path.cmp(&b.rel_path));
         Ok(Model { name, kind: ModelKind::Folder, root: path.to_path_buf(), files, surroundings })
     }
@@ -366,16 +400,19 @@ impl Model {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one recursive walk; a struct for its state would only rename them
 fn walk(
     root: &Path,
     dir: &Path,
     depth: usize,
     mode: ReadMode,
+    limits: &FolderLimits,
+    total: &mut u64,
     files: &mut Vec<Arc<ModelFile>>,
     surroundings: &mut Vec<Surrounding>,
 ) -> Result<(), OpenError> {
-    if depth > MAX_DEPTH {
-        return Err(OpenError::TooDeep { path: root.to_path_buf(), limit: MAX_DEPTH });
+    if depth > limits.max_depth {
+        return Err(OpenError::TooDeep { path: root.to_path_buf(), limit: limits.max_depth });
     }
     let mut entries: Vec<_> = fs::read_dir(dir).map_err(io_err(dir))?.collect::<Result<_, _>>().map_err(io_err(dir))?;
     entries.sort_by_key(|e| e.file_name());
@@ -388,10 +425,15 @@ fn walk(
             let target = fs::read_link(&path).map(|t| t.display().to_string()).unwrap_or_default();
             surroundings.push(Surrounding { kind: "symlink", path: rel, detail: target });
         } else if ft.is_dir() {
-            walk(root, &path, depth + 1, mode, files, surroundings)?;
+            walk(root, &path, depth + 1, mode, limits, total, files, surroundings)?;
         } else if ft.is_file() {
-            if files.len() >= MAX_FILES {
-                return Err(OpenError::TooManyFiles { path: root.to_path_buf(), limit: MAX_FILES });
+            if files.len() >= limits.max_files {
+                return Err(OpenError::TooManyFiles { path: root.to_path_buf(), limit: limits.max_files });
+            }
+            *total = total.saturating_add(meta.len());
+            let max_bytes = limits.max_total_gib.saturating_mul(1 << 30);
+            if *total > max_bytes {
+                return Err(OpenError::TooLarge { path: root.to_path_buf(), limit: max_bytes });
             }
             if meta.nlink() > 1 {
                 surroundings.push(Surrounding {

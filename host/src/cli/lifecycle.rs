@@ -284,7 +284,10 @@ pub fn verify(root: &Root, name: &str) -> Result<ExitCode> {
     let (dir, m) = manifest_of(root, name)?;
     // The model (file or folder) sits in its registry folder under its own name.
     let target = dir.join(&m.name);
-    let model = Model::open(&target, ReadMode::default())?;
+    // What was promoted passed the policy's folder limits; verify re-reads it whole.
+    let unbounded =
+        crate::artifact::FolderLimits { max_files: usize::MAX, max_depth: usize::MAX, max_total_gib: u64::MAX };
+    let model = Model::open(&target, ReadMode::default(), &unbounded)?;
     let now = manifest::integrity(&model).map_err(anyhow::Error::msg)?;
     let diffs = manifest::differences(&m.integrity, &now);
     if diffs.is_empty() {

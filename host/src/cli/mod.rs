@@ -173,12 +173,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             {
                 bail!("--sha256 {s:?} is not 64 hex digits");
             }
-            let input = ScanInput { origin, sha256, read_mode: if pread { ReadMode::Pread } else { ReadMode::Mmap } };
+            let input = ScanInput {
+                origin,
+                sha256,
+                pinned_files: None,
+                read_mode: if pread { ReadMode::Pread } else { ReadMode::Mmap },
+            };
             // Opening the first model starts its hashing thread, the longest
             // single job of a scan, so it runs while the plugins load.
-            let first = paths.first().map(|p| Model::open(p, input.read_mode).map(Arc::new));
+            let policy = load_policy(engine.policy.as_deref())?;
+            let first = paths.first().map(|p| Model::open(p, input.read_mode, &policy.folder_limits).map(Arc::new));
             let pins = policy::load_pins(&Root::new(&root).pins())?;
-            let (scanner, _policy) = scanner(&engine, &root, pins)?;
+            let (scanner, _policy) = scanner(&engine, &root, pins, policy)?;
             scan_all(&scanner, &paths, first, &input, format)
         }
         Command::Init => {
@@ -193,7 +199,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Watch { engine, once, settle_ms, jobs } => {
             let r = Root::new(&root);
             r.check()?;
-            let (scanner, policy) = scanner(&engine, &root, Default::default())?;
+            let (scanner, policy) =
+                scanner(&engine, &root, Default::default(), load_policy(engine.policy.as_deref())?)?;
             let q = Quarantine::new(r, &scanner, &policy)?;
             lifecycle::watch(&q, once, std::time::Duration::from_millis(settle_ms), jobs.into())
         }
@@ -209,13 +216,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// Loads the policy and its plugins.
+/// Loads the policy's plugins.
 fn scanner(
     engine: &EngineArgs,
     root: &Path,
-    pins: std::collections::BTreeMap<String, String>,
+    pins: std::collections::BTreeMap<String, policy::Pin>,
+    policy: Policy,
 ) -> Result<(Scanner, Policy)> {
-    let policy = load_policy(engine.policy.as_deref())?;
     let plugin_dir = match &engine.plugin_dir {
         Some(d) => d.clone(),
         None => default_plugin_dir()?,
@@ -267,7 +274,8 @@ fn scan_all(
                 progress.event(&e);
             }
         };
-        let opened = first.take().unwrap_or_else(|| Model::open(path, input.read_mode).map(Arc::new));
+        let opened =
+            first.take().unwrap_or_else(|| Model::open(path, input.read_mode, scanner.folder_limits()).map(Arc::new));
         let result = opened.map_err(ScanError::from).map(|model| scanner.scan_model(&model, path, input, &mut print));
         progress.clear();
         match result {

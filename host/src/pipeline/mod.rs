@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::artifact::{Model, OpenError, ReadMode};
 use crate::plugin::Grant;
 use crate::plugin::{Finding, Origin, Plugin, RunContext, Runtime, Verdict};
-use crate::policy::{ChainEntry, PluginSource, Policy, Stage};
+use crate::policy::{ChainEntry, Pin, PluginSource, Policy, Stage};
 
 /// Why a scan could not run at all (exit 2), as opposed to a rejection.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +100,8 @@ pub enum Event<'a> {
 pub struct ScanInput {
     pub origin: Option<String>,
     pub sha256: Option<String>,
+    /// Per-file pins of a folder model, overriding the scanner's (the watcher reads them per model).
+    pub pinned_files: Option<BTreeMap<String, String>>,
     pub read_mode: ReadMode,
 }
 
@@ -116,8 +118,9 @@ struct Loaded {
 pub struct Scanner {
     runtime: Runtime,
     chain: BTreeMap<Stage, Vec<Loaded>>,
-    pins: BTreeMap<String, String>,
+    pins: BTreeMap<String, Pin>,
     inference: crate::inference::InferenceConfig,
+    folder_limits: crate::artifact::FolderLimits,
 }
 
 impl Scanner {
@@ -128,7 +131,7 @@ impl Scanner {
         runtime: Runtime,
         policy: &Policy,
         plugin_dir: &Path,
-        pins: BTreeMap<String, String>,
+        pins: BTreeMap<String, Pin>,
     ) -> Result<Scanner, ScanError> {
         let mut chain = BTreeMap::new();
         for (stage, entries) in &policy.chain {
@@ -163,12 +166,12 @@ impl Scanner {
             }
             chain.insert(*stage, loaded);
         }
-        Ok(Scanner { runtime, chain, pins, inference: policy.inference.clone() })
+        Ok(Scanner { runtime, chain, pins, inference: policy.inference.clone(), folder_limits: policy.folder_limits })
     }
 
     /// Scans one model, reporting progress through `on_event`.
     pub fn scan(&self, path: &Path, input: &ScanInput, on_event: &mut dyn FnMut(Event)) -> Result<Outcome, ScanError> {
-        let model = Arc::new(Model::open(path, input.read_mode)?);
+        let model = Arc::new(Model::open(path, input.read_mode, &self.folder_limits)?);
         Ok(self.scan_model(&model, path, input, on_event))
     }
 
@@ -182,13 +185,22 @@ impl Scanner {
     ) -> Outcome {
         on_event(Event::Processing(&model.name));
         let origin = resolve_origin(path, input.origin.as_deref());
-        let pinned = input.sha256.clone().or_else(|| self.pins.get(&model.name).cloned());
+        let (pinned, pinned_files) = match (&input.sha256, self.pins.get(&model.name)) {
+            (Some(sha), _) => (Some(sha.clone()), Vec::new()),
+            (None, _) if input.pinned_files.is_some() => {
+                (None, input.pinned_files.clone().unwrap_or_default().into_iter().collect())
+            }
+            (None, Some(Pin::File(sha))) => (Some(sha.clone()), Vec::new()),
+            (None, Some(Pin::Folder(files))) => (None, files.clone().into_iter().collect()),
+            (None, None) => (None, Vec::new()),
+        };
 
         let run = |stage: Stage, l: &Loaded| {
             let ctx = Arc::new(RunContext {
                 config_json: l.entry.config.to_string(),
                 origin: origin.clone(),
                 pinned_sha256: pinned.clone(),
+                pinned_files: pinned_files.clone(),
                 inference: l.entry.grants.contains(&Grant::Inference).then(|| self.inference.clone()),
             });
             self.run_entry(stage, l, model, ctx)
@@ -333,6 +345,11 @@ impl Scanner {
             log,
             elapsed_ms,
         }
+    }
+
+    /// The policy's limits on walking folder models.
+    pub fn folder_limits(&self) -> &crate::artifact::FolderLimits {
+        &self.folder_limits
     }
 
     /// The stages the policy switches off.

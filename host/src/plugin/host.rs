@@ -429,6 +429,10 @@ impl context::Host for HostState {
     fn pinned_sha256(&mut self) -> Result<Option<String>> {
         Ok(self.ctx.pinned_sha256.clone())
     }
+
+    fn pinned_files(&mut self) -> Result<Vec<(String, String)>> {
+        Ok(self.ctx.pinned_files.clone())
+    }
 }
 
 impl log::Host for HostState {

@@ -108,6 +108,8 @@ pub struct RunContext {
     pub config_json: String,
     pub origin: Option<Origin>,
     pub pinned_sha256: Option<String>,
+    /// Per-file pins of a folder model: (path, sha256).
+    pub pinned_files: Vec<(String, String)>,
     /// The inference backend, for a plugin granted `inference`.
     pub inference: Option<crate::inference::InferenceConfig>,
 }

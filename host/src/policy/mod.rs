@@ -145,6 +145,8 @@ struct PolicyFile {
     provenance: ProvenanceFile,
     #[serde(default)]
     inference: crate::inference::InferenceConfig,
+    #[serde(default)]
+    folders: crate::artifact::FolderLimits,
 }
 
 #[derive(Deserialize, Default)]
@@ -320,8 +322,21 @@ pub struct AllowEntry {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PinsFile {
+    /// File models: name -> sha256. (Unquoted hex that YAML would read as a
+    /// number still arrives as text, because the target is a string.)
     #[serde(default)]
     models: UniqueMap<String, String>,
+    /// Folder models: name -> (path -> sha256).
+    #[serde(default)]
+    folders: UniqueMap<String, UniqueMap<String, String>>,
+}
+
+/// A model's pin in `models.lock.yaml`: one sha256 for a file model (under
+/// `models`), one per file, by path in the folder, for a folder model (under `folders`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pin {
+    File(String),
+    Folder(BTreeMap<String, String>),
 }
 
 // ---- the loaded policy ----
@@ -373,6 +388,8 @@ pub struct Policy {
     pub trusted_keys: Vec<TrustedKey>,
     /// `inference`: the backend for plugins granted `inference`.
     pub inference: crate::inference::InferenceConfig,
+    /// `folders`: limits on walking a folder model.
+    pub folder_limits: crate::artifact::FolderLimits,
 }
 
 impl Policy {
@@ -545,6 +562,7 @@ impl Policy {
             require_signature: pf.provenance.require_signature,
             trusted_keys,
             inference,
+            folder_limits: pf.folders,
         })
     }
 }
@@ -744,25 +762,36 @@ fn entry(
 }
 
 /// Pins: model name → sha256, from `models.lock.yaml`.
-pub fn load_pins(path: &Path) -> Result<BTreeMap<String, String>, PolicyError> {
+pub fn load_pins(path: &Path) -> Result<BTreeMap<String, Pin>, PolicyError> {
     if !path.exists() {
         return Ok(BTreeMap::new());
     }
     let file = path.display().to_string();
     let text = read(path)?;
     let pins: PinsFile = parse_yaml(&file, &text)?;
-    for (name, sha) in &pins.models.0 {
-        if !is_sha256(sha) {
-            let key = format!("models.{name}");
-            return Err(PolicyError::Invalid {
-                line: line_of(&text, &key),
-                file,
-                key,
-                message: format!("{sha:?} is not 64 hex digits"),
-            });
+    let invalid = |key: String, message: String| PolicyError::Invalid {
+        line: line_of(&text, &key),
+        file: file.clone(),
+        key,
+        message,
+    };
+    let mut out = BTreeMap::new();
+    for (name, sha) in pins.models.0 {
+        if !is_sha256(&sha) {
+            return Err(invalid(format!("models.{name}"), format!("{sha:?} is not 64 hex digits")));
         }
+        out.insert(name, Pin::File(sha));
     }
-    Ok(pins.models.0)
+    for (name, files) in pins.folders.0 {
+        if let Some((p, sha)) = files.0.iter().find(|(_, sha)| !is_sha256(sha)) {
+            return Err(invalid(format!("folders.{name}.{p}"), format!("{sha:?} is not 64 hex digits")));
+        }
+        if out.contains_key(&name) {
+            return Err(invalid(format!("folders.{name}"), format!("{name} is pinned under models too")));
+        }
+        out.insert(name, Pin::Folder(files.0));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

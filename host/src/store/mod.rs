@@ -277,12 +277,18 @@ impl<'a> Quarantine<'a> {
         if let Some(why) = Self::unclaimable(path)? {
             return Ok(Self::reject_decision("claim", format!("{} {why}", claim.name), serde_json::Value::Null));
         }
-        let model = match Model::open(path, ReadMode::default()) {
+        let model = match Model::open(path, ReadMode::default(), &self.policy.folder_limits) {
             Ok(m) => Arc::new(m),
             Err(e) => return Ok(Self::reject_decision("claim", e.to_string(), serde_json::Value::Null)),
         };
         let pins = policy::load_pins(&self.root.pins()).map_err(io::Error::other)?;
-        let input = ScanInput { origin: None, sha256: pins.get(&claim.name).cloned(), read_mode: ReadMode::default() };
+        // The pins as they are now: one recorded since the watcher started applies.
+        let (sha256, pinned_files) = match pins.get(&claim.name) {
+            Some(policy::Pin::File(sha)) => (Some(sha.clone()), None),
+            Some(policy::Pin::Folder(files)) => (None, Some(files.clone())),
+            None => (None, Some(Default::default())),
+        };
+        let input = ScanInput { origin: None, sha256, pinned_files, read_mode: ReadMode::default() };
         let outcome = self.scanner.scan_model(&model, path, &input, on_event);
         let outcome_json = serde_json::to_value(&outcome).map_err(io::Error::other)?;
         if outcome.verdict != "pass" {
@@ -361,11 +367,15 @@ impl<'a> Quarantine<'a> {
     fn finish_promotion(&self, dir: &Path) -> io::Result<Disposition> {
         let manifest: Manifest = read_json(&dir.join("manifest.json"))?;
         let decision: Decision = read_json(&dir.join("decision.json"))?;
-        let file = manifest.integrity.files.first();
-        if manifest.kind == "file"
-            && let Some(f) = file
-        {
-            self.record_pin(&manifest.name, &f.sha256)?;
+        let pin = if manifest.kind == "file" {
+            manifest.integrity.files.first().map(|f| policy::Pin::File(f.sha256.clone()))
+        } else {
+            Some(policy::Pin::Folder(
+                manifest.integrity.files.iter().map(|f| (f.path.clone(), f.sha256.clone())).collect(),
+            ))
+        };
+        if let Some(pin) = pin {
+            self.record_pin(&manifest.name, pin)?;
         }
         let mut index = self.index()?;
         index.retain(|e| e.name != manifest.name);
@@ -489,12 +499,12 @@ impl<'a> Quarantine<'a> {
         sync_dir(&self.root.scanning())
     }
 
-    fn record_pin(&self, name: &str, sha256: &str) -> io::Result<()> {
+    fn record_pin(&self, name: &str, pin: policy::Pin) -> io::Result<()> {
         let mut pins = policy::load_pins(&self.root.pins()).map_err(io::Error::other)?;
         if pins.contains_key(name) {
             return Ok(());
         }
-        pins.insert(name.to_string(), sha256.to_string());
+        pins.insert(name.to_string(), pin);
         write_atomic(&self.root.pins(), pins_yaml(&pins).as_bytes())
     }
 
@@ -524,14 +534,27 @@ pub fn read_index(root: &Root) -> io::Result<Vec<IndexEntry>> {
     }
 }
 
-fn pins_yaml(pins: &BTreeMap<String, String>) -> String {
+fn pins_yaml(pins: &BTreeMap<String, policy::Pin>) -> String {
     #[derive(Serialize)]
     struct Pins<'a> {
-        models: &'a BTreeMap<String, String>,
+        models: BTreeMap<&'a str, &'a str>,
+        #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+        folders: BTreeMap<&'a str, &'a BTreeMap<String, String>>,
+    }
+    let mut out = Pins { models: BTreeMap::new(), folders: BTreeMap::new() };
+    for (name, pin) in pins {
+        match pin {
+            policy::Pin::File(sha) => {
+                out.models.insert(name, sha);
+            }
+            policy::Pin::Folder(files) => {
+                out.folders.insert(name, files);
+            }
+        }
     }
     format!(
-        "# Pins: model name -> sha256, recorded on first promotion.\n{}",
-        serde_norway::to_string(&Pins { models: pins }).unwrap_or_default()
+        "# Pins, recorded on first promotion: models: name -> sha256 (a file); folders: name -> path -> sha256.\n{}",
+        serde_norway::to_string(&out).unwrap_or_default()
     )
 }
 

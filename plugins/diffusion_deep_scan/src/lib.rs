@@ -16,7 +16,8 @@
 //!   beta_end < 1, a positive step count) and no string field that is a URL,
 //!   a path or code;
 //! * a shipped `SHA256SUMS` must list every other file with the sha256 the
-//!   host computed; without one, the hashes are recorded (the manifest keeps them);
+//!   host computed; without one, the folder's pins (checked by integrity_check)
+//!   apply, and without those the hashes are recorded on promotion;
 //! * any symlink, hardlink, special file or escape fails the stage.
 //!
 //! Every failure names the file. All problems are reported, not just the first.
@@ -587,6 +588,11 @@ fn run(model: &Model, cfg: &Config) -> Result<Report, String> {
                 checksums = format!("{matched} files match SHA256SUMS");
             }
         }
+    }
+
+    if sums_file.is_none() && !context::pinned_files().is_empty() {
+        // The integrity stage compared every file with its pin before this one ran.
+        checksums = format!("{} files pinned in models.lock.yaml (checked by integrity_check)", files.len());
     }
 
     let failed = scan.failed();

@@ -24,14 +24,44 @@ impl Stage for IntegrityCheck {
             if pin.is_some() {
                 return Report::fail("a single sha256 pin cannot apply to a folder model; pin each file");
             }
-            let mut hashed = 0;
+            let pins: std::collections::BTreeMap<String, String> = context::pinned_files().into_iter().collect();
+            let mut findings = Vec::new();
+            let mut bad = |rule: &str, at: &str, message: String| {
+                findings.push(Finding::new(rule, Severity::Critical, message).at(at.to_string()));
+            };
             for f in &files {
-                if let Err(e) = f.sha256() {
-                    return Report::fail(format!("{}: cannot hash: {e}", f.path()));
+                let path = f.path();
+                let actual = match f.sha256() {
+                    Ok(h) => h,
+                    Err(e) => return Report::fail(format!("{path}: cannot hash: {e}")),
+                };
+                match pins.get(&path) {
+                    _ if pins.is_empty() => {}
+                    None => bad("integrity.unpinned-file", &path, format!("{path} is not among the folder's pins")),
+                    Some(expected) if !expected.eq_ignore_ascii_case(&actual) => bad(
+                        "integrity.sha256-mismatch",
+                        &path,
+                        format!("{path}: sha256 mismatch\nexpected: {expected}\nactual:   {actual}"),
+                    ),
+                    Some(_) => {}
                 }
-                hashed += 1;
             }
-            return Report::pass(format!("{hashed} files hashed; no pins yet, they would be recorded on promotion"));
+            for path in pins.keys() {
+                if !files.iter().any(|f| f.path() == *path) {
+                    bad("integrity.missing-file", path, format!("{path} is pinned but missing from the folder"));
+                }
+            }
+            if pins.is_empty() {
+                return Report::pass(format!(
+                    "{} files hashed; no pins yet, they would be recorded on promotion",
+                    files.len()
+                ));
+            }
+            if let Some(first) = findings.first() {
+                let reason = format!("{} file(s) differ from their pins; first: {}", findings.len(), first.message);
+                return Report::fail(reason).findings(findings);
+            }
+            return Report::pass(format!("{} files match their pins", files.len()));
         }
         let file = &files[0];
         let actual = match file.sha256() {
