@@ -240,9 +240,10 @@ fn install_plugins(route: &Route, profile: &str) -> Result<PathBuf> {
 fn build() -> Result<()> {
     let route = toolchain()?;
     build_plugins(&route)?;
-    run(Command::new("cargo")
-        .args(["build", "--release", "-p", "airlock", "-p", "airlock-infer-worker"])
-        .current_dir(root()))?;
+    run(Command::new("cargo").args(["build", "--release", "-p", "airlock"]).current_dir(root()))?;
+    // Built on its own, as `xtask test` does: built together with the host, its
+    // dependencies resolve other features and llama.cpp would be compiled twice.
+    run(Command::new("cargo").args(["build", "--release", "-p", "airlock-infer-worker"]).current_dir(root()))?;
     let dir = install_plugins(&route, "release")?;
     println!("xtask: built target/release/airlock with built-in plugins in {}", dir.display());
     Ok(())
