@@ -128,6 +128,16 @@ impl InferenceConfig {
     }
 }
 
+/// One generation request, as the plugin made it.
+pub struct Request<'a> {
+    pub prompt: &'a str,
+    /// A system message, placed by the chat template (or sent as a system turn).
+    pub system: Option<&'a str>,
+    pub max_tokens: u32,
+    /// 0 is greedy.
+    pub temperature: f32,
+}
+
 /// One backend, started for one model and one stage run.
 pub enum Session {
     Worker(Worker),
@@ -160,17 +170,10 @@ impl Session {
         }
     }
 
-    pub fn generate(
-        &mut self,
-        prompt: &str,
-        system: Option<&str>,
-        max_tokens: u32,
-        temperature: f32,
-        deadline: Instant,
-    ) -> Result<String, String> {
+    pub fn generate(&mut self, req: &Request, deadline: Instant) -> Result<String, String> {
         match self {
-            Session::Worker(w) => w.generate(prompt, system, max_tokens, temperature, deadline),
-            Session::OpenAi(o) => o.generate(prompt, system, max_tokens, temperature, deadline),
+            Session::Worker(w) => w.generate(req, deadline),
+            Session::OpenAi(o) => o.generate(req, deadline),
         }
     }
 
@@ -324,17 +327,15 @@ impl Worker {
         }
     }
 
-    fn generate(
-        &mut self,
-        prompt: &str,
-        system: Option<&str>,
-        max_tokens: u32,
-        temperature: f32,
-        deadline: Instant,
-    ) -> Result<String, String> {
-        let req = json!({ "prompt": prompt, "system": system, "max_tokens": max_tokens, "temperature": temperature });
+    fn generate(&mut self, req: &Request, deadline: Instant) -> Result<String, String> {
+        let line = json!({
+            "prompt": req.prompt,
+            "system": req.system,
+            "max_tokens": req.max_tokens,
+            "temperature": req.temperature,
+        });
         let sent = match self.stdin.as_mut() {
-            Some(stdin) => writeln!(stdin, "{req}").and_then(|_| stdin.flush()),
+            Some(stdin) => writeln!(stdin, "{line}").and_then(|_| stdin.flush()),
             None => Err(std::io::Error::other("stdin closed")),
         };
         if let Err(e) = sent {
@@ -417,24 +418,17 @@ pub struct OpenAi {
 }
 
 impl OpenAi {
-    fn generate(
-        &mut self,
-        prompt: &str,
-        system: Option<&str>,
-        max_tokens: u32,
-        temperature: f32,
-        deadline: Instant,
-    ) -> Result<String, String> {
+    fn generate(&mut self, req: &Request, deadline: Instant) -> Result<String, String> {
         let mut messages = Vec::new();
-        if let Some(s) = system {
+        if let Some(s) = req.system {
             messages.push(json!({ "role": "system", "content": s }));
         }
-        messages.push(json!({ "role": "user", "content": prompt }));
+        messages.push(json!({ "role": "user", "content": req.prompt }));
         let body = json!({
             "model": self.cfg.model,
             "messages": messages,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
+            "max_tokens": req.max_tokens,
+            "temperature": req.temperature,
         });
         let url = format!("{}/chat/completions", self.cfg.base_url.trim_end_matches('/'));
         let wait = deadline.saturating_duration_since(Instant::now());

@@ -515,7 +515,13 @@ impl inference::Host for HostState {
         let deadline = self.deadline;
         let result = match self.inference.as_mut().expect("set above") {
             Ok(session) => {
-                session.generate(&prompt, opts.system.as_deref(), opts.max_tokens, opts.temperature, deadline)
+                let req = crate::inference::Request {
+                    prompt: &prompt,
+                    system: opts.system.as_deref(),
+                    max_tokens: opts.max_tokens,
+                    temperature: opts.temperature,
+                };
+                session.generate(&req, deadline)
             }
             Err(why) => Err(format!("the inference backend could not start: {why}")),
         };
