@@ -215,6 +215,19 @@ pub struct Worker {
     ready: serde_json::Value,
     stats: Stats,
     failed: Option<String>,
+    /// Set once `finish` has reaped the process through `wait4`.
+    reaped: bool,
+}
+
+/// A worker dropped without `finish` (it failed to start) is killed and
+/// reaped, so a long-running watcher collects no zombies.
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 const STDERR_KEEP: usize = 8 << 10;
@@ -286,7 +299,16 @@ impl Worker {
             });
         }
         let stdin = child.stdin.take();
-        let mut w = Worker { child, stdin, lines, stderr, ready: json!(null), stats: Stats::default(), failed: None };
+        let mut w = Worker {
+            child,
+            stdin,
+            lines,
+            stderr,
+            ready: json!(null),
+            stats: Stats::default(),
+            failed: None,
+            reaped: false,
+        };
         let first = w.reply(deadline, "loading the model")?;
         match first.get("ready") {
             Some(r) => w.ready = r.clone(),
@@ -368,7 +390,11 @@ impl Worker {
         loop {
             // SAFETY: waits for our own child; WNOHANG never blocks.
             let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
-            if r == pid || r < 0 {
+            if r == pid {
+                self.reaped = true;
+                break;
+            }
+            if r < 0 {
                 break;
             }
             if Instant::now() > deadline {
