@@ -34,6 +34,15 @@ impl<'a> ChunkReader<'a> {
         self.chunk = chunk.max(1);
         self
     }
+    /// All the bytes of the range in one buffer: for small files (configs,
+    /// templates) that are parsed whole. Check the size before calling it.
+    pub fn collect_bytes(self) -> Result<Vec<u8>, String> {
+        let mut bytes = Vec::new();
+        for piece in self {
+            bytes.extend(piece?.1);
+        }
+        Ok(bytes)
+    }
 }
 
 impl Iterator for ChunkReader<'_> {

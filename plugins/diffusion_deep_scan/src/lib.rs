@@ -196,11 +196,7 @@ fn read_all(file: &File, max: u64) -> Result<Vec<u8>, String> {
     if file.size() > max {
         return Err(format!("{} bytes, above the limit of {max}", file.size()));
     }
-    let mut bytes = Vec::new();
-    for piece in ChunkReader::file(file) {
-        bytes.extend(piece?.1);
-    }
-    Ok(bytes)
+    ChunkReader::file(file).collect_bytes()
 }
 
 fn depth(v: &Value) -> usize {

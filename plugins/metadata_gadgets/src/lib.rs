@@ -205,10 +205,7 @@ impl Scan<'_> {
                 }
             }
             Format::Json => {
-                let mut text = Vec::new();
-                for chunk in ChunkReader::file(file) {
-                    text.extend(chunk?.1);
-                }
+                let text = ChunkReader::file(file).collect_bytes()?;
                 self.text(&String::from_utf8_lossy(&text), &path);
             }
             _ => {}

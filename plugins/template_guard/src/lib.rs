@@ -318,10 +318,7 @@ fn read_text(file: &File) -> Result<String, String> {
             file.size()
         ));
     }
-    let mut bytes = Vec::new();
-    for piece in airlock_sdk::ChunkReader::file(file) {
-        bytes.extend(piece?.1);
-    }
+    let bytes = airlock_sdk::ChunkReader::file(file).collect_bytes()?;
     String::from_utf8(bytes).map_err(|e| format!("{} is not UTF-8: {e}", file.path()))
 }
 
