@@ -38,7 +38,7 @@ pub mod tensor;
 pub mod __private {
     pub mod wit {
         wit_bindgen::generate!({
-            path: "../wit",
+            path: "../wit/stage.wit",
             world: "stage",
             pub_export_macro: true,
             export_macro_name: "__export_stage_world",
@@ -116,6 +116,13 @@ pub mod context {
     /// A folder model's per-file pins, (path, sha256); empty when it has none.
     pub fn pinned_files() -> Vec<(String, String)> {
         c::pinned_files()
+    }
+
+    /// Bytes this run may still read before the host stops it (the policy's
+    /// `max_total_read_mib`, by default four passes over the model). Needs a
+    /// host that serves `airlock:stage@0.2`.
+    pub fn read_budget() -> u64 {
+        c::read_budget()
     }
 }
 

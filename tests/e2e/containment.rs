@@ -108,7 +108,7 @@ fn an_ungranted_import_is_refused_at_load_time() {
     assert_rejected(
         &s,
         "provenance_check",
-        "refused at load time: import \"airlock:stage/inference@0.1.0\" refused: the capability \"inference\" is not granted",
+        "refused at load time: import \"airlock:stage/inference@0.2.0\" refused: the capability \"inference\" is not granted",
     );
     // With the grant it loads and runs (and fails honestly: llama.cpp cannot load this model).
     let d2 = tmp();
@@ -171,4 +171,81 @@ fn a_core_module_is_refused() {
     let model = Gguf::default().write(d.path(), "m.gguf");
     let s = scan_json(&model, &["--policy", pol.to_str().unwrap()]);
     assert_rejected(&s, "provenance_check", "not a WebAssembly component");
+}
+
+/// A GGUF of about `mib` MiB (one F32 tensor).
+fn big_gguf(dir: &Path, mib: u64) -> PathBuf {
+    let g = Gguf { tensors: vec![f32_tensor("token_embd.weight", &[1024, mib * 256])], ..Gguf::default() };
+    g.write(dir, "big.gguf")
+}
+
+#[test]
+fn a_flood_of_reads_is_stopped_at_the_read_budget() {
+    let d = tmp();
+    let pol = hostile_policy(
+        d.path(),
+        "misbehave",
+        "      config: { mode: read-loop }\n      limits: { max_total_read_mib: 3 }\n",
+    );
+    let model = big_gguf(d.path(), 1);
+    let s = scan_json(&model, &["--policy", pol.to_str().unwrap()]);
+    assert_rejected(&s, "provenance_check", "limit hit: read limit of 3145728 bytes exceeded");
+}
+
+#[test]
+fn the_default_read_budget_is_four_passes_over_the_model() {
+    let d = tmp();
+    let pol = hostile_policy(d.path(), "misbehave", "      config: { mode: read-loop }\n");
+    let model = big_gguf(d.path(), 1);
+    let size = std::fs::metadata(&model).unwrap().len();
+    let s = scan_json(&model, &["--policy", pol.to_str().unwrap()]);
+    let budget = 4 * size + (64 << 20);
+    assert_rejected(&s, "provenance_check", &format!("limit hit: read limit of {budget} bytes exceeded"));
+}
+
+#[test]
+fn a_plugin_sees_its_read_budget_shrink() {
+    let (d, s) = misbehave("read-budget", "      limits: { max_total_read_mib: 1 }\n");
+    assert_eq!(s.code, 0, "{}", s.stdout);
+    let size = std::fs::metadata(d.path().join("m.gguf")).unwrap().len();
+    let n = size.min(4096);
+    let want = format!("budget 1048576 then {} after reading {n}", (1 << 20) - n);
+    assert_eq!(s.stage("provenance_check")["summary"], want.as_str());
+}
+
+#[test]
+fn each_model_gets_a_fresh_instance() {
+    // The plugin counts its runs in a static; a reused instance would say "run 2".
+    let d = tmp();
+    let pol = hostile_policy(d.path(), "misbehave", "      config: { mode: remember }\n");
+    let a = Gguf::default().write(d.path(), "a.gguf");
+    let b = Gguf::default().write(d.path(), "b.gguf");
+    let out = airlock(d.path())
+        .args(["scan", "--format", "json", "--policy", pol.to_str().unwrap()])
+        .arg(&a)
+        .arg(&b)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        let st = l["stages"].as_array().unwrap().iter().find(|s| s["stage"] == "provenance_check").unwrap();
+        assert_eq!(st["summary"], "run 1 in this instance", "{}", l["model"]);
+    }
+}
+
+#[test]
+fn a_plugin_that_opens_a_socket_is_refused_before_it_runs() {
+    let d = tmp();
+    let pol = hostile_policy(d.path(), "wants_network", "");
+    let model = Gguf::default().write(d.path(), "m.gguf");
+    let s = scan_json(&model, &["--policy", pol.to_str().unwrap()]);
+    assert_rejected(&s, "provenance_check", "refused at load time: import \"wasi:sockets/");
+    assert!(
+        s.stage("provenance_check")["summary"].as_str().unwrap().contains("network access is never granted"),
+        "{}",
+        s.stage("provenance_check")
+    );
 }

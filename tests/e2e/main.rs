@@ -13,6 +13,7 @@ mod gguf_rules;
 mod integrity;
 mod lifecycle;
 mod metadata_gadgets;
+mod plugin_platform;
 mod provenance;
 mod real_models;
 mod safetensors_rules;

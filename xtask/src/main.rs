@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use airlock_wasm_toolchain::{Route, TARGET, rustup_has_target};
 use anyhow::{Context, Result, bail};
 
 /// The plugins shipped as `builtin:<name>`.
@@ -31,7 +32,6 @@ const BUILTINS: [&str; 11] = [
     "behavioral",
     "diffusion_deep_scan",
 ];
-const TARGET: &str = "wasm32-wasip2";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -67,11 +67,6 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn output(cmd: &mut Command) -> Option<String> {
-    let out = cmd.stderr(Stdio::null()).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Runs `cmd` with a time limit; `None` if it failed to start, failed or timed out.
 fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Option<()> {
     let mut child = cmd.spawn().ok()?;
@@ -90,31 +85,6 @@ fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Option<()> {
 }
 
 // ---------------------------------------------------------------- toolchain
-
-/// How guests get built on this machine.
-enum Route {
-    /// rustup's wasm32-wasip2 target for the active toolchain.
-    Rustup,
-    /// Debian's rustc-web 1.96 + rust-web-src with -Zbuild-std, linked by
-    /// wasm-component-ld from crates.io (no rustup download server needed).
-    Debian { linker: PathBuf },
-}
-
-impl Route {
-    fn describe(&self) -> String {
-        match self {
-            Route::Rustup => "route A: rustup target wasm32-wasip2".into(),
-            Route::Debian { linker } => {
-                format!("route B: Debian rustc-web + rust-web-src (-Zbuild-std), linker {}", linker.display())
-            }
-        }
-    }
-}
-
-fn rustup_has_target() -> bool {
-    output(Command::new("rustup").args(["target", "list", "--installed"]))
-        .is_some_and(|s| s.lines().any(|l| l.trim() == TARGET))
-}
 
 /// Picks the first route that works: an installed rustup target; `rustup
 /// target add` within a timeout; the Debian packages. `AIRLOCK_WASM_ROUTE=debian`
@@ -137,11 +107,7 @@ fn toolchain() -> Result<Route> {
 }
 
 fn debian_route() -> Result<Route> {
-    let have_pkgs = Path::new("/usr/bin/rustc").exists()
-        && Path::new("/usr/lib/rustlib/src/rust").exists()
-        && Path::new("/usr/bin/wasm-ld-22").exists()
-        && Path::new("/usr/lib/wasm32-wasi").exists();
-    if !have_pkgs {
+    if !airlock_wasm_toolchain::debian_packages_present() {
         eprintln!("xtask: installing rustc-web cargo-web rust-web-src lld-22 wasi-libc from Debian");
         run(Command::new("apt-get").arg("update").arg("-q"))?;
         run(Command::new("apt-get")
@@ -158,10 +124,7 @@ fn debian_route() -> Result<Route> {
             ])
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
-    let cargo_home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo"));
-    let linker = cargo_home.join("bin").join("wasm-component-ld");
+    let linker = airlock_wasm_toolchain::component_linker();
     if !linker.exists() {
         eprintln!("xtask: installing wasm-component-ld from crates.io");
         run(Command::new("cargo").args(["install", "--locked", "wasm-component-ld@0.5.31"]))?;
@@ -186,39 +149,17 @@ fn guest_target_dir(route: &Route) -> PathBuf {
 
 /// Where the guest workspace puts its components.
 fn components_dir(route: &Route) -> PathBuf {
-    guest_target_dir(route).join(TARGET).join("release")
+    route.components_dir(&guest_target_dir(route))
 }
 
 fn build_plugins(route: &Route) -> Result<()> {
     println!("xtask: building plugins with {}", route.describe());
-    let mut cmd = match route {
-        Route::Rustup => {
-            let mut c = Command::new("cargo");
-            c.args(["build", "--release", "--target", TARGET]);
-            c
-        }
-        Route::Debian { linker } => {
-            // Debian's std source only builds with Debian's compiler of the same version.
-            let mut c = Command::new("/usr/bin/cargo");
-            c.args(["build", "--release", "--target", TARGET, "-Zbuild-std=std,panic_abort"])
-                .env("RUSTC", "/usr/bin/rustc")
-                .env("RUSTC_BOOTSTRAP", "1")
-                .env_remove("RUSTUP_TOOLCHAIN")
-                .env("CARGO_TARGET_WASM32_WASIP2_LINKER", linker)
-                .env(
-                    "CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS",
-                    "-C target-feature=+simd128 -L native=/usr/lib/wasm32-wasi -Clink-arg=--wasm-ld-path=/usr/bin/wasm-ld-22",
-                );
-            c
-        }
-    };
-    // cargo reads .cargo/config.toml from the current directory: run from plugins/.
-    run(cmd.current_dir(plugins_dir()).env("CARGO_TARGET_DIR", guest_target_dir(route)))?;
+    // Run from plugins/, so cargo reads its .cargo/config.toml.
+    run(&mut route.cargo_build(&plugins_dir(), &guest_target_dir(route)))?;
     for name in BUILTINS {
         let wasm = components_dir(route).join(format!("{name}.wasm"));
         let head = std::fs::read(&wasm).with_context(|| format!("missing {}", wasm.display()))?;
-        // A component has layer 1 in the preamble; a core module has layer 0.
-        if head.len() < 8 || head[..4] != *b"\0asm" || head[6..8] != [1, 0] {
+        if !airlock_wasm_toolchain::is_component(&head) {
             bail!("{} is not a component (layer 1) binary", wasm.display());
         }
     }

@@ -17,6 +17,7 @@ use crate::policy::{self, Policy};
 use crate::store::{self, Quarantine, Root};
 
 mod lifecycle;
+mod plugin;
 
 #[derive(Parser)]
 #[command(
@@ -131,6 +132,69 @@ enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// Write, build, inspect and pin third-party plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Check a policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Scaffold a plugin crate: a minimal stage, a test that builds, pins and scans, a README.
+    New {
+        /// The plugin's name (lowercase letters, digits, `_`, `-`).
+        name: String,
+        /// Where to create it. Default: ./NAME
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// The airlock-sdk crate to depend on (by path). Default: $AIRLOCK_SDK, else the
+        /// `sdk/` of the source tree this binary was built from.
+        #[arg(long, value_name = "DIR", env = "AIRLOCK_SDK")]
+        sdk: Option<PathBuf>,
+    },
+    /// Build a plugin crate into a wasm32-wasip2 component with the toolchain route available.
+    /// Prints the component's path on stdout.
+    Build {
+        /// The plugin crate's folder.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Show a component's world and version, imports, exports, size, sha256 and describe().
+    /// Exits 2, naming the import, if this host cannot provide what it needs.
+    Inspect {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutputFormat,
+    },
+    /// Print the policy entry to paste: path, sha256, the grants it asks for, default limits.
+    Pin {
+        file: PathBuf,
+        /// The stage whose chain the entry is for (only changes the comment).
+        #[arg(long, default_value = "static_scan", value_parser = parse_stage)]
+        stage: policy::Stage,
+        /// Run it only on these formats (comma-separated: gguf, safetensors, folder, ...).
+        #[arg(long, value_delimiter = ',')]
+        formats: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a whole policy: it parses, every plugin exists and loads, every third-party
+    /// plugin matches its pin, and each is granted exactly what it imports. Exit 1 on problems.
+    Check {
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
+}
+
+fn parse_stage(s: &str) -> Result<policy::Stage, String> {
+    policy::Stage::ALL
+        .into_iter()
+        .find(|st| st.name() == s)
+        .ok_or_else(|| format!("unknown stage {s:?} (stages: {})", policy::Stage::ALL.map(|st| st.name()).join(", ")))
 }
 
 /// Entry point used by `main`.
@@ -213,6 +277,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { verify } => lifecycle::audit(&Root::new(&root), verify),
+        Command::Plugin(PluginCommand::New { name, dir, sdk }) => plugin::new(&name, dir.as_deref(), sdk.as_deref()),
+        Command::Plugin(PluginCommand::Build { dir }) => plugin::build(&dir),
+        Command::Plugin(PluginCommand::Inspect { file, format }) => {
+            plugin::inspect(&file, format == OutputFormat::Json)
+        }
+        Command::Plugin(PluginCommand::Pin { file, stage, formats }) => plugin::pin(&file, stage, &formats),
+        Command::Policy(PolicyCommand::Check { engine }) => {
+            let policy = match load_policy(engine.policy.as_deref()) {
+                Ok(p) => p,
+                Err(e) => {
+                    println!("PROBLEM  {e:#}");
+                    return Ok(ExitCode::from(1));
+                }
+            };
+            let plugin_dir = match &engine.plugin_dir {
+                Some(d) => d.clone(),
+                None => default_plugin_dir()?,
+            };
+            plugin::policy_check(&policy, &plugin_dir)
+        }
     }
 }
 

@@ -298,6 +298,14 @@ impl Scanner {
 
     /// Runs one plugin of a stage and turns its output into a result.
     fn run_entry(&self, stage: Stage, l: &Loaded, model: &Arc<Model>, ctx: Arc<RunContext>) -> StageResult {
+        if let Some(why) = not_for(&l.entry, model) {
+            return StageResult {
+                plugin: Some(l.label.clone()),
+                plugin_info: l.plugin.as_ref().ok().map(|p| p.info.clone()),
+                plugin_sha256: Some(l.sha256.clone()),
+                ..StageResult::skipped(stage, why)
+            };
+        }
         let mut inference = None;
         let (result, log, elapsed_ms) = match &l.plugin {
             Err(cause) => (Err(cause.clone()), Vec::new(), 0),
@@ -356,6 +364,26 @@ impl Scanner {
     pub fn disabled_stages(&self) -> Vec<String> {
         Stage::ALL.iter().filter(|s| !self.chain.contains_key(s)).map(|s| s.name().to_string()).collect()
     }
+}
+
+/// Why a chain entry with `formats` does not run on this model, if it does not.
+fn not_for(entry: &ChainEntry, model: &Model) -> Option<String> {
+    let formats = entry.formats.as_ref()?;
+    let mut have: Vec<&str> = model.files.iter().map(|f| f.format.name()).collect();
+    if model.kind == crate::artifact::ModelKind::Folder {
+        have.push("folder");
+    }
+    if have.iter().any(|h| formats.iter().any(|f| f == h)) {
+        return None;
+    }
+    have.sort();
+    have.dedup();
+    Some(format!(
+        "not run: the policy runs {} on {} only; this model is {}",
+        entry.source.label(),
+        formats.join(", "),
+        if have.is_empty() { "empty".to_string() } else { have.join(", ") }
+    ))
 }
 
 const ORIGIN_XATTR: &str = "user.xdg.origin.url";

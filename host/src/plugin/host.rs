@@ -42,6 +42,9 @@ pub struct HostState {
     deadline: std::time::Instant,
     /// The inference backend, started on the first `generate` (or why it could not start).
     inference: Option<Result<crate::inference::Session, String>>,
+    /// Bytes handed out by `file.read` so far, and how many this run may have.
+    read_total: u64,
+    read_budget: u64,
 }
 
 impl HostState {
@@ -65,7 +68,19 @@ impl HostState {
             handles: 0,
             deadline,
             inference: None,
+            read_total: 0,
+            read_budget: 0,
         }
+        .with_read_budget()
+    }
+
+    /// The policy's `max_total_read_mib`, or by default four passes over the
+    /// model plus 64 MiB: room for any honest analysis, a stop for a read loop.
+    fn with_read_budget(mut self) -> Self {
+        let size: u64 = self.model.files.iter().map(|f| f.size()).sum();
+        self.read_budget =
+            self.limits.max_total_read.unwrap_or_else(|| size.saturating_mul(4).saturating_add(64 << 20));
+        self
     }
 
     /// Ends the inference session, if one was started, and describes it.
@@ -109,6 +124,21 @@ impl HostState {
         if offset > file.size() {
             return Ok(Err(format!("offset {offset} is past the end of the file ({} bytes)", file.size())));
         }
+        // What this read hands out counts against the run's budget; past it the
+        // plugin is stopped (a trap), not told, so a read loop cannot go on.
+        let n = (len as u64).min(file.size() - offset);
+        if self.read_total + n > self.read_budget {
+            self.limit_hit = true;
+            return Err(format_err!(
+                "read limit of {} bytes exceeded (the plugin had read {} bytes and asked for {} more); \
+                 raise max_total_read_mib for this plugin if it needs more",
+                self.read_budget,
+                self.read_total,
+                n
+            ));
+        }
+        let file = Arc::clone(file);
+        self.read_total += n;
         Ok(file.read_bytes(offset, len as usize).map_err(|e| format!("read at offset {offset} failed: {e}")))
     }
 
@@ -432,6 +462,10 @@ impl context::Host for HostState {
 
     fn pinned_files(&mut self) -> Result<Vec<(String, String)>> {
         Ok(self.ctx.pinned_files.clone())
+    }
+
+    fn read_budget(&mut self) -> Result<u64> {
+        Ok(self.read_budget.saturating_sub(self.read_total))
     }
 }
 

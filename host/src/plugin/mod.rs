@@ -3,6 +3,7 @@
 //! and a fresh, limited `Store` for every (plugin, model) pair.
 
 mod cache;
+mod compat;
 #[doc(hidden)]
 pub mod host;
 mod pipe;
@@ -25,9 +26,10 @@ use pipe::BoundedPipe;
 #[allow(missing_docs)]
 mod bindings {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../wit/stage.wit",
         world: "stage",
         imports: { default: trappable },
+        additional_derives: [serde::Serialize, serde::Deserialize],
         with: {
             "airlock:stage/artifact.model": super::host::ModelHandle,
             "airlock:stage/artifact.file": super::host::FileHandle,
@@ -35,9 +37,28 @@ mod bindings {
     });
 }
 
-/// The WIT package and the major.minor this host implements.
+/// The 0.1 world, for plugins built against the older minor. 0.2 only added
+/// functions, so `host.rs` serves 0.1 by calling the 0.2 functions; its value
+/// types are the same shapes under other Rust names, converted through serde.
+#[allow(missing_docs)]
+pub(crate) mod bindings_v0_1 {
+    wasmtime::component::bindgen!({
+        path: "../wit/archive/0.1.0/stage.wit",
+        world: "stage",
+        imports: { default: trappable },
+        additional_derives: [serde::Serialize, serde::Deserialize],
+        with: {
+            "airlock:stage/artifact.model": super::host::ModelHandle,
+            "airlock:stage/artifact.file": super::host::FileHandle,
+        },
+    });
+}
+
+/// The WIT package, the major.minor this host implements, and the older
+/// minors it still serves (newest first).
 pub const WIT_PACKAGE: &str = "airlock:stage";
-pub const WIT_VERSION: (u64, u64) = (0, 1);
+pub const WIT_VERSION: (u64, u64) = (0, 2);
+pub const WIT_VERSIONS: [(u64, u64); 2] = [(0, 2), (0, 1)];
 
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 const MAX_TABLE_ELEMENTS: usize = 1_000_000;
@@ -79,6 +100,9 @@ pub struct Limits {
     pub max_log_bytes: usize,
     /// Bytes of any single value the host copies in (metadata, tensor table).
     pub max_value_bytes: usize,
+    /// Bytes `read` may hand out over the whole run; `None`: four times the
+    /// model's size plus 64 MiB.
+    pub max_total_read: Option<u64>,
 }
 
 impl Default for Limits {
@@ -90,6 +114,7 @@ impl Default for Limits {
             max_report_bytes: 1 << 20,
             max_log_bytes: 64 << 10,
             max_value_bytes: 64 << 20,
+            max_total_read: None,
         }
     }
 }
@@ -131,7 +156,44 @@ pub struct Plugin {
     pub imports: Vec<String>,
     /// What the plugin's `describe()` returned when it was loaded.
     pub info: StageInfo,
-    pre: bindings::StagePre<HostState>,
+    /// The `airlock:stage` minor it was built against, e.g. `0.1`.
+    pub wit_version: (u64, u64),
+    /// The component's exports, as `name: kind`.
+    pub exports: Vec<String>,
+    pre: Pre,
+}
+
+/// A pre-instantiated plugin of one of the served minors.
+enum Pre {
+    V0_2(bindings::StagePre<HostState>),
+    V0_1(bindings_v0_1::StagePre<HostState>),
+}
+
+type WitReport = bindings::airlock::stage::types::Report;
+type WitInfo = bindings::airlock::stage::types::StageInfo;
+
+impl Pre {
+    fn describe(&self, store: &mut Store<HostState>) -> wasmtime::Result<WitInfo> {
+        match self {
+            Pre::V0_2(p) => p.instantiate(&mut *store)?.call_describe(store),
+            Pre::V0_1(p) => compat::same_shape(p.instantiate(&mut *store)?.call_describe(store)?),
+        }
+    }
+
+    fn run(&self, store: &mut Store<HostState>) -> wasmtime::Result<WitReport> {
+        match self {
+            Pre::V0_2(p) => {
+                let inst = p.instantiate(&mut *store)?;
+                let handle = store.data_mut().model_resource()?;
+                inst.call_run(store, handle)
+            }
+            Pre::V0_1(p) => {
+                let inst = p.instantiate(&mut *store)?;
+                let handle = store.data_mut().model_resource()?;
+                compat::same_shape(inst.call_run(store, handle)?)
+            }
+        }
+    }
 }
 
 /// A plugin's own name, version and description.
@@ -222,21 +284,25 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow::anyhow!("linking WASI: {e:#}"))?;
         bindings::Stage::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| anyhow::anyhow!("linking airlock:stage: {e:#}"))?;
+        bindings_v0_1::Stage::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| anyhow::anyhow!("linking airlock:stage@0.1: {e:#}"))?;
         // `file.read` again, returning `Bytes` instead of the generated `Vec<u8>`: wasmtime
         // lowers `Bytes` straight into guest memory, so a mapped model is copied once per read.
         linker.allow_shadowing(true);
-        linker
-            .instance("airlock:stage/artifact@0.1.0")
-            .and_then(|mut i| {
-                i.func_wrap(
-                    "[method]file.read",
-                    |mut store: wasmtime::StoreContextMut<'_, HostState>,
-                     (f, offset, len): (wasmtime::component::Resource<host::FileHandle>, u64, u32)| {
-                        Ok((store.data_mut().read_shared(&f, offset, len)?,))
-                    },
-                )
-            })
-            .map_err(|e| anyhow::anyhow!("linking file.read: {e:#}"))?;
+        for (major, minor) in WIT_VERSIONS {
+            linker
+                .instance(&format!("{WIT_PACKAGE}/artifact@{major}.{minor}.0"))
+                .and_then(|mut i| {
+                    i.func_wrap(
+                        "[method]file.read",
+                        |mut store: wasmtime::StoreContextMut<'_, HostState>,
+                         (f, offset, len): (wasmtime::component::Resource<host::FileHandle>, u64, u32)| {
+                            Ok((store.data_mut().read_shared(&f, offset, len)?,))
+                        },
+                    )
+                })
+                .map_err(|e| anyhow::anyhow!("linking file.read: {e:#}"))?;
+        }
         linker.allow_shadowing(false);
 
         // The ticker drives epoch deadlines; it stops when the runtime is dropped.
@@ -286,17 +352,40 @@ impl Runtime {
             .filter(|(_, item)| !matches!(item.ty, ComponentItem::Type(_) | ComponentItem::Resource(_)))
             .map(|(name, _)| name.to_string())
             .collect();
+        let mut version: Option<(u64, u64)> = None;
         for import in &imports {
-            check_import(import, grants)?;
+            if let Some(v) = check_import(import, grants)? {
+                match version {
+                    Some(seen) if seen != v => {
+                        return Err(LoadError::Import {
+                            import: import.clone(),
+                            why: format!(
+                                "the plugin mixes {WIT_PACKAGE}@{}.{} and @{}.{} imports; build it against one SDK",
+                                seen.0, seen.1, v.0, v.1
+                            ),
+                        });
+                    }
+                    _ => version = Some(v),
+                }
+            }
         }
-        let pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::Link(format!("{e:#}")))?;
-        let pre = bindings::StagePre::new(pre).map_err(|e| LoadError::Link(format!("{e:#}")))?;
+        let exports: Vec<String> =
+            ty.exports(&self.engine).map(|(name, item)| format!("{name}: {}", item_kind(&item.ty))).collect();
+        let wit_version = version.unwrap_or(WIT_VERSION);
+        let link = |e: wasmtime::Error| {
+            LoadError::Link(format!("not an {WIT_PACKAGE}@{}.{} stage: {e:#}", wit_version.0, wit_version.1))
+        };
+        let pre = self.linker.instantiate_pre(&component).map_err(link)?;
+        let pre = match wit_version {
+            (0, 1) => Pre::V0_1(bindings_v0_1::StagePre::new(pre).map_err(link)?),
+            _ => Pre::V0_2(bindings::StagePre::new(pre).map_err(link)?),
+        };
         let info = self.describe(&pre).map_err(LoadError::Link)?;
-        Ok(Plugin { sha256, imports, info, pre })
+        Ok(Plugin { sha256, imports, info, wit_version, exports, pre })
     }
 
     /// Calls `describe()` in a fresh, limited instance.
-    fn describe(&self, pre: &bindings::StagePre<HostState>) -> Result<StageInfo, String> {
+    fn describe(&self, pre: &Pre) -> Result<StageInfo, String> {
         let nothing = Arc::new(Model {
             name: String::new(),
             kind: crate::artifact::ModelKind::File,
@@ -306,11 +395,8 @@ impl Runtime {
         });
         let limits = Limits { timeout: Duration::from_secs(10), ..Limits::default() };
         let (mut store, output) = self.store(nothing, Arc::default(), limits.clone());
-        let inst =
-            pre.instantiate(&mut store).map_err(|e| format!("describe(): {}", explain(&store, &limits, &output, e)))?;
-        let i = inst
-            .call_describe(&mut store)
-            .map_err(|e| format!("describe(): {}", explain(&store, &limits, &output, e)))?;
+        let i =
+            pre.describe(&mut store).map_err(|e| format!("describe(): {}", explain(&store, &limits, &output, e)))?;
         let cap = |s: String| s.chars().take(256).collect::<String>();
         Ok(StageInfo { name: cap(i.name), version: cap(i.version), description: cap(i.description) })
     }
@@ -338,18 +424,30 @@ impl Runtime {
     pub fn run(&self, plugin: &Plugin, model: Arc<Model>, ctx: Arc<RunContext>, limits: Limits) -> RunOutput {
         let start = Instant::now();
         let (mut store, output) = self.store(model, ctx, limits.clone());
-        let result = (|| {
-            let inst = plugin.pre.instantiate(&mut store).map_err(|e| explain(&store, &limits, &output, e))?;
-            let handle = store.data_mut().model_resource().map_err(|e| format!("{e:#}"))?;
-            let report = inst.call_run(&mut store, handle).map_err(|e| explain(&store, &limits, &output, e))?;
-            convert(report, &limits)
-        })();
+        let result = plugin
+            .pre
+            .run(&mut store)
+            .map_err(|e| explain(&store, &limits, &output, e))
+            .and_then(|report| convert(report, &limits));
         let inference = store.data_mut().finish_inference();
         let mut log = store.data_mut().take_log();
         if let Some(i) = &inference {
             log.push(format!("inference: {i}"));
         }
         RunOutput { result, log, output: output.text(), elapsed: start.elapsed(), inference }
+    }
+}
+
+/// A component item's kind, for `plugin inspect`.
+fn item_kind(item: &ComponentItem) -> &'static str {
+    match item {
+        ComponentItem::ComponentFunc(_) => "func",
+        ComponentItem::CoreFunc(_) => "core func",
+        ComponentItem::Module(_) => "module",
+        ComponentItem::Component(_) => "component",
+        ComponentItem::ComponentInstance(_) => "instance",
+        ComponentItem::Type(_) => "type",
+        ComponentItem::Resource(_) => "resource",
     }
 }
 
@@ -451,24 +549,27 @@ const WASI_ALLOWED: [&str; 5] = ["wasi:cli/", "wasi:io/", "wasi:clocks/", "wasi:
 /// Our interfaces every stage may import.
 const BASELINE: [&str; 4] = ["types", "artifact", "context", "log"];
 
-/// Is this import allowed for a plugin with `grants`? The error names the import and why not.
-fn check_import(import: &str, grants: &[Grant]) -> Result<(), LoadError> {
+/// Is this import allowed for a plugin with `grants`? The error names the
+/// import and why not. For an `airlock:stage` import, returns its major.minor.
+fn check_import(import: &str, grants: &[Grant]) -> Result<Option<(u64, u64)>, LoadError> {
     let refuse = |why: String| Err(LoadError::Import { import: import.to_string(), why });
     if let Some(rest) = import.strip_prefix(WIT_PACKAGE).and_then(|r| r.strip_prefix('/')) {
         let (iface, version) = rest.split_once('@').unwrap_or((rest, ""));
         let mut parts = version.split('.').map(|p| p.parse::<u64>().ok());
         let (major, minor) = (parts.next().flatten(), parts.next().flatten());
-        if (major, minor) != (Some(WIT_VERSION.0), Some(WIT_VERSION.1)) {
+        let Some(v) = major.zip(minor).filter(|v| WIT_VERSIONS.contains(v)) else {
+            let served: Vec<String> = WIT_VERSIONS.iter().map(|(a, b)| format!("{a}.{b}.x")).collect();
             return refuse(format!(
-                "the plugin was built for {WIT_PACKAGE}@{version}; this host provides {WIT_PACKAGE}@{}.{}.x",
-                WIT_VERSION.0, WIT_VERSION.1
+                "the plugin was built for {WIT_PACKAGE}@{version}; this host (airlock {}) provides {WIT_PACKAGE}@{}",
+                env!("CARGO_PKG_VERSION"),
+                served.join(" and @")
             ));
-        }
+        };
         if BASELINE.contains(&iface) {
-            return Ok(());
+            return Ok(Some(v));
         }
         return match grants.iter().find(|g| g.interface() == iface) {
-            Some(_) => Ok(()),
+            Some(_) => Ok(Some(v)),
             None if [Grant::Sidecars, Grant::Inference].iter().any(|g| g.interface() == iface) => refuse(format!(
                 "the capability \"{iface}\" is not granted to this plugin by the policy (add it to its grants)"
             )),
@@ -476,12 +577,28 @@ fn check_import(import: &str, grants: &[Grant]) -> Result<(), LoadError> {
         };
     }
     if WASI_ALLOWED.iter().any(|p| import.starts_with(p)) {
-        return Ok(());
+        return Ok(None);
     }
     if import.starts_with("wasi:sockets/") || import.starts_with("wasi:http/") {
         return refuse("network access is never granted to plugins".into());
     }
     refuse("the host does not provide it".into())
+}
+
+/// The capabilities a plugin's imports ask for.
+pub fn wanted_grants(imports: &[String]) -> Vec<Grant> {
+    let mut out: Vec<Grant> = [Grant::Sidecars, Grant::Inference]
+        .into_iter()
+        .filter(|g| {
+            imports.iter().any(|i| {
+                i.strip_prefix(WIT_PACKAGE)
+                    .and_then(|r| r.strip_prefix('/'))
+                    .is_some_and(|r| r.split('@').next() == Some(g.interface()))
+            })
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 #[cfg(test)]
@@ -490,14 +607,17 @@ mod tests {
 
     #[test]
     fn imports_are_checked_against_grants() {
-        assert!(check_import("airlock:stage/artifact@0.1.0", &[]).is_ok());
+        assert_eq!(check_import("airlock:stage/artifact@0.1.0", &[]).unwrap(), Some((0, 1)));
+        assert_eq!(check_import("airlock:stage/artifact@0.2.3", &[]).unwrap(), Some((0, 2)));
         assert!(check_import("airlock:stage/artifact@0.1.7", &[]).is_ok());
         assert!(check_import("wasi:io/streams@0.2.6", &[]).is_ok());
         let e = check_import("airlock:stage/inference@0.1.0", &[]).unwrap_err().to_string();
         assert!(e.contains("airlock:stage/inference@0.1.0") && e.contains("not granted"), "{e}");
         assert!(check_import("airlock:stage/inference@0.1.0", &[Grant::Inference]).is_ok());
-        let e = check_import("airlock:stage/artifact@0.2.0", &[]).unwrap_err().to_string();
-        assert!(e.contains("0.2.0") && e.contains("0.1.x"), "{e}");
+        let e = check_import("airlock:stage/artifact@0.3.0", &[]).unwrap_err().to_string();
+        assert!(e.contains("@0.3.0") && e.contains("0.2.x") && e.contains("0.1.x"), "{e}");
+        let e = check_import("airlock:stage/artifact@1.0.0", &[]).unwrap_err().to_string();
+        assert!(e.contains("@1.0.0"), "{e}");
         assert!(check_import("wasi:sockets/tcp@0.2.6", &[]).unwrap_err().to_string().contains("network"));
         assert!(check_import("example:evil/backdoor@1.0.0", &[]).is_err());
     }

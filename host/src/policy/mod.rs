@@ -289,6 +289,7 @@ struct LimitsFile {
     max_report_kib: Option<usize>,
     max_log_kib: Option<usize>,
     max_value_mib: Option<usize>,
+    max_total_read_mib: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -298,6 +299,9 @@ struct EntryFile {
     sha256: Option<String>,
     #[serde(default)]
     grants: Vec<Grant>,
+    /// Run only on models of these formats (`gguf`, `safetensors`, ..., `folder`).
+    #[serde(default)]
+    formats: Option<Vec<String>>,
     #[serde(default)]
     limits: LimitsFile,
     #[serde(default)]
@@ -365,6 +369,8 @@ impl PluginSource {
 pub struct ChainEntry {
     pub source: PluginSource,
     pub grants: Vec<Grant>,
+    /// The model formats this entry runs on; `None`: every model.
+    pub formats: Option<Vec<String>>,
     pub limits: Limits,
     /// The plugin's config as a JSON object.
     pub config: serde_json::Value,
@@ -632,6 +638,12 @@ fn apply_limits(base: &Limits, f: &LimitsFile) -> Result<Limits, String> {
     if let Some(r) = f.max_log_kib {
         l.max_log_bytes = r.checked_mul(1024).ok_or("max_log_kib is too large")?;
     }
+    if let Some(r) = f.max_total_read_mib {
+        if r == 0 {
+            return Err("max_total_read_mib must be at least 1".into());
+        }
+        l.max_total_read = Some(r.checked_mul(1 << 20).ok_or("max_total_read_mib is too large")?);
+    }
     if let Some(r) = f.max_value_mib {
         l.max_value_bytes = r.checked_mul(1 << 20).ok_or("max_value_mib is too large")?;
     }
@@ -758,7 +770,27 @@ fn entry(
             .collect();
         obj.insert("trusted_keys".into(), keys.into());
     }
-    Ok(ChainEntry { source, grants: e.grants.clone(), limits, config })
+    let formats = match &e.formats {
+        None => None,
+        Some(list) if list.is_empty() => {
+            return Err((
+                "formats".into(),
+                "is empty, so the plugin would never run; remove it or name formats".into(),
+            ));
+        }
+        Some(list) => {
+            // The sniffed file formats, and `folder` for any folder model.
+            let known = |f: &str| f == "folder" || crate::artifact::Format::NAMES.contains(&f);
+            if let Some(bad) = list.iter().find(|f| !known(f)) {
+                return Err((
+                    "formats".into(),
+                    format!("unknown format {bad:?} (known: {}, folder)", crate::artifact::Format::NAMES.join(", ")),
+                ));
+            }
+            Some(list.clone())
+        }
+    };
+    Ok(ChainEntry { source, grants: e.grants.clone(), formats, limits, config })
 }
 
 /// Pins: model name → sha256, from `models.lock.yaml`.

@@ -1,9 +1,15 @@
 //! A deliberately hostile stage, for the host's containment tests. Its config
 //! chooses the misbehaviour: `{"mode": "spin" | "memory-bomb" | "panic" | "slow-pass" |
-//! "huge-report" | "read-flood" | "stderr-spam" | "wasi-escape" | "pass"}`.
+//! "huge-report" | "read-flood" | "read-loop" | "read-budget" | "remember" | "stderr-spam" |
+//! "wasi-escape" | "pass"}`.
 
 use airlock_sdk::{ChunkReader, Model, Report, Stage, StageInfo, context};
 use serde::Deserialize;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Counts runs in this instance: if the host ever reused an instance for a
+/// second model, the second run would see 2.
+static RUNS: AtomicU32 = AtomicU32::new(0);
 
 #[derive(Deserialize)]
 struct Config {
@@ -54,6 +60,28 @@ impl Stage for Misbehave {
                     Ok(b) => Report::pass(format!("host returned {} bytes for a u32::MAX read", b.len())),
                     Err(e) => Report::fail(format!("host refused: {e}")),
                 }
+            }
+            "read-loop" => {
+                // Reads the start of the file again and again, in 1 MiB reads, forever.
+                let file = &model.files()[0];
+                let len = file.size().min(1 << 20) as u32;
+                let mut total = 0u64;
+                loop {
+                    match file.read(0, len) {
+                        Ok(b) => total += std::hint::black_box(b.len() as u64),
+                        Err(e) => return Report::fail(format!("host refused after {total} bytes: {e}")),
+                    }
+                }
+            }
+            "read-budget" => {
+                let before = context::read_budget();
+                let file = &model.files()[0];
+                let n = file.read(0, file.size().min(4096) as u32).map(|b| b.len()).unwrap_or(0);
+                Report::pass(format!("budget {before} then {} after reading {n}", context::read_budget()))
+            }
+            "remember" => {
+                let n = RUNS.fetch_add(1, Ordering::SeqCst) + 1;
+                Report::pass(format!("run {n} in this instance"))
             }
             "read-all" => {
                 let file = &model.files()[0];
