@@ -19,4 +19,5 @@ mod real_models;
 mod safetensors_rules;
 mod source_policy;
 mod static_scan;
+mod tensor_guard_example;
 mod weights;
