@@ -117,22 +117,28 @@ fn an_ungranted_import_is_refused_at_load_time() {
     assert_rejected(&s, "provenance_check", "inference failed: the inference backend could not start");
 }
 
-#[test]
-fn the_host_stays_up_and_scans_the_next_model() {
-    let d = tmp();
-    let pol = hostile_policy(d.path(), "misbehave", "      config: { mode: panic }\n");
-    let a = Gguf::default().write(d.path(), "a.gguf");
-    let b = Gguf::default().write(d.path(), "b.gguf");
-    let out = airlock(d.path())
+/// Scans two crafted models in one `airlock scan` run; checks the exit code, returns both JSON lines.
+fn scan_two(dir: &Path, pol: &Path, code: i32) -> Vec<serde_json::Value> {
+    let a = Gguf::default().write(dir, "a.gguf");
+    let b = Gguf::default().write(dir, "b.gguf");
+    let out = airlock(dir)
         .args(["scan", "--format", "json", "--policy", pol.to_str().unwrap()])
         .arg(&a)
         .arg(&b)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(code), "{}", String::from_utf8_lossy(&out.stdout));
     let lines: Vec<serde_json::Value> =
         String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
+    lines
+}
+
+#[test]
+fn the_host_stays_up_and_scans_the_next_model() {
+    let d = tmp();
+    let pol = hostile_policy(d.path(), "misbehave", "      config: { mode: panic }\n");
+    let lines = scan_two(d.path(), &pol, 1);
     for l in lines {
         assert_eq!(l["failed_stage"], "provenance_check");
     }
@@ -218,18 +224,7 @@ fn each_model_gets_a_fresh_instance() {
     // The plugin counts its runs in a static; a reused instance would say "run 2".
     let d = tmp();
     let pol = hostile_policy(d.path(), "misbehave", "      config: { mode: remember }\n");
-    let a = Gguf::default().write(d.path(), "a.gguf");
-    let b = Gguf::default().write(d.path(), "b.gguf");
-    let out = airlock(d.path())
-        .args(["scan", "--format", "json", "--policy", pol.to_str().unwrap()])
-        .arg(&a)
-        .arg(&b)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), 2);
+    let lines = scan_two(d.path(), &pol, 0);
     for l in &lines {
         let st = l["stages"].as_array().unwrap().iter().find(|s| s["stage"] == "provenance_check").unwrap();
         assert_eq!(st["summary"], "run 1 in this instance", "{}", l["model"]);

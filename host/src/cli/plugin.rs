@@ -6,16 +6,22 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 
-use crate::plugin::{Grant, Limits, LoadError, Plugin, Runtime, WIT_PACKAGE, WIT_VERSIONS, wanted_grants};
+use crate::plugin::{Grant, Limits, Plugin, Runtime, WIT_PACKAGE, WIT_VERSIONS, wanted_grants};
 use crate::policy::{PluginSource, Stage};
 
 /// Loads a component the way a scan would, granting everything the host can
 /// grant, so that only imports the host cannot provide at all are refused.
-fn load(path: &Path) -> Result<(Vec<u8>, Result<Plugin, LoadError>)> {
+/// `Err(exit code)` when it is refused: the cause is already printed.
+fn load(path: &Path, refused: &str) -> Result<Result<(Vec<u8>, Plugin), ExitCode>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let runtime = Runtime::new(None)?;
-    let plugin = runtime.load(&bytes, &[Grant::Sidecars, Grant::Inference]);
-    Ok((bytes, plugin))
+    Ok(match runtime.load(&bytes, &[Grant::Sidecars, Grant::Inference]) {
+        Ok(plugin) => Ok((bytes, plugin)),
+        Err(e) => {
+            eprintln!("airlock: error: {}: this host cannot run it{refused}: {e}", path.display());
+            Err(ExitCode::from(2))
+        }
+    })
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -47,13 +53,9 @@ fn import_role(import: &str) -> String {
 }
 
 pub fn inspect(path: &Path, json: bool) -> Result<ExitCode> {
-    let (bytes, plugin) = load(path)?;
-    let plugin = match plugin {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("airlock: error: {}: this host cannot run it: {e}", path.display());
-            return Ok(ExitCode::from(2));
-        }
+    let (bytes, plugin) = match load(path, "")? {
+        Ok(loaded) => loaded,
+        Err(code) => return Ok(code),
     };
     let grants: Vec<&str> = wanted_grants(&plugin.imports).iter().map(|g| g.interface()).collect();
     if json {
@@ -102,13 +104,9 @@ fn limit_lines(l: &Limits, indent: &str) -> String {
 }
 
 pub fn pin(path: &Path, stage: Stage, formats: &[String]) -> Result<ExitCode> {
-    let (bytes, plugin) = load(path)?;
-    let plugin = match plugin {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("airlock: error: {}: this host cannot run it, so it cannot be pinned: {e}", path.display());
-            return Ok(ExitCode::from(2));
-        }
+    let (bytes, plugin) = match load(path, ", so it cannot be pinned")? {
+        Ok(loaded) => loaded,
+        Err(code) => return Ok(code),
     };
     let abs = std::fs::canonicalize(path).with_context(|| format!("cannot resolve {}", path.display()))?;
     let grants: Vec<&str> = wanted_grants(&plugin.imports).iter().map(|g| g.interface()).collect();
