@@ -12,7 +12,8 @@ fn gemma_gguf_passes_stages_1_to_3() {
         "[quarantine] Stage 2/7: format_gate — PASS (gguf)",
         "[quarantine] Stage 3/7: integrity_check — PASS (sha256=a5fd3b62...",
         "[quarantine] Stage 4/7: provenance_check — PASS (no signature; not required by policy)",
-        "[quarantine] Stage 5/7: static_scan — PASS (",
+        "[quarantine] Stage 5/7: static_scan — PASS (metadata_gadgets: ",
+        "[quarantine] Stage 5/7: static_scan — PASS (weights: score=0.00",
         "[quarantine] Stage 7/7: diffusion_deep_scan — SKIP (not a diffusion model",
     ];
     for line in want {

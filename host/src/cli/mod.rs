@@ -470,7 +470,12 @@ pub(crate) fn print_event(out: &mut impl Write, e: &Event) -> std::io::Result<()
 
 fn print_stage(out: &mut impl Write, r: &StageResult) -> std::io::Result<()> {
     let verdict = r.verdict.to_ascii_uppercase();
-    let summary = if r.summary.is_empty() { String::new() } else { format!(" ({})", r.summary) };
+    // In a stage with several plugins, say which one this line is from.
+    let who = match &r.plugin_info {
+        Some(i) if r.shared_stage => format!("{}: ", i.name),
+        _ => String::new(),
+    };
+    let summary = if r.summary.is_empty() { String::new() } else { format!(" ({who}{})", r.summary) };
     writeln!(out, "{PREFIX} Stage {}/7: {} — {verdict}{summary}", r.number, r.stage)?;
     if r.verdict == "fail" {
         // Findings that only restate the summary add nothing to the log.

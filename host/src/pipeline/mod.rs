@@ -44,6 +44,9 @@ pub struct StageResult {
     pub details: Option<serde_json::Value>,
     pub log: Vec<String>,
     pub elapsed_ms: u64,
+    /// The stage runs more than one plugin: the log line names which one this is.
+    #[serde(skip)]
+    pub shared_stage: bool,
 }
 
 impl StageResult {
@@ -61,6 +64,7 @@ impl StageResult {
             details: None,
             log: Vec::new(),
             elapsed_ms: 0,
+            shared_stage: false,
         }
     }
 
@@ -250,7 +254,7 @@ impl Scanner {
                 for l in entries {
                     let multi = entries.len() > 1;
                     on_event(Event::StageStart(stage, multi.then_some(l.label.as_str())));
-                    let r = if stage == Stage::StaticScan {
+                    let mut r = if stage == Stage::StaticScan {
                         match early.pop() {
                             Some(Ok(handle)) => handle.join().unwrap_or_else(|_| {
                                 StageResult::failed(stage, l, "panicked in the host (a bug in airlock)".into())
@@ -261,6 +265,7 @@ impl Scanner {
                     } else {
                         run(stage, l)
                     };
+                    r.shared_stage = multi;
                     on_event(Event::StageDone(&r));
                     if r.verdict == "fail" && failed.is_none() {
                         failed = Some((stage.name(), r.summary.clone()));
@@ -352,6 +357,7 @@ impl Scanner {
             details,
             log,
             elapsed_ms,
+            shared_stage: false,
         }
     }
 
