@@ -1,10 +1,19 @@
 //! `airlock plugin new|build|inspect|pin` and `airlock policy check`: the
 //! plugin author's and the policy writer's tools.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
+
+/// `println!` that returns an error instead of panicking when stdout is gone
+/// (`airlock plugin inspect x.wasm | head`).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*).context("writing to stdout")?
+    };
+}
 
 use crate::plugin::{Grant, Limits, Plugin, Runtime, WIT_PACKAGE, WIT_VERSIONS, wanted_grants};
 use crate::policy::{PluginSource, Stage};
@@ -70,22 +79,22 @@ pub fn inspect(path: &Path, json: bool) -> Result<ExitCode> {
             "exports": plugin.exports,
             "grants": grants,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("file:     {}", path.display());
-    println!("size:     {} bytes", bytes.len());
-    println!("sha256:   {}", sha256_hex(&bytes));
-    println!("world:    {WIT_PACKAGE}/stage@{} (this host serves {WIT_PACKAGE} {})", world_version(&plugin), served());
-    println!("stage:    {} {} — {}", plugin.info.name, plugin.info.version, plugin.info.description);
-    println!("grants:   {}", if grants.is_empty() { "none needed".into() } else { grants.join(", ") });
-    println!("imports:");
+    outln!("file:     {}", path.display());
+    outln!("size:     {} bytes", bytes.len());
+    outln!("sha256:   {}", sha256_hex(&bytes));
+    outln!("world:    {WIT_PACKAGE}/stage@{} (this host serves {WIT_PACKAGE} {})", world_version(&plugin), served());
+    outln!("stage:    {} {} — {}", plugin.info.name, plugin.info.version, plugin.info.description);
+    outln!("grants:   {}", if grants.is_empty() { "none needed".into() } else { grants.join(", ") });
+    outln!("imports:");
     for i in &plugin.imports {
-        println!("  {i:<40} {}", import_role(i));
+        outln!("  {i:<40} {}", import_role(i));
     }
-    println!("exports:");
+    outln!("exports:");
     for e in &plugin.exports {
-        println!("  {e}");
+        outln!("  {e}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -127,7 +136,7 @@ pub fn pin(path: &Path, stage: Stage, formats: &[String]) -> Result<ExitCode> {
     out.push_str("      limits:\n");
     out.push_str(&limit_lines(&Limits::default(), "        "));
     out.push_str("      config: {}\n");
-    print!("{out}");
+    std::io::stdout().write_all(out.as_bytes()).context("writing to stdout")?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -142,28 +151,28 @@ fn yaml_str(s: &str) -> String {
 pub fn policy_check(policy: &crate::policy::Policy, plugin_dir: &Path) -> Result<ExitCode> {
     let runtime = Runtime::new(None)?;
     let mut problems = 0;
-    println!("policy: {}", policy.origin);
+    outln!("policy: {}", policy.origin);
     for (stage, entries) in &policy.chain {
         for (i, entry) in entries.iter().enumerate() {
             let at = format!("chain.{}[{i}] {}", stage.name(), entry.source.label());
             match check_entry(&runtime, entry, plugin_dir) {
-                Ok(line) => println!("ok       {at}: {line}"),
+                Ok(line) => outln!("ok       {at}: {line}"),
                 Err(why) => {
                     problems += 1;
-                    println!("PROBLEM  {at}: {why}");
+                    outln!("PROBLEM  {at}: {why}");
                 }
             }
         }
     }
     let off: Vec<&str> = Stage::ALL.iter().filter(|s| !policy.chain.contains_key(s)).map(|s| s.name()).collect();
     if !off.is_empty() {
-        println!("disabled stages: {}", off.join(", "));
+        outln!("disabled stages: {}", off.join(", "));
     }
     if problems > 0 {
-        println!("{problems} problem(s) found");
+        outln!("{problems} problem(s) found");
         return Ok(ExitCode::from(1));
     }
-    println!("the policy is valid");
+    outln!("the policy is valid");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -227,7 +236,7 @@ pub fn build(dir: &Path) -> Result<ExitCode> {
     }
     eprintln!("airlock: built {} ({} bytes, sha256 {})", wasm.display(), bytes.len(), sha256_hex(&bytes));
     // The path alone on stdout, for scripts: `airlock plugin pin "$(airlock plugin build .)"`.
-    println!("{}", wasm.display());
+    outln!("{}", wasm.display());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -326,9 +335,9 @@ pub fn new(name: &str, dir: Option<&Path>, sdk: Option<&Path>) -> Result<ExitCod
         }
         std::fs::write(&p, fill(text)).with_context(|| format!("cannot write {}", p.display()))?;
     }
-    println!("created {} (plugin `{name}`, SDK at {})", dest.display(), sdk.display());
-    println!("next:  airlock plugin build {}", dest.display());
-    println!("       cd {} && cargo test   # builds, pins and scans crafted models", dest.display());
+    outln!("created {} (plugin `{name}`, SDK at {})", dest.display(), sdk.display());
+    outln!("next:  airlock plugin build {}", dest.display());
+    outln!("       cd {} && cargo test   # builds, pins and scans crafted models", dest.display());
     Ok(ExitCode::SUCCESS)
 }
 
