@@ -218,6 +218,12 @@ fn policy_check_finds_bad_pins_missing_files_and_wrong_grants() {
         assert_eq!(code, 1, "case {i}:\n{out}");
         let problem = out.lines().find(|l| l.starts_with("PROBLEM")).unwrap_or_else(|| panic!("case {i}:\n{out}"));
         assert!(problem.contains("chain.static_scan[0]") && problem.contains(needle), "case {i}: {problem}");
+        if i == 2 {
+            // A scan runs an over-granted plugin (it cannot call what it does not import) and warns.
+            let model = Gguf::default().write(&dir, "m.gguf");
+            let s = scan_json(&model, &["--policy", pol.to_str().unwrap()]);
+            assert!(s.stderr.contains("is granted sidecars but does not import it"), "{}", s.stderr);
+        }
     }
     // A policy that does not parse is a problem too, named by file and key.
     let dir = d.path().join("broken");

@@ -166,6 +166,17 @@ impl Scanner {
                     )));
                 }
                 let plugin = runtime.load(&bytes, &entry.grants).map_err(|e| format!("refused at load time: {e}"));
+                // A grant the plugin does not import is harmless (it cannot call it) but is
+                // not least privilege; `airlock policy check` reports it as a problem.
+                if let Ok(p) = &plugin {
+                    let wanted = crate::plugin::wanted_grants(&p.imports);
+                    for g in entry.grants.iter().filter(|g| !wanted.contains(g)) {
+                        tracing::warn!(
+                            "{label} (stage {stage}) is granted {} but does not import it; remove the grant",
+                            g.interface()
+                        );
+                    }
+                }
                 loaded.push(Loaded { entry: entry.clone(), label, plugin, sha256: actual });
             }
             chain.insert(*stage, loaded);
