@@ -59,8 +59,11 @@ fn new_build_pin_paste_scan_round_trip() {
 
     // Paste it, as printed, into the shipped policy; the policy checks clean.
     let pol = with_static_entry(root, &entry);
-    let (code, out, _) =
-        airlock_cmd(root, &["policy", "check", "--policy", pol.to_str().unwrap(), "--plugin-dir", components_str()]);
+    let plugin_dir = components();
+    let (code, out, _) = airlock_cmd(
+        root,
+        &["policy", "check", "--policy", pol.to_str().unwrap(), "--plugin-dir", plugin_dir.to_str().unwrap()],
+    );
     assert_eq!(code, 0, "policy check:\n{out}");
     assert!(out.contains("rt_guard 0.1.0 (airlock:stage@0.2)"), "{out}");
 
@@ -92,10 +95,6 @@ fn new_build_pin_paste_scan_round_trip() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn components_str() -> &'static str {
-    Box::leak(components().display().to_string().into_boxed_str())
 }
 
 #[test]
@@ -192,6 +191,7 @@ fn an_unknown_minor_or_major_is_refused_naming_both_versions() {
 #[test]
 fn policy_check_finds_bad_pins_missing_files_and_wrong_grants() {
     let d = tmp();
+    let plugin_dir = components();
     let mis = component("misbehave");
     let inf = component("wants_inference");
     let cases = [
@@ -213,7 +213,7 @@ fn policy_check_finds_bad_pins_missing_files_and_wrong_grants() {
         let pol = with_static_entry(&dir, entry);
         let (code, out, _) = airlock_cmd(
             d.path(),
-            &["policy", "check", "--policy", pol.to_str().unwrap(), "--plugin-dir", components_str()],
+            &["policy", "check", "--policy", pol.to_str().unwrap(), "--plugin-dir", plugin_dir.to_str().unwrap()],
         );
         assert_eq!(code, 1, "case {i}:\n{out}");
         let problem = out.lines().find(|l| l.starts_with("PROBLEM")).unwrap_or_else(|| panic!("case {i}:\n{out}"));

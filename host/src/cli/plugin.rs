@@ -16,7 +16,7 @@ macro_rules! outln {
 }
 
 use crate::plugin::{Grant, Limits, Plugin, Runtime, WIT_PACKAGE, WIT_VERSIONS, wanted_grants};
-use crate::policy::{PluginSource, Stage};
+use crate::policy::Stage;
 
 /// Loads a component the way a scan would, granting everything the host can
 /// grant, so that only imports the host cannot provide at all are refused.
@@ -177,26 +177,15 @@ pub fn policy_check(policy: &crate::policy::Policy, plugin_dir: &Path) -> Result
 }
 
 fn check_entry(runtime: &Runtime, entry: &crate::policy::ChainEntry, plugin_dir: &Path) -> Result<String, String> {
-    let path = match &entry.source {
-        PluginSource::Builtin(name) => plugin_dir.join(format!("{name}.wasm")),
-        PluginSource::Path { path, .. } => path.clone(),
-    };
-    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let actual = sha256_hex(&bytes);
-    if let PluginSource::Path { sha256, .. } = &entry.source
-        && &actual != sha256
-    {
-        return Err(format!("{} does not match its pin: expected {sha256}, actual {actual}", path.display()));
-    }
-    let plugin = runtime.load(&bytes, &entry.grants).map_err(|e| format!("refused at load time: {e}"))?;
-    let wanted = wanted_grants(&plugin.imports);
-    let extra: Vec<&str> = entry.grants.iter().filter(|g| !wanted.contains(g)).map(|g| g.interface()).collect();
+    let plugin = crate::pipeline::load_entry(runtime, entry, plugin_dir)?.1?;
+    let extra: Vec<&str> = crate::pipeline::unused_grants(entry, &plugin).iter().map(|g| g.interface()).collect();
     if !extra.is_empty() {
         return Err(format!(
             "granted {} but does not import it; remove the grant (a plugin gets exactly what it imports)",
             extra.join(", ")
         ));
     }
+    let wanted = wanted_grants(&plugin.imports);
     let names: Vec<&str> = wanted.iter().map(|g| g.interface()).collect();
     Ok(format!(
         "{} {} ({WIT_PACKAGE}@{}.{}), grants [{}]",

@@ -143,34 +143,11 @@ impl Scanner {
             for entry in entries {
                 let label = entry.source.label();
                 let err = |message: String| ScanError::Plugin { stage: stage.name(), plugin: label.clone(), message };
-                let path: PathBuf = match &entry.source {
-                    PluginSource::Builtin(name) => plugin_dir.join(format!("{name}.wasm")),
-                    PluginSource::Path { path, .. } => path.clone(),
-                };
-                let bytes = std::fs::read(&path).map_err(|e| {
-                    err(match &entry.source {
-                        PluginSource::Builtin(_) => format!(
-                            "cannot read {}: {e} (built-in plugins are installed beside the binary by `cargo xtask build`; or set --plugin-dir)",
-                            path.display()
-                        ),
-                        _ => format!("cannot read {}: {e}", path.display()),
-                    })
-                })?;
-                let actual = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-                if let PluginSource::Path { sha256: pinned, .. } = &entry.source
-                    && &actual != pinned
-                {
-                    return Err(err(format!(
-                        "{} does not match its pin\n  expected: {pinned}\n  actual:   {actual}",
-                        path.display()
-                    )));
-                }
-                let plugin = runtime.load(&bytes, &entry.grants).map_err(|e| format!("refused at load time: {e}"));
+                let (actual, plugin) = load_entry(&runtime, entry, plugin_dir).map_err(err)?;
                 // A grant the plugin does not import is harmless (it cannot call it) but is
                 // not least privilege; `airlock policy check` reports it as a problem.
                 if let Ok(p) = &plugin {
-                    let wanted = crate::plugin::wanted_grants(&p.imports);
-                    for g in entry.grants.iter().filter(|g| !wanted.contains(g)) {
+                    for g in unused_grants(entry, p) {
                         tracing::warn!(
                             "{label} (stage {stage}) is granted {} but does not import it; remove the grant",
                             g.interface()
@@ -381,6 +358,42 @@ impl Scanner {
     pub fn disabled_stages(&self) -> Vec<String> {
         Stage::ALL.iter().filter(|s| !self.chain.contains_key(s)).map(|s| s.name().to_string()).collect()
     }
+}
+
+/// Reads a chain entry's component, checks it against its pin and loads it
+/// with the entry's grants; returns its sha256 and the plugin. `Err`: it
+/// cannot be used at all (unreadable, or not what was pinned). A component
+/// refused at load time is `Ok` with the refusal, which fails its stage.
+pub fn load_entry(
+    runtime: &Runtime,
+    entry: &ChainEntry,
+    plugin_dir: &Path,
+) -> Result<(String, Result<Plugin, String>), String> {
+    let path: PathBuf = match &entry.source {
+        PluginSource::Builtin(name) => plugin_dir.join(format!("{name}.wasm")),
+        PluginSource::Path { path, .. } => path.clone(),
+    };
+    let bytes = std::fs::read(&path).map_err(|e| match &entry.source {
+        PluginSource::Builtin(_) => format!(
+            "cannot read {}: {e} (built-in plugins are installed beside the binary by `cargo xtask build`; or set --plugin-dir)",
+            path.display()
+        ),
+        _ => format!("cannot read {}: {e}", path.display()),
+    })?;
+    let actual = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    if let PluginSource::Path { sha256: pinned, .. } = &entry.source
+        && &actual != pinned
+    {
+        return Err(format!("{} does not match its pin\n  expected: {pinned}\n  actual:   {actual}", path.display()));
+    }
+    let plugin = runtime.load(&bytes, &entry.grants).map_err(|e| format!("refused at load time: {e}"));
+    Ok((actual, plugin))
+}
+
+/// The grants an entry gives that its plugin does not import.
+pub fn unused_grants(entry: &ChainEntry, plugin: &Plugin) -> Vec<Grant> {
+    let wanted = crate::plugin::wanted_grants(&plugin.imports);
+    entry.grants.iter().filter(|g| !wanted.contains(g)).copied().collect()
 }
 
 /// Why a chain entry with `formats` does not run on this model, if it does not.
