@@ -189,3 +189,27 @@ fn metadata_arrays_cannot_expand_without_bound() {
     g.kvs.push(("general.blob".into(), (9, v)));
     rejects(&g, "array count 9437184 exceeds what is left of the 8388608-element limit");
 }
+
+/// Arrays are decoded in batches straight from the read buffer: a bad element
+/// far into a bool array, behind an array that spans buffer refills, is still
+/// named at its exact offset.
+#[test]
+fn a_bad_bool_deep_in_an_array_is_named_at_its_offset() {
+    let mut g = Gguf::default();
+    let mut ints = 5u32.to_le_bytes().to_vec(); // i32 elements
+    ints.extend(300_000u64.to_le_bytes()); // 1.2 MB: more than one read buffer
+    ints.extend((0..300_000i32).flat_map(i32::to_le_bytes));
+    g.kvs.push(("tokenizer.ggml.token_type".into(), (9, ints)));
+    let mut flags = 7u32.to_le_bytes().to_vec(); // bool elements
+    flags.extend(40_000u64.to_le_bytes());
+    let mut values = vec![1u8; 40_000];
+    values[20_001] = 2;
+    flags.extend(&values);
+    g.kvs.push(("test.flags".into(), (9, flags)));
+    let bytes = g.bytes();
+    let key = bytes.windows(10).position(|w| w == b"test.flags").unwrap();
+    // key, value type, element type, count, then the elements.
+    let offset = key + 10 + 4 + 4 + 8 + 20_001;
+    assert_eq!(bytes[offset], 2);
+    rejects(&g, &format!("at offset {offset}, metadata[test.flags]: bool value 2 is neither 0 nor 1"));
+}

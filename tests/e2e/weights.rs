@@ -145,7 +145,15 @@ fn simd_statistics_are_exact_on_known_blocks() {
         offset: None,
         data: Some(data),
     };
-    let s = scan_weights(&model(vec![t("a.q8_0", 8, q8), t("b.q4_0", 2, q4), t("c.q5_0", 6, q5)]));
+    // The extreme code: a block of -128 gives Σq⁴ = 2^31 in each SIMD lane,
+    // one past i32. Half such blocks, half zero blocks: mean -64, std 64, kurtosis 1.
+    let mut extreme = Vec::new();
+    for b in 0..blocks {
+        extreme.extend(one);
+        extreme.extend([if b % 2 == 0 { 0x80u8 } else { 0 }; 32]);
+    }
+    let s =
+        scan_weights(&model(vec![t("a.q8_0", 8, q8), t("b.q4_0", 2, q4), t("c.q5_0", 6, q5), t("d.q8_0", 8, extreme)]));
     let w = s.one()["stages"].as_array().unwrap().iter().find(|x| x["plugin"] == "builtin:weights").unwrap().clone();
     for name in ["a.q8_0", "b.q4_0", "c.q5_0"] {
         let st = &w["details"]["tensors"][name];
@@ -157,5 +165,10 @@ fn simd_statistics_are_exact_on_known_blocks() {
         close("std", 3.0);
         close("kurtosis", 1.0);
         close("sparsity", 0.0);
+    }
+    let st = &w["details"]["tensors"]["d.q8_0"];
+    for (key, want) in [("mean", -64.0), ("std", 64.0), ("kurtosis", 1.0), ("sparsity", 0.5)] {
+        let got = st[key].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-6, "d.q8_0 {key}: {got} != {want}; {st}");
     }
 }

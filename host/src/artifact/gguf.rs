@@ -10,7 +10,7 @@ use std::collections::HashSet;
 
 use super::reader::Reader;
 use super::source::ByteSource;
-use super::{Dtype, Header, MetaValue, ParseError, TensorInfo};
+use super::{Dtype, Header, MetaValue, ParseError, TensorInfo, Texts};
 
 const DEFAULT_ALIGNMENT: u64 = 32;
 /// llama.cpp's GGML_MAX_DIMS.
@@ -175,25 +175,75 @@ fn array(r: &mut Reader, field: &str, budget: &mut u64) -> Result<MetaValue, Par
         ));
     }
     *budget -= count;
+    if ty == T_STRING {
+        // Each string is checked on its own (a character split across two
+        // strings is not valid); invalid ones are kept lossily, as scalars are.
+        let mut texts = Texts::default();
+        for _ in 0..count {
+            let len_at = r.pos();
+            let len = r.u64(field)?;
+            if len > r.remaining() {
+                return Err(ParseError::new(
+                    len_at,
+                    field,
+                    format!("string length {len} exceeds the limit of {}", r.remaining()),
+                ));
+            }
+            r.with_bytes(len, field, |b| match std::str::from_utf8(b) {
+                Ok(s) => texts.push(s),
+                Err(_) => texts.push(&String::from_utf8_lossy(b)),
+            })?;
+        }
+        return Ok(MetaValue::Texts(texts));
+    }
+    // Fixed-size elements: decoded a batch at a time from the read buffer.
+    let size = min as usize;
     let n = count as usize;
+    let mut left = n;
+    let mut bytes_at = r.pos();
     macro_rules! collect {
-        ($variant:ident, $pat:ident) => {{
+        ($variant:ident, $decode:expr) => {{
             let mut v = Vec::with_capacity(n.min(PREALLOC));
-            for _ in 0..n {
-                match scalar(r, ty, field)? {
-                    MetaValue::$pat(x) => v.push(x),
-                    _ => unreachable!("scalar() returns the variant of its type"),
-                }
+            while left > 0 {
+                let k = left.min(BATCH);
+                r.with_bytes((k * size) as u64, field, |b| v.extend(b.chunks_exact(size).map($decode)))?;
+                left -= k;
             }
             MetaValue::$variant(v)
         }};
     }
+    const BATCH: usize = 1 << 14;
     Ok(match ty {
-        T_U8 | T_U16 | T_U32 | T_U64 => collect!(Uints, Uint),
-        T_I8 | T_I16 | T_I32 | T_I64 => collect!(Ints, Int),
-        T_F32 | T_F64 => collect!(Floats, Float),
-        T_BOOL => collect!(Bools, Bool),
-        T_STRING => collect!(Texts, Text),
+        T_U8 => collect!(Uints, |b: &[u8]| u64::from(b[0])),
+        T_U16 => collect!(Uints, |b: &[u8]| u64::from(u16::from_le_bytes([b[0], b[1]]))),
+        T_U32 => collect!(Uints, |b: &[u8]| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+        T_U64 => collect!(Uints, |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"))),
+        T_I8 => collect!(Ints, |b: &[u8]| i64::from(b[0] as i8)),
+        T_I16 => collect!(Ints, |b: &[u8]| i64::from(i16::from_le_bytes([b[0], b[1]]))),
+        T_I32 => collect!(Ints, |b: &[u8]| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+        T_I64 => collect!(Ints, |b: &[u8]| i64::from_le_bytes(b.try_into().expect("8 bytes"))),
+        T_F32 => collect!(Floats, |b: &[u8]| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+        T_F64 => collect!(Floats, |b: &[u8]| f64::from_le_bytes(b.try_into().expect("8 bytes"))),
+        T_BOOL => {
+            let mut v = Vec::with_capacity(n.min(PREALLOC));
+            while left > 0 {
+                let k = left.min(BATCH);
+                let bad = r.with_bytes(k as u64, field, |b| {
+                    v.extend(b.iter().map(|&x| x == 1));
+                    b.iter().position(|&x| x > 1).map(|i| (i, b[i]))
+                })?;
+                if let Some((i, b)) = bad {
+                    return Err(ParseError::new(
+                        bytes_at + i as u64,
+                        field,
+                        format!("bool value {b} is neither 0 nor 1"),
+                    ));
+                }
+                bytes_at += k as u64;
+                left -= k;
+            }
+            MetaValue::Bools(v)
+        }
         _ => unreachable!("min_size() filtered the types"),
     })
 }

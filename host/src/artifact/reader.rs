@@ -66,6 +66,22 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
+    /// Passes the next `n` bytes to `f`: a slice of the read buffer when they
+    /// lie in it, so strings and numeric arrays are read without an allocation each.
+    pub fn with_bytes<T>(&mut self, n: u64, field: &str, f: impl FnOnce(&[u8]) -> T) -> Result<T, ParseError> {
+        if self.pos >= self.buf_start {
+            let at = (self.pos - self.buf_start) as usize;
+            let avail = self.buf.len().saturating_sub(at);
+            if n <= avail as u64 {
+                let n = n as usize;
+                self.pos += n as u64;
+                return Ok(f(&self.buf[at..at + n]));
+            }
+        }
+        let v = self.take(n, field)?;
+        Ok(f(&v))
+    }
+
     /// Takes `N` bytes into an array: no allocation, so the millions of
     /// integers in a tokenizer's metadata cost only a copy each.
     pub fn array<const N: usize>(&mut self, field: &str) -> Result<[u8; N], ParseError> {

@@ -212,7 +212,8 @@ impl Scanner {
                     .map(|l| {
                         let run = &run;
                         std::thread::Builder::new()
-                            .name(format!("airlock-{}", l.label))
+                            // Thread names keep 15 bytes: "airlock-weights", not "airlock-builtin".
+                            .name(format!("airlock-{}", l.label.rsplit(':').next().unwrap_or(&l.label)))
                             .spawn_scoped(scope, move || run(Stage::StaticScan, l))
                             .map_err(|e| (l, e.to_string()))
                     })
@@ -386,7 +387,8 @@ pub fn load_entry(
     {
         return Err(format!("{} does not match its pin\n  expected: {pinned}\n  actual:   {actual}", path.display()));
     }
-    let plugin = runtime.load(&bytes, &entry.grants).map_err(|e| format!("refused at load time: {e}"));
+    let plugin =
+        runtime.load_hashed(&bytes, actual.clone(), &entry.grants).map_err(|e| format!("refused at load time: {e}"));
     Ok((actual, plugin))
 }
 

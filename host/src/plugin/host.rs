@@ -272,7 +272,7 @@ fn meta_to_wit(v: &MetaValue) -> (artifact::MetaValue, usize) {
         MetaValue::Uint(u) => (W::Uint(*u), 8),
         MetaValue::Float(f) => (W::Float(*f), 8),
         MetaValue::Bool(b) => (W::Boolean(*b), 1),
-        MetaValue::Texts(v) => (W::Texts(v.clone()), v.iter().map(|s| s.len() + 8).sum()),
+        MetaValue::Texts(v) => (W::Texts(v.iter().map(String::from).collect()), v.joined().len() + 8 * v.len()),
         MetaValue::Ints(v) => (W::Ints(v.clone()), v.len() * 8),
         MetaValue::Uints(v) => (W::Uints(v.clone()), v.len() * 8),
         MetaValue::Floats(v) => (W::Floats(v.clone()), v.len() * 8),
@@ -376,15 +376,11 @@ impl artifact::HostFile for HostState {
         else {
             return Ok(None);
         };
-        let total: usize = list.iter().map(String::len).sum();
+        let total = list.joined().len();
         self.capped(&format!("metadata value {key:?}"), total + 4 * list.len(), ())?;
-        let mut bytes = Vec::with_capacity(total);
-        let mut ends = Vec::with_capacity(list.len());
-        for s in list {
-            bytes.extend_from_slice(s.as_bytes());
-            // `capped` bounds the total far below 4 GiB, so every end fits in a u32.
-            ends.push(bytes.len() as u32);
-        }
+        let bytes = list.joined().as_bytes().to_vec();
+        // `capped` bounds the total far below 4 GiB, so every end fits in a u32.
+        let ends = list.ends().iter().map(|&e| e as u32).collect();
         Ok(Some(artifact::PackedTexts { bytes, ends }))
     }
 

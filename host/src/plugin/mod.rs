@@ -273,6 +273,10 @@ impl Runtime {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        // For profiling plugins: `perf` then names their functions (from /tmp/perf-PID.map).
+        if std::env::var_os("AIRLOCK_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         // For plugin authors: `AIRLOCK_WASM_PROFILE=perfmap` lets `perf record` name JIT-compiled
         // plugin functions (use a fresh --cache-dir so the plugins are compiled in this process).
         if std::env::var("AIRLOCK_WASM_PROFILE").as_deref() == Ok("perfmap") {
@@ -327,7 +331,11 @@ impl Runtime {
     /// Compiles (or takes from the cache) a component, checks its imports
     /// against `grants`, and pre-instantiates it.
     pub fn load(&self, bytes: &[u8], grants: &[Grant]) -> Result<Plugin, LoadError> {
-        let sha256 = hex::encode(Sha256::digest(bytes));
+        self.load_hashed(bytes, hex::encode(Sha256::digest(bytes)), grants)
+    }
+
+    /// [`Runtime::load`] for a caller that has hashed `bytes` already (to check a pin).
+    pub fn load_hashed(&self, bytes: &[u8], sha256: String, grants: &[Grant]) -> Result<Plugin, LoadError> {
         if !wasmparser_is_component(bytes) {
             return Err(LoadError::Compile(
                 "not a WebAssembly component (a core module or something else); build it for wasm32-wasip2".into(),

@@ -53,14 +53,20 @@ const MIN_SCALE_ENTROPY: f64 = 0.25;
 const MIN_ROLE: usize = 5;
 
 /// What the quant-block analysis saw in one tensor.
-#[derive(Default)]
 pub(crate) struct BlockStats {
     blocks: u64,
     zero_scale: u64,
     saturated: u64,
     repeated: u64,
     /// Histogram of the top byte of `d` (sign, exponent, leading mantissa bits).
-    scale_hist: Vec<u64>,
+    /// A fixed-size array: indexed by a byte, so the hot loop needs no bounds check.
+    scale_hist: Box<[u64; 256]>,
+}
+
+impl Default for BlockStats {
+    fn default() -> Self {
+        BlockStats { blocks: 0, zero_scale: 0, saturated: 0, repeated: 0, scale_hist: Box::new([0; 256]) }
+    }
 }
 
 impl BlockStats {
@@ -130,7 +136,7 @@ fn analyse(file: &File, t: &TensorInfo) -> Result<Outcome, String> {
     let unit = block_bytes as u32;
     let chunk = (CHUNK_TARGET / unit).max(1) * unit;
     let mut m = Moments::default();
-    let mut q = quant.map(|_| BlockStats { scale_hist: vec![0; 256], ..BlockStats::default() });
+    let mut q = quant.map(|_| BlockStats::default());
     let mut buf: Vec<f32> = Vec::new();
     let mut prev: Vec<u8> = Vec::new();
     let mut prev_codes: Option<(u16, [u8; 32])> = None;

@@ -434,7 +434,7 @@ impl simd::CodeAcc {
                 i32x4_add(i32x4_dot_i16x8(a[2], b[2]), i32x4_dot_i16x8(a[3], b[3])),
             )
         };
-        // Σq fits i16 (32·128); Σq² and Σq³ fit i32; Σq⁴ fits u32.
+        // Σq fits i16 (32·128); Σq² and Σq³ fit i32; Σq⁴ fits u32 (see below).
         let s1 = i32x4_dot_i16x8(i16x8_add(i16x8_add(x[0], x[1]), i16x8_add(x[2], x[3])), i16x8_splat(1));
         let s2 = dot4(&x, &x);
         let s3 = dot4(&x, &sq);
@@ -443,7 +443,12 @@ impl simd::CodeAcc {
         self.s[0] = f32x4_add(self.s[0], f32x4_mul(f32x4_convert_i32x4(s1), f32x4_splat(d)));
         self.s[1] = f32x4_add(self.s[1], f32x4_mul(f32x4_convert_i32x4(s2), f32x4_splat(d2)));
         self.s[2] = f32x4_add(self.s[2], f32x4_mul(f32x4_convert_i32x4(s3), f32x4_splat(d2 * d)));
-        self.s[3] = f32x4_add(self.s[3], f32x4_mul(f32x4_convert_u32x4(s4), f32x4_splat(d2 * d2)));
+        // Σq⁴ per lane is at most 8·128⁴ = 2^31: it wraps a signed lane only
+        // at that extreme, seen as negative and mended by adding 2^32. A signed
+        // convert plus the mend is far cheaper on x86 than an unsigned convert.
+        let q4 = f32x4_convert_i32x4(s4);
+        let q4 = f32x4_add(q4, v128_and(i32x4_lt(s4, i32x4_splat(0)), f32x4_splat(4294967296.0)));
+        self.s[3] = f32x4_add(self.s[3], f32x4_mul(q4, f32x4_splat(d2 * d2)));
         let zero = i8x16_splat(0);
         m.zeros += if d_is_zero {
             32
