@@ -191,12 +191,18 @@ impl PackedTexts {
     /// The strings, in order. The host packs valid UTF-8; a malformed entry
     /// (which a correct host never sends) comes back empty rather than panicking.
     pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
+        // One check of all the bytes, then each string is a slice whose ends
+        // must fall on character boundaries: far cheaper than 262k checks.
+        let whole = std::str::from_utf8(&self.bytes).ok();
         let mut start = 0usize;
         self.ends.iter().map(move |&end| {
             let end = (end as usize).min(self.bytes.len());
-            let s = std::str::from_utf8(self.bytes.get(start..end).unwrap_or(&[])).unwrap_or("");
+            let s = match whole {
+                Some(all) => all.get(start..end),
+                None => self.bytes.get(start..end).and_then(|b| std::str::from_utf8(b).ok()),
+            };
             start = end;
-            s
+            s.unwrap_or("")
         })
     }
 
@@ -214,5 +220,38 @@ impl PackedTexts {
 impl StageInfo {
     pub fn new(name: &str, version: &str, description: &str) -> Self {
         StageInfo { name: name.into(), version: version.into(), description: description.into() }
+    }
+}
+
+#[cfg(test)]
+mod packed_texts_tests {
+    use super::PackedTexts;
+
+    #[test]
+    fn strings_come_back_and_a_split_character_comes_back_empty() {
+        let words = ["a", "", "héllo", "▁the", "<0x0A>"];
+        let mut bytes = Vec::new();
+        let mut ends = Vec::new();
+        for w in words {
+            bytes.extend_from_slice(w.as_bytes());
+            ends.push(bytes.len() as u32);
+        }
+        let p = PackedTexts { bytes: bytes.clone(), ends: ends.clone() };
+        assert_eq!(p.iter().collect::<Vec<_>>(), words);
+
+        // An end inside "é" (two bytes) cannot be sliced there.
+        let mut bad = ends.clone();
+        bad[2] = 3; // "h" + half of "é"
+        let p = PackedTexts { bytes: bytes.clone(), ends: bad };
+        assert_eq!(p.iter().nth(2), Some(""));
+
+        // Invalid bytes overall: each string is checked on its own.
+        let mut broken = bytes;
+        broken.push(0xff);
+        ends.push(broken.len() as u32);
+        let p = PackedTexts { bytes: broken, ends };
+        let got: Vec<_> = p.iter().collect();
+        assert_eq!(&got[..5], &words);
+        assert_eq!(got[5], "");
     }
 }

@@ -97,7 +97,7 @@ impl<'a> Iterator for Ops<'a> {
                 Some(end) => (Some(&rest[..end - 1]), end),
                 None => (None, 0),
             },
-            ArgKind::TwoLines => match line(0).and_then(|a| line(a)) {
+            ArgKind::TwoLines => match line(0).and_then(line) {
                 Some(end) => (Some(&rest[..end - 1]), end),
                 None => (None, 0),
             },

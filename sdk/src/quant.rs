@@ -42,7 +42,7 @@ fn h(b: &[u8], at: usize) -> u16 {
 }
 
 /// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K block.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

@@ -152,8 +152,30 @@ fn simd_statistics_are_exact_on_known_blocks() {
         extreme.extend(one);
         extreme.extend([if b % 2 == 0 { 0x80u8 } else { 0 }; 32]);
     }
-    let s =
-        scan_weights(&model(vec![t("a.q8_0", 8, q8), t("b.q4_0", 2, q4), t("c.q5_0", 6, q5), t("d.q8_0", 8, extreme)]));
+    // K-quants, 256 elements a block. Q4_K: d 1, dmin 0, every 6-bit scale 1
+    // (packed as llama.cpp does), nibbles 15 and 9: mean 12, std 3, kurtosis 1.
+    // Q6_K: d 1, scales 1, nibbles 15 and 1 with high bits 2 and 1: codes
+    // 47 and 17, so values +15 and -15 (centred: f32 sums of an off-centre
+    // pair lose the kurtosis to cancellation, whatever the dequantiser).
+    let (mut q4k, mut q6k) = (Vec::new(), Vec::new());
+    for _ in 0..blocks / 8 {
+        q4k.extend(one);
+        q4k.extend([0u8; 2]);
+        q4k.extend([1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1]);
+        q4k.extend([0x9fu8; 128]);
+        q6k.extend([0x1fu8; 128]);
+        q6k.extend([0b01_01_10_10u8; 64]);
+        q6k.extend([1u8; 16]);
+        q6k.extend(one);
+    }
+    let s = scan_weights(&model(vec![
+        t("a.q8_0", 8, q8),
+        t("b.q4_0", 2, q4),
+        t("c.q5_0", 6, q5),
+        t("d.q8_0", 8, extreme),
+        t("e.q4_k", 12, q4k),
+        t("f.q6_k", 14, q6k),
+    ]));
     let w = s.one()["stages"].as_array().unwrap().iter().find(|x| x["plugin"] == "builtin:weights").unwrap().clone();
     for name in ["a.q8_0", "b.q4_0", "c.q5_0"] {
         let st = &w["details"]["tensors"][name];
@@ -166,9 +188,13 @@ fn simd_statistics_are_exact_on_known_blocks() {
         close("kurtosis", 1.0);
         close("sparsity", 0.0);
     }
-    let st = &w["details"]["tensors"]["d.q8_0"];
-    for (key, want) in [("mean", -64.0), ("std", 64.0), ("kurtosis", 1.0), ("sparsity", 0.5)] {
-        let got = st[key].as_f64().unwrap();
-        assert!((got - want).abs() < 1e-6, "d.q8_0 {key}: {got} != {want}; {st}");
+    for (name, mean, std, sparsity) in
+        [("d.q8_0", -64.0, 64.0, 0.5), ("e.q4_k", 12.0, 3.0, 0.0), ("f.q6_k", 0.0, 15.0, 0.0)]
+    {
+        let st = &w["details"]["tensors"][name];
+        for (key, want) in [("mean", mean), ("std", std), ("kurtosis", 1.0), ("sparsity", sparsity)] {
+            let got = st[key].as_f64().unwrap();
+            assert!((got - want).abs() < 1e-6, "{name} {key}: {got} != {want}; {st}");
+        }
     }
 }

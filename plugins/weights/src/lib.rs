@@ -16,6 +16,8 @@
 //!   scale entropy). Critical +0.3, warning +0.1, info +0.02; above
 //!   `static_fail_score` (default 0.5) the stage fails.
 
+#[cfg(target_arch = "wasm32")]
+mod kquant;
 mod moments;
 
 use airlock_sdk::quant::Quant;
@@ -204,6 +206,9 @@ fn analyse(file: &File, t: &TensorInfo) -> Result<Outcome, String> {
                 buf.resize(64 * 256, 0.0);
                 let mut filled = 0;
                 for block in bytes.chunks_exact(bb) {
+                    #[cfg(target_arch = "wasm32")]
+                    let s = kquant::dequantize(quant, block, &mut buf[filled..filled + n]);
+                    #[cfg(not(target_arch = "wasm32"))]
                     let s = quant.dequantize(block, &mut buf[filled..filled + n]);
                     filled += n;
                     let bits = if quant == Quant::Q8K { s.d_bits >> 16 } else { s.d_bits };
