@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
 
@@ -112,51 +112,131 @@ pub struct ScanInput {
 struct Loaded {
     entry: ChainEntry,
     label: String,
-    /// The plugin, or why it was refused at load time (a stage FAIL).
-    plugin: Result<Plugin, String>,
+    /// The plugin, or why it was refused at load time (a stage FAIL). Set
+    /// once: at construction for the static scan, by the loading thread for
+    /// the other stages (see [`Scanner::new`]).
+    plugin: Arc<OnceLock<Result<Plugin, String>>>,
     /// The component's sha256, reported with every result.
     sha256: String,
 }
 
+impl Loaded {
+    /// The plugin, waiting for the loading thread if it has not got here yet.
+    fn plugin(&self) -> &Result<Plugin, String> {
+        self.plugin.wait()
+    }
+}
+
 /// A policy with its plugins loaded, ready to scan models.
 pub struct Scanner {
-    runtime: Runtime,
+    runtime: Arc<Runtime>,
     chain: BTreeMap<Stage, Vec<Loaded>>,
     pins: BTreeMap<String, Pin>,
     inference: crate::inference::InferenceConfig,
     folder_limits: crate::artifact::FolderLimits,
 }
 
+/// A component read and checked against its pin, not yet compiled.
+struct Pending {
+    cell: Arc<OnceLock<Result<Plugin, String>>>,
+    bytes: Vec<u8>,
+    sha256: String,
+    entry: ChainEntry,
+    label: String,
+    stage: Stage,
+}
+
+impl Pending {
+    fn load(self, runtime: &Runtime) {
+        let plugin = runtime
+            .load_hashed(&self.bytes, self.sha256, &self.entry.grants)
+            .map_err(|e| format!("refused at load time: {e}"));
+        // A grant the plugin does not import is harmless (it cannot call it) but is
+        // not least privilege; `airlock policy check` reports it as a problem.
+        if let Ok(p) = &plugin {
+            for g in unused_grants(&self.entry, p) {
+                tracing::warn!(
+                    "{} (stage {}) is granted {} but does not import it; remove the grant",
+                    self.label,
+                    self.stage,
+                    g.interface()
+                );
+            }
+        }
+        let _ = self.cell.set(plugin);
+    }
+}
+
+/// Fills whatever the loading thread left unset, so that no stage waits
+/// forever if it stops early (a panic in a load).
+struct FillUnset(Vec<Arc<OnceLock<Result<Plugin, String>>>>);
+
+impl Drop for FillUnset {
+    fn drop(&mut self) {
+        for cell in &self.0 {
+            let _ = cell.set(Err("was not loaded: the plugin-loading thread stopped (a bug in airlock)".into()));
+        }
+    }
+}
+
 impl Scanner {
     /// Loads every plugin the policy enables. A missing or mis-pinned
     /// component is an error; a component refused for its imports is kept as
     /// a load failure that fails its stage when a model reaches it.
+    ///
+    /// Every component is read and checked against its pin here. The static
+    /// scan's plugins are compiled here too; the other stages' are compiled on
+    /// a thread of its own, so the static scan (the longest part of a scan)
+    /// can start while stages 1-4 are still loading. A stage waits for its
+    /// plugins when it runs.
     pub fn new(
         runtime: Runtime,
         policy: &Policy,
         plugin_dir: &Path,
         pins: BTreeMap<String, Pin>,
     ) -> Result<Scanner, ScanError> {
+        let runtime = Arc::new(runtime);
         let mut chain = BTreeMap::new();
+        let (mut now, mut later) = (Vec::new(), Vec::new());
         for (stage, entries) in &policy.chain {
             let mut loaded = Vec::new();
             for entry in entries {
                 let label = entry.source.label();
                 let err = |message: String| ScanError::Plugin { stage: stage.name(), plugin: label.clone(), message };
-                let (actual, plugin) = load_entry(&runtime, entry, plugin_dir).map_err(err)?;
-                // A grant the plugin does not import is harmless (it cannot call it) but is
-                // not least privilege; `airlock policy check` reports it as a problem.
-                if let Ok(p) = &plugin {
-                    for g in unused_grants(entry, p) {
-                        tracing::warn!(
-                            "{label} (stage {stage}) is granted {} but does not import it; remove the grant",
-                            g.interface()
-                        );
-                    }
-                }
-                loaded.push(Loaded { entry: entry.clone(), label, plugin, sha256: actual });
+                let (bytes, sha256) = read_entry(entry, plugin_dir).map_err(err)?;
+                let cell = Arc::new(OnceLock::new());
+                let pending = Pending {
+                    cell: cell.clone(),
+                    bytes,
+                    sha256: sha256.clone(),
+                    entry: entry.clone(),
+                    label,
+                    stage: *stage,
+                };
+                loaded.push(Loaded { entry: entry.clone(), label: pending.label.clone(), plugin: cell, sha256 });
+                if *stage == Stage::StaticScan { now.push(pending) } else { later.push(pending) }
             }
             chain.insert(*stage, loaded);
+        }
+        for p in now {
+            p.load(&runtime);
+        }
+        if !later.is_empty() {
+            let fill = FillUnset(later.iter().map(|p| p.cell.clone()).collect());
+            let rt = runtime.clone();
+            let spawned = std::thread::Builder::new().name("airlock-loader".into()).spawn(move || {
+                let _fill = fill;
+                for p in later {
+                    p.load(&rt);
+                }
+            });
+            if let Err(e) = spawned {
+                return Err(ScanError::Plugin {
+                    stage: "all",
+                    plugin: "(loader)".into(),
+                    message: format!("cannot start the plugin-loading thread: {e}"),
+                });
+            }
         }
         Ok(Scanner { runtime, chain, pins, inference: policy.inference.clone(), folder_limits: policy.folder_limits })
     }
@@ -295,13 +375,13 @@ impl Scanner {
         if let Some(why) = not_for(&l.entry, model) {
             return StageResult {
                 plugin: Some(l.label.clone()),
-                plugin_info: l.plugin.as_ref().ok().map(|p| p.info.clone()),
+                plugin_info: l.plugin().as_ref().ok().map(|p| p.info.clone()),
                 plugin_sha256: Some(l.sha256.clone()),
                 ..StageResult::skipped(stage, why)
             };
         }
         let mut inference = None;
-        let (result, log, elapsed_ms) = match &l.plugin {
+        let (result, log, elapsed_ms) = match l.plugin() {
             Err(cause) => (Err(cause.clone()), Vec::new(), 0),
             Ok(plugin) => {
                 let out = self.runtime.run(plugin, Arc::clone(model), ctx, l.entry.limits.clone());
@@ -337,7 +417,7 @@ impl Scanner {
             stage: stage.name(),
             number: stage.number(),
             plugin: Some(l.label.clone()),
-            plugin_info: l.plugin.as_ref().ok().map(|p| p.info.clone()),
+            plugin_info: l.plugin().as_ref().ok().map(|p| p.info.clone()),
             plugin_sha256: Some(l.sha256.clone()),
             verdict,
             summary,
@@ -370,6 +450,14 @@ pub fn load_entry(
     entry: &ChainEntry,
     plugin_dir: &Path,
 ) -> Result<(String, Result<Plugin, String>), String> {
+    let (bytes, actual) = read_entry(entry, plugin_dir)?;
+    let plugin =
+        runtime.load_hashed(&bytes, actual.clone(), &entry.grants).map_err(|e| format!("refused at load time: {e}"));
+    Ok((actual, plugin))
+}
+
+/// Reads a chain entry's component and checks it against its pin: its bytes and sha256.
+fn read_entry(entry: &ChainEntry, plugin_dir: &Path) -> Result<(Vec<u8>, String), String> {
     let path: PathBuf = match &entry.source {
         PluginSource::Builtin(name) => plugin_dir.join(format!("{name}.wasm")),
         PluginSource::Path { path, .. } => path.clone(),
@@ -387,9 +475,7 @@ pub fn load_entry(
     {
         return Err(format!("{} does not match its pin\n  expected: {pinned}\n  actual:   {actual}", path.display()));
     }
-    let plugin =
-        runtime.load_hashed(&bytes, actual.clone(), &entry.grants).map_err(|e| format!("refused at load time: {e}"));
-    Ok((actual, plugin))
+    Ok((bytes, actual))
 }
 
 /// The grants an entry gives that its plugin does not import.
