@@ -400,11 +400,15 @@ fn bench() -> Result<()> {
     // shared host only ever adds time, so the best run is reported beside the median.
     const RUNS: usize = 11;
     let (mut a, mut o) = (Vec::new(), Vec::new());
-    let mut m = Vec::new();
+    let (mut m, mut a_cpu, mut o_cpu) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..RUNS {
-        a.push(time(&mut scan())?);
+        let (wall, cpu) = time_cpu(&mut scan())?;
+        a.push(wall);
+        a_cpu.push(cpu);
         m.push(time(&mut scan_with(true))?);
-        o.push(time(&mut openssl())?);
+        let (wall, cpu) = time_cpu(&mut openssl())?;
+        o.push(wall);
+        o_cpu.push(cpu);
     }
     let best = a.iter().min().copied().unwrap_or_default().as_secs_f64()
         / o.iter().min().copied().unwrap_or_default().as_secs_f64().max(1e-9);
@@ -428,6 +432,12 @@ fn bench() -> Result<()> {
     );
     println!("ratio airlock/openssl: {:.2}x (median of {RUNS})", a.as_secs_f64() / o.as_secs_f64());
     println!("ratio airlock/openssl, best run of each: {best:.2}x");
+    // CPU time (user + system, every thread): what the two cores have to fit.
+    println!(
+        "CPU time: airlock {:.0} core-ms, openssl {:.0} core-ms (medians)",
+        median(a_cpu).as_secs_f64() * 1e3,
+        median(o_cpu).as_secs_f64() * 1e3
+    );
     println!("ratio airlock --pread/openssl: {:.2}x", m.as_secs_f64() / o.as_secs_f64());
 
     // Memory must stay flat as the model grows: a 4 GB synthetic Q8_0 GGUF.
@@ -565,6 +575,25 @@ fn synthetic_q8_0(path: &std::path::Path, tensors: usize) -> Result<()> {
 }
 
 /// Runs `cmd` and returns its wall time, its peak RSS in KiB and whether it exited 0.
+/// Wall time and CPU time (user + system, all threads) of one successful run.
+fn time_cpu(cmd: &mut Command) -> Result<(Duration, Duration)> {
+    let start = Instant::now();
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 reaps exactly this child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    let took = start.elapsed();
+    if pid < 0 {
+        bail!("wait4 failed: {}", std::io::Error::last_os_error());
+    }
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        bail!("{cmd:?} failed (status {status})");
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    Ok((took, tv(usage.ru_utime) + tv(usage.ru_stime)))
+}
+
 fn time_rss(cmd: &mut Command) -> Result<(Duration, i64, bool)> {
     let start = Instant::now();
     let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;

@@ -273,10 +273,6 @@ impl Runtime {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
-        // For profiling plugins: `perf` then names their functions (from /tmp/perf-PID.map).
-        if std::env::var_os("AIRLOCK_PERFMAP").is_some() {
-            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
-        }
         // For plugin authors: `AIRLOCK_WASM_PROFILE=perfmap` lets `perf record` name JIT-compiled
         // plugin functions (use a fresh --cache-dir so the plugins are compiled in this process).
         if std::env::var("AIRLOCK_WASM_PROFILE").as_deref() == Ok("perfmap") {
