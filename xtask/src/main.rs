@@ -574,9 +574,9 @@ fn synthetic_q8_0(path: &std::path::Path, tensors: usize) -> Result<()> {
     Ok(())
 }
 
-/// Runs `cmd` and returns its wall time, its peak RSS in KiB and whether it exited 0.
-/// Wall time and CPU time (user + system, all threads) of one successful run.
-fn time_cpu(cmd: &mut Command) -> Result<(Duration, Duration)> {
+/// Runs `cmd` (output discarded) and reaps it with `wait4`: its wall time,
+/// resource usage, and whether it exited 0.
+fn run_wait4(cmd: &mut Command) -> Result<(Duration, libc::rusage, bool)> {
     let start = Instant::now();
     let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
     let mut status = 0;
@@ -587,23 +587,21 @@ fn time_cpu(cmd: &mut Command) -> Result<(Duration, Duration)> {
     if pid < 0 {
         bail!("wait4 failed: {}", std::io::Error::last_os_error());
     }
-    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
-        bail!("{cmd:?} failed (status {status})");
+    Ok((took, usage, libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0))
+}
+
+/// Wall time and CPU time (user + system, all threads) of one successful run.
+fn time_cpu(cmd: &mut Command) -> Result<(Duration, Duration)> {
+    let (took, usage, ok) = run_wait4(cmd)?;
+    if !ok {
+        bail!("{cmd:?} failed");
     }
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     Ok((took, tv(usage.ru_utime) + tv(usage.ru_stime)))
 }
 
+/// Wall time, peak RSS (KiB) and success of one run.
 fn time_rss(cmd: &mut Command) -> Result<(Duration, i64, bool)> {
-    let start = Instant::now();
-    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
-    let mut status = 0;
-    // SAFETY: rusage is plain data; wait4 reaps exactly this child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
-    let took = start.elapsed();
-    if pid < 0 {
-        bail!("wait4 failed: {}", std::io::Error::last_os_error());
-    }
-    Ok((took, usage.ru_maxrss, libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0))
+    let (took, usage, ok) = run_wait4(cmd)?;
+    Ok((took, usage.ru_maxrss, ok))
 }
