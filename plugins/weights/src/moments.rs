@@ -141,8 +141,6 @@ impl Moments {
             _ => Quant::Q4_0,
         };
         let bb = quant.block_bytes();
-        let mut acc = simd::CodeAcc::new();
-        let mut in_batch = 0;
         let mut sat = 0u32;
         let lo_mask = u8x16_splat(0x0f);
         let top_code = match BITS {
@@ -159,72 +157,74 @@ impl Moments {
             None => (0xffff, u8x16_splat(0), u8x16_splat(0)), // 0xffff: a NaN scale, never a real previous block
         };
         let mut repeated = 0u64;
-        for (i, b) in blocks.chunks_exact(bb).enumerate() {
-            let bits = u16::from_le_bytes([b[0], b[1]]);
-            if bits & 0x7c00 == 0x7c00 {
-                return Err(i);
-            }
-            let d = fast_f16(bits);
-            scales.note_scale(u32::from(bits), bits & 0x7fff == 0);
-            let p = b.as_ptr();
-            // SAFETY: every load below reads 16 bytes that lie inside the block
-            // (Q8_0: codes at 2..34; Q4_0: nibbles at 2..18; Q5_0: at 6..22).
-            let (c0, c1, edge) = unsafe {
-                match BITS {
-                    8 => {
-                        let (c0, c1) = (v128_load(p.add(2).cast::<v128>()), v128_load(p.add(18).cast::<v128>()));
-                        let at_end =
-                            |c: v128| v128_or(i8x16_eq(i8x16_abs(c), i8x16_splat(127)), i8x16_eq(c, i8x16_splat(-128)));
-                        sat += i8x16_bitmask(at_end(c0)).count_ones() + i8x16_bitmask(at_end(c1)).count_ones();
-                        (c0, c1, None)
-                    }
-                    4 => {
-                        let qs = v128_load(p.add(2).cast::<v128>());
-                        let eight = i8x16_splat(8);
-                        (i8x16_sub(v128_and(qs, lo_mask), eight), i8x16_sub(u8x16_shr(qs, 4), eight), Some(-8))
-                    }
-                    _ => {
-                        // Q5_0: the fifth bit of element j is bit j of qh.
-                        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-                        let qs = v128_load(p.add(6).cast::<v128>());
-                        let spread = i32x4_splat(qh as i32);
-                        let fifth = |idx: v128| {
-                            let bytes = i8x16_swizzle(spread, idx);
-                            v128_and(i8x16_eq(v128_and(bytes, bits_of_byte), bits_of_byte), u8x16_splat(0x10))
-                        };
-                        let h0 = fifth(u8x16(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1));
-                        let h1 = fifth(u8x16(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
-                        let sixteen = i8x16_splat(16);
-                        (
-                            i8x16_sub(v128_or(v128_and(qs, lo_mask), h0), sixteen),
-                            i8x16_sub(v128_or(u8x16_shr(qs, 4), h1), sixteen),
-                            Some(-16),
-                        )
-                    }
+        // Batches with no fold inside: a fold in the loop made cranelift move
+        // the accumulators through the stack on every block.
+        let whole = blocks.len() / bb * bb;
+        for (n, batch) in blocks[..whole].chunks(bb * BATCH_GROUPS).enumerate() {
+            let mut acc = simd::CodeAcc::new();
+            for (j, b) in batch.chunks_exact(bb).enumerate() {
+                let i = n * BATCH_GROUPS + j;
+                let bits = u16::from_le_bytes([b[0], b[1]]);
+                if bits & 0x7c00 == 0x7c00 {
+                    return Err(i);
                 }
-            };
-            if let Some(e) = edge {
-                let e = i8x16_splat(e);
-                sat += i8x16_bitmask(i8x16_eq(c0, e)).count_ones() + i8x16_bitmask(i8x16_eq(c1, e)).count_ones();
+                let d = fast_f16(bits);
+                scales.note_scale(u32::from(bits), bits & 0x7fff == 0);
+                let p = b.as_ptr();
+                // SAFETY: every load below reads 16 bytes that lie inside the block
+                // (Q8_0: codes at 2..34; Q4_0: nibbles at 2..18; Q5_0: at 6..22).
+                let (c0, c1, edge) = unsafe {
+                    match BITS {
+                        8 => {
+                            let (c0, c1) = (v128_load(p.add(2).cast::<v128>()), v128_load(p.add(18).cast::<v128>()));
+                            let at_end = |c: v128| {
+                                v128_or(i8x16_eq(i8x16_abs(c), i8x16_splat(127)), i8x16_eq(c, i8x16_splat(-128)))
+                            };
+                            sat += i8x16_bitmask(at_end(c0)).count_ones() + i8x16_bitmask(at_end(c1)).count_ones();
+                            (c0, c1, None)
+                        }
+                        4 => {
+                            let qs = v128_load(p.add(2).cast::<v128>());
+                            let eight = i8x16_splat(8);
+                            (i8x16_sub(v128_and(qs, lo_mask), eight), i8x16_sub(u8x16_shr(qs, 4), eight), Some(-8))
+                        }
+                        _ => {
+                            // Q5_0: the fifth bit of element j is bit j of qh.
+                            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                            let qs = v128_load(p.add(6).cast::<v128>());
+                            let spread = i32x4_splat(qh as i32);
+                            let fifth = |idx: v128| {
+                                let bytes = i8x16_swizzle(spread, idx);
+                                v128_and(i8x16_eq(v128_and(bytes, bits_of_byte), bits_of_byte), u8x16_splat(0x10))
+                            };
+                            let h0 = fifth(u8x16(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1));
+                            let h1 = fifth(u8x16(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+                            let sixteen = i8x16_splat(16);
+                            (
+                                i8x16_sub(v128_or(v128_and(qs, lo_mask), h0), sixteen),
+                                i8x16_sub(v128_or(u8x16_shr(qs, 4), h1), sixteen),
+                                Some(-16),
+                            )
+                        }
+                    }
+                };
+                if let Some(e) = edge {
+                    let e = i8x16_splat(e);
+                    sat += i8x16_bitmask(i8x16_eq(c0, e)).count_ones() + i8x16_bitmask(i8x16_eq(c1, e)).count_ones();
+                }
+                // A repeated block: same scale and codes as the one before (all-zero blocks are zero scales).
+                if bits == last_bits
+                    && bits & 0x7fff != 0
+                    && i8x16_all_true(i8x16_eq(c0, last0))
+                    && i8x16_all_true(i8x16_eq(c1, last1))
+                {
+                    repeated += 1;
+                }
+                (last_bits, last0, last1) = (bits, c0, c1);
+                acc.block(d, bits & 0x7fff == 0, top_code, c0, c1, self);
             }
-            // A repeated block: same scale and codes as the one before (all-zero blocks are zero scales).
-            if bits == last_bits
-                && bits & 0x7fff != 0
-                && i8x16_all_true(i8x16_eq(c0, last0))
-                && i8x16_all_true(i8x16_eq(c1, last1))
-            {
-                repeated += 1;
-            }
-            (last_bits, last0, last1) = (bits, c0, c1);
-            acc.block(d, bits & 0x7fff == 0, top_code, c0, c1, self);
-            in_batch += 1;
-            if in_batch == BATCH_GROUPS {
-                acc.fold(self, (32 * in_batch) as u64);
-                acc = simd::CodeAcc::new();
-                in_batch = 0;
-            }
+            acc.fold(self, (32 * (batch.len() / bb)) as u64);
         }
-        acc.fold(self, (32 * in_batch) as u64);
         scales.saturated += u64::from(sat);
         scales.repeated += repeated;
         let mut codes = [0u8; 32];
