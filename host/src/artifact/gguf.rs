@@ -103,12 +103,18 @@ fn min_size(ty: u32) -> Option<u64> {
     })
 }
 
-fn string(r: &mut Reader, field: &str, max: u64) -> Result<Vec<u8>, ParseError> {
+/// A string's u64 length, refused when over `max` (the error names where the length sits).
+fn string_len(r: &mut Reader, field: &str, max: u64) -> Result<u64, ParseError> {
     let at = r.pos();
     let len = r.u64(field)?;
     if len > max {
         return Err(ParseError::new(at, field, format!("string length {len} exceeds the limit of {max}")));
     }
+    Ok(len)
+}
+
+fn string(r: &mut Reader, field: &str, max: u64) -> Result<Vec<u8>, ParseError> {
+    let len = string_len(r, field, max)?;
     r.take(len, field)
 }
 
@@ -180,15 +186,8 @@ fn array(r: &mut Reader, field: &str, budget: &mut u64) -> Result<MetaValue, Par
         // strings is not valid); invalid ones are kept lossily, as scalars are.
         let mut texts = Texts::default();
         for _ in 0..count {
-            let len_at = r.pos();
-            let len = r.u64(field)?;
-            if len > r.remaining() {
-                return Err(ParseError::new(
-                    len_at,
-                    field,
-                    format!("string length {len} exceeds the limit of {}", r.remaining()),
-                ));
-            }
+            let max = r.remaining();
+            let len = string_len(r, field, max)?;
             r.with_bytes(len, field, |b| match std::str::from_utf8(b) {
                 Ok(s) => texts.push(s),
                 Err(_) => texts.push(&String::from_utf8_lossy(b)),
@@ -197,55 +196,105 @@ fn array(r: &mut Reader, field: &str, budget: &mut u64) -> Result<MetaValue, Par
         return Ok(MetaValue::Texts(texts));
     }
     // Fixed-size elements: decoded a batch at a time from the read buffer.
-    let size = min as usize;
     let n = count as usize;
-    let mut left = n;
-    let mut bytes_at = r.pos();
-    macro_rules! collect {
-        ($variant:ident, $decode:expr) => {{
-            let mut v = Vec::with_capacity(n.min(PREALLOC));
-            while left > 0 {
-                let k = left.min(BATCH);
-                r.with_bytes((k * size) as u64, field, |b| v.extend(b.chunks_exact(size).map($decode)))?;
-                left -= k;
-            }
-            MetaValue::$variant(v)
-        }};
-    }
-    const BATCH: usize = 1 << 14;
+    let size = min as usize;
+    let all_valid = |_: &[u8]| None;
     Ok(match ty {
-        T_U8 => collect!(Uints, |b: &[u8]| u64::from(b[0])),
-        T_U16 => collect!(Uints, |b: &[u8]| u64::from(u16::from_le_bytes([b[0], b[1]]))),
-        T_U32 => collect!(Uints, |b: &[u8]| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-        T_U64 => collect!(Uints, |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"))),
-        T_I8 => collect!(Ints, |b: &[u8]| i64::from(b[0] as i8)),
-        T_I16 => collect!(Ints, |b: &[u8]| i64::from(i16::from_le_bytes([b[0], b[1]]))),
-        T_I32 => collect!(Ints, |b: &[u8]| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-        T_I64 => collect!(Ints, |b: &[u8]| i64::from_le_bytes(b.try_into().expect("8 bytes"))),
-        T_F32 => collect!(Floats, |b: &[u8]| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-        T_F64 => collect!(Floats, |b: &[u8]| f64::from_le_bytes(b.try_into().expect("8 bytes"))),
-        T_BOOL => {
-            let mut v = Vec::with_capacity(n.min(PREALLOC));
-            while left > 0 {
-                let k = left.min(BATCH);
-                let bad = r.with_bytes(k as u64, field, |b| {
-                    v.extend(b.iter().map(|&x| x == 1));
-                    b.iter().position(|&x| x > 1).map(|i| (i, b[i]))
-                })?;
-                if let Some((i, b)) = bad {
-                    return Err(ParseError::new(
-                        bytes_at + i as u64,
-                        field,
-                        format!("bool value {b} is neither 0 nor 1"),
-                    ));
-                }
-                bytes_at += k as u64;
-                left -= k;
-            }
-            MetaValue::Bools(v)
+        T_U8 => MetaValue::Uints(batched(r, field, n, size, |b| u64::from(b[0]), all_valid)?),
+        T_U16 => {
+            MetaValue::Uints(batched(r, field, n, size, |b| u64::from(u16::from_le_bytes([b[0], b[1]])), all_valid)?)
         }
+        T_U32 => MetaValue::Uints(batched(
+            r,
+            field,
+            n,
+            size,
+            |b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            all_valid,
+        )?),
+        T_U64 => MetaValue::Uints(batched(
+            r,
+            field,
+            n,
+            size,
+            |b| u64::from_le_bytes(b.try_into().expect("8 bytes")),
+            all_valid,
+        )?),
+        T_I8 => MetaValue::Ints(batched(r, field, n, size, |b| i64::from(b[0] as i8), all_valid)?),
+        T_I16 => {
+            MetaValue::Ints(batched(r, field, n, size, |b| i64::from(i16::from_le_bytes([b[0], b[1]])), all_valid)?)
+        }
+        T_I32 => MetaValue::Ints(batched(
+            r,
+            field,
+            n,
+            size,
+            |b| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            all_valid,
+        )?),
+        T_I64 => MetaValue::Ints(batched(
+            r,
+            field,
+            n,
+            size,
+            |b| i64::from_le_bytes(b.try_into().expect("8 bytes")),
+            all_valid,
+        )?),
+        T_F32 => MetaValue::Floats(batched(
+            r,
+            field,
+            n,
+            size,
+            |b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            all_valid,
+        )?),
+        T_F64 => MetaValue::Floats(batched(
+            r,
+            field,
+            n,
+            size,
+            |b| f64::from_le_bytes(b.try_into().expect("8 bytes")),
+            all_valid,
+        )?),
+        T_BOOL => MetaValue::Bools(batched(
+            r,
+            field,
+            n,
+            size,
+            |b| b[0] == 1,
+            |b| b.iter().position(|&x| x > 1).map(|i| (i, format!("bool value {} is neither 0 nor 1", b[i]))),
+        )?),
         _ => unreachable!("min_size() filtered the types"),
     })
+}
+
+/// Decodes `n` elements of `size` bytes, a batch at a time from the read
+/// buffer. `invalid` finds the first bad byte of a batch (its index and why);
+/// the error then names that byte's offset in the file.
+fn batched<T>(
+    r: &mut Reader,
+    field: &str,
+    n: usize,
+    size: usize,
+    decode: impl Fn(&[u8]) -> T,
+    invalid: impl Fn(&[u8]) -> Option<(usize, String)>,
+) -> Result<Vec<T>, ParseError> {
+    const BATCH: usize = 1 << 14;
+    let mut v = Vec::with_capacity(n.min(PREALLOC));
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(BATCH);
+        let batch_at = r.pos();
+        let bad = r.with_bytes((k * size) as u64, field, |b| {
+            v.extend(b.chunks_exact(size).map(&decode));
+            invalid(b)
+        })?;
+        if let Some((i, why)) = bad {
+            return Err(ParseError::new(batch_at + i as u64, field, why));
+        }
+        left -= k;
+    }
+    Ok(v)
 }
 
 fn align_up(x: u64, align: u64, at: u64, field: &str) -> Result<u64, ParseError> {

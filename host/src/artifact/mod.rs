@@ -171,16 +171,6 @@ impl Texts {
     }
 }
 
-impl<S: AsRef<str>> FromIterator<S> for Texts {
-    fn from_iter<I: IntoIterator<Item = S>>(iter: I) -> Self {
-        let mut t = Texts::default();
-        for s in iter {
-            t.push(s.as_ref());
-        }
-        t
-    }
-}
-
 /// A parsed container header.
 #[derive(Clone, Debug, Default)]
 pub struct Header {
