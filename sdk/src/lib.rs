@@ -208,6 +208,20 @@ impl PackedTexts {
         })
     }
 
+    /// The strings' raw bytes, in order, with no UTF-8 check: for scanners
+    /// that match bytes (a vocabulary's UTF-8 check costs about 9 ms of a
+    /// gemma scan). Ends are read as in [`PackedTexts::iter`]: one past the
+    /// buffer is cut at its end, one before the previous end gives an empty entry.
+    pub fn iter_bytes(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let mut start = 0usize;
+        self.ends.iter().map(move |&end| {
+            let end = (end as usize).min(self.bytes.len());
+            let b = self.bytes.get(start..end).unwrap_or(&[]);
+            start = end;
+            b
+        })
+    }
+
     /// How many strings.
     pub fn len(&self) -> usize {
         self.ends.len()
@@ -255,5 +269,13 @@ mod packed_texts_tests {
         let got: Vec<_> = p.iter().collect();
         assert_eq!(&got[..5], &words);
         assert_eq!(got[5], "");
+    }
+
+    #[test]
+    fn raw_bytes_come_back_unchecked_and_bad_ends_give_empty_entries() {
+        let p = PackedTexts { bytes: b"ab\xffcd".to_vec(), ends: vec![2, 3, 5, 4, 99] };
+        let got: Vec<&[u8]> = p.iter_bytes().collect();
+        // 4 is before the previous end (empty); 99 is cut at the end, after 4.
+        assert_eq!(got, [&b"ab"[..], b"\xff", b"cd", b"", b"d"]);
     }
 }

@@ -51,23 +51,49 @@ fn insane_block_count() {
     assert_passed(&scan_json(&ok, &[]));
 }
 
+/// A GGUF string-array value (type 9 of type 8).
+fn tokens<S: AsRef<str>>(list: &[S]) -> (u32, Vec<u8>) {
+    let mut v = 8u32.to_le_bytes().to_vec();
+    v.extend((list.len() as u64).to_le_bytes());
+    for t in list {
+        let t = t.as_ref();
+        v.extend((t.len() as u64).to_le_bytes());
+        v.extend(t.as_bytes());
+    }
+    (9u32, v)
+}
+
 #[test]
 fn malformed_byte_tokens() {
     let d = tmp();
-    let tokens = |list: &[&str]| {
-        let mut v = 8u32.to_le_bytes().to_vec();
-        v.extend((list.len() as u64).to_le_bytes());
-        for t in list {
-            v.extend((t.len() as u64).to_le_bytes());
-            v.extend(t.as_bytes());
-        }
-        (9u32, v)
-    };
     let good =
         write(d.path(), "ok.gguf", &gguf_with("tokenizer.ggml.tokens", tokens(&["<0x00>", "<0xFF>", "hello", "<0x"])));
     assert_passed(&scan_json(&good, &[]));
     let bad = write(d.path(), "m.gguf", &gguf_with("tokenizer.ggml.tokens", tokens(&["<0x41>", "<0xZZ>"])));
     rejected_with(&scan_json(&bad, &[]), "meta.value.byte-token", "tokenizer.ggml.tokens");
+}
+
+/// Vocabularies are scanned packed: the elements that may hold a needle are
+/// found in one pass over the whole buffer. A needle deep inside one element
+/// is found; one split across two neighbouring elements is in neither.
+#[test]
+fn a_gadget_deep_in_a_vocabulary_is_found_and_one_split_across_tokens_is_not() {
+    let d = tmp();
+    let mut vocab: Vec<String> =
+        (0..20_000).map(|i| if i % 7 == 0 { format!("▁w_{i}") } else { format!("▁tok{i}") }).collect();
+    vocab[12_001] = "os.".into();
+    vocab[12_002] = "system".into();
+    vocab[15_000] = "_target".into();
+    vocab[15_001] = "_".into();
+    let clean = write(d.path(), "ok.gguf", &gguf_with("tokenizer.ggml.tokens", tokens(&vocab)));
+    assert_passed(&scan_json(&clean, &[]));
+
+    vocab[12_345] = "▁os.system(".into();
+    let bad = write(d.path(), "m.gguf", &gguf_with("tokenizer.ggml.tokens", tokens(&vocab)));
+    let s = scan_json(&bad, &[]);
+    rejected_with(&s, "meta.gadget.python-import", "tokenizer.ggml.tokens");
+    let f = s.stage("static_scan")["findings"].as_array().unwrap().clone();
+    assert!(f.iter().any(|f| f["message"].as_str().unwrap().contains("os.system")), "{f:?}");
 }
 
 #[test]

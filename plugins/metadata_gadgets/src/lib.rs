@@ -8,7 +8,10 @@
 //! callables. Any of them fails the stage, as does a structural value no real
 //! model has.
 
-use airlock_sdk::{ChunkReader, File, Finding, Format, MetaValue, Model, Report, Severity, Stage, StageInfo, context};
+use aho_corasick::AhoCorasick;
+use airlock_sdk::{
+    ChunkReader, File, Finding, Format, MetaValue, Model, PackedTexts, Report, Severity, Stage, StageInfo, context,
+};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -74,6 +77,8 @@ const DANGEROUS_IMPORTS: [&str; 24] = [
 
 struct Scan<'a> {
     config: &'a Config,
+    /// Every needle of both lists: the gadget keys first, then the import paths.
+    needles: AhoCorasick,
     findings: Vec<Finding>,
     values: usize,
 }
@@ -87,37 +92,59 @@ impl Scan<'_> {
     }
 
     /// Gadget keys and dangerous import paths in a key or a string value.
-    fn text(&mut self, text: &str, location: &str) {
+    /// Bytes, not text: every needle is ASCII, so a match in bytes is a match
+    /// in the text, and no UTF-8 check is needed first.
+    fn text(&mut self, text: &[u8], location: &str) {
         self.values += 1;
         // Every needle holds a '_' or a '.', and most tokens hold neither: skip them fast.
-        if !text.bytes().any(|b| b == b'_' || b == b'.') {
-            return;
+        if memchr::memchr2(b'_', b'.', text).is_some() {
+            self.needles_in(text, location);
         }
-        for (needle, rule) in GADGET_KEYS {
-            if text.contains(needle) {
-                self.flag(
+    }
+
+    fn needles_in(&mut self, text: &[u8], location: &str) {
+        let mut hits = Vec::new();
+        for m in self.needles.find_overlapping_iter(text) {
+            let id = m.pattern().as_usize();
+            if !hits.contains(&id) {
+                hits.push(id);
+            }
+        }
+        // Reported in list order, as the needles are listed.
+        hits.sort_unstable();
+        for id in hits {
+            match GADGET_KEYS.get(id) {
+                Some((needle, rule)) => self.flag(
                     rule,
                     Severity::Critical,
                     format!("`{needle}` makes a loader import or run code"),
                     location.into(),
-                );
-            }
-        }
-        for path in DANGEROUS_IMPORTS {
-            if text.contains(path) {
-                self.flag(
-                    "meta.gadget.python-import",
-                    Severity::Critical,
-                    format!("names the Python callable `{path}`"),
-                    location.into(),
-                );
+                ),
+                None => {
+                    let path = DANGEROUS_IMPORTS[id - GADGET_KEYS.len()];
+                    self.flag(
+                        "meta.gadget.python-import",
+                        Severity::Critical,
+                        format!("names the Python callable `{path}`"),
+                        location.into(),
+                    )
+                }
             }
         }
     }
 
-    fn texts<'s>(&mut self, key: &str, list: impl Iterator<Item = &'s str>, location: &str) {
+    /// A string array. `may_hold_needle(i)` is false for elements known to
+    /// hold no '_' and no '.', which no needle can then be in.
+    fn texts<'s>(
+        &mut self,
+        key: &str,
+        list: impl Iterator<Item = &'s [u8]>,
+        may_hold_needle: impl Fn(usize) -> bool,
+        location: &str,
+    ) {
         let byte_tokens = key == "tokenizer.ggml.tokens";
         for (i, s) in list.enumerate() {
+            self.values += 1;
             if s.len() > self.config.max_array_element_bytes {
                 self.flag(
                     "meta.value.string-too-long",
@@ -132,23 +159,28 @@ impl Scan<'_> {
             }
             // llama.cpp turns `<0xHH>` tokens into bytes; anything but two hex digits there is malformed.
             if byte_tokens
-                && s.starts_with("<0x")
-                && s.ends_with('>')
-                && !(s.len() == 6 && s.as_bytes()[3..5].iter().all(u8::is_ascii_hexdigit))
+                && s.starts_with(b"<0x")
+                && s.ends_with(b">")
+                && !(s.len() == 6 && s[3..5].iter().all(u8::is_ascii_hexdigit))
             {
                 self.flag(
                     "meta.value.byte-token",
                     Severity::Critical,
-                    format!("token {i} {s:?} looks like a byte token but is not <0xHH> with two hex digits"),
+                    format!(
+                        "token {i} {:?} looks like a byte token but is not <0xHH> with two hex digits",
+                        String::from_utf8_lossy(s)
+                    ),
                     location.into(),
                 );
             }
-            self.text(s, location);
+            if may_hold_needle(i) {
+                self.needles_in(s, location);
+            }
         }
     }
 
     fn gguf_value(&mut self, key: &str, value: &MetaValue, location: &str) {
-        self.text(key, location);
+        self.text(key.as_bytes(), location);
         match value {
             MetaValue::Text(s) => {
                 if s.len() > self.config.max_string_bytes {
@@ -159,9 +191,12 @@ impl Scan<'_> {
                         location.into(),
                     );
                 }
-                self.text(s, location);
+                self.text(s.as_bytes(), location);
             }
-            MetaValue::Texts(list) => self.texts(key, list.iter().map(String::as_str), location),
+            MetaValue::Texts(list) => {
+                let list = list.iter().map(String::as_bytes);
+                self.texts(key, list, |_| true, location)
+            }
             MetaValue::Uint(n) if key.ends_with(".block_count") && *n > self.config.max_block_count => {
                 self.flag(
                     "meta.value.block-count",
@@ -196,8 +231,9 @@ impl Scan<'_> {
                     };
                     // Vocabularies are large string arrays: take them packed.
                     if let Some(packed) = file.metadata_packed_texts(&key) {
-                        self.text(&key, &location);
-                        self.texts(&key, packed.iter(), &location);
+                        self.text(key.as_bytes(), &location);
+                        let may_hold = may_hold_needle(&packed);
+                        self.texts(&key, packed.iter_bytes(), |i| may_hold[i], &location);
                         continue;
                     }
                     let Some(value) = file.metadata(&key) else { continue };
@@ -206,12 +242,36 @@ impl Scan<'_> {
             }
             Format::Json => {
                 let text = ChunkReader::file(file).collect_bytes()?;
-                self.text(&String::from_utf8_lossy(&text), &path);
+                self.text(&text, &path);
             }
             _ => {}
         }
         Ok(())
     }
+}
+
+/// Which elements of a packed string array hold a '_' or a '.': one SIMD
+/// pass over the whole buffer (a 262k-token vocabulary is about 2 MB) rather
+/// than a search per element. Ends that do not rise (a host bug) mark every
+/// element, so nothing goes unsearched.
+fn may_hold_needle(packed: &PackedTexts) -> Vec<bool> {
+    let ends = &packed.ends;
+    let rising = ends.windows(2).all(|w| w[0] <= w[1]) && ends.last().is_none_or(|&e| e as usize <= packed.bytes.len());
+    if !rising {
+        return vec![true; ends.len()];
+    }
+    let mut marks = vec![false; ends.len()];
+    let mut element = 0;
+    for at in memchr::memchr2_iter(b'_', b'.', &packed.bytes) {
+        while element < ends.len() && ends[element] as usize <= at {
+            element += 1;
+        }
+        match marks.get_mut(element) {
+            Some(m) => *m = true,
+            None => break, // past the last end: bytes that belong to no element
+        }
+    }
+    marks
 }
 
 struct MetadataGadgets;
@@ -230,7 +290,11 @@ impl Stage for MetadataGadgets {
             Ok(c) => c,
             Err(e) => return Report::fail(e),
         };
-        let mut scan = Scan { config: &config, findings: Vec::new(), values: 0 };
+        let needles = match AhoCorasick::new(GADGET_KEYS.iter().map(|(needle, _)| *needle).chain(DANGEROUS_IMPORTS)) {
+            Ok(n) => n,
+            Err(e) => return Report::fail(format!("cannot build the needle matcher: {e}")),
+        };
+        let mut scan = Scan { config: &config, needles, findings: Vec::new(), values: 0 };
         for file in model.files() {
             if let Err(e) = scan.file(&file) {
                 return Report::fail(format!("{}: cannot read: {e}", file.path()));
