@@ -157,6 +157,11 @@ impl Moments {
             None => (0xffff, u8x16_splat(0), u8x16_splat(0)), // 0xffff: a NaN scale, never a real previous block
         };
         let mut repeated = 0u64;
+        // Block and zero-scale counts in locals, written once at the end: as
+        // fields beside the histogram they were stored on every block, since
+        // the histogram's stores might alias them.
+        let (mut counted, mut zero_scales) = (0u64, 0u64);
+        let hist: &mut [u64; 256] = &mut scales.scale_hist;
         // Batches with no fold inside: a fold in the loop made cranelift move
         // the accumulators through the stack on every block.
         let whole = blocks.len() / bb * bb;
@@ -166,10 +171,14 @@ impl Moments {
                 let i = n * BATCH_GROUPS + j;
                 let bits = u16::from_le_bytes([b[0], b[1]]);
                 if bits & 0x7c00 == 0x7c00 {
+                    scales.blocks += counted;
+                    scales.zero_scale += zero_scales;
                     return Err(i);
                 }
                 let d = fast_f16(bits);
-                scales.note_scale(u32::from(bits), bits & 0x7fff == 0);
+                counted += 1;
+                zero_scales += u64::from(bits & 0x7fff == 0);
+                hist[usize::from(bits >> 8)] += 1;
                 let p = b.as_ptr();
                 // SAFETY: every load below reads 16 bytes that lie inside the block
                 // (Q8_0: codes at 2..34; Q4_0: nibbles at 2..18; Q5_0: at 6..22).
@@ -225,6 +234,8 @@ impl Moments {
             }
             acc.fold(self, (32 * (batch.len() / bb)) as u64);
         }
+        scales.blocks += counted;
+        scales.zero_scale += zero_scales;
         scales.saturated += u64::from(sat);
         scales.repeated += repeated;
         let mut codes = [0u8; 32];
@@ -328,14 +339,16 @@ mod simd {
     use super::Moments;
     use core::arch::wasm32::*;
 
-    /// Power sums d^k·Σq^k of code blocks, in f32 lanes.
+    /// Power sums d^k·Σq^k of code blocks, in f32 lanes, and the count of
+    /// zero values (kept here, not in `Moments`, so it stays in a register).
     pub struct CodeAcc {
         pub s: [v128; 4],
+        pub zeros: u64,
     }
 
     impl CodeAcc {
         pub fn new() -> Self {
-            CodeAcc { s: [f32x4_splat(0.0); 4] }
+            CodeAcc { s: [f32x4_splat(0.0); 4], zeros: 0 }
         }
     }
 
@@ -450,7 +463,7 @@ impl simd::CodeAcc {
         let q4 = f32x4_add(q4, v128_and(i32x4_lt(s4, i32x4_splat(0)), f32x4_splat(4294967296.0)));
         self.s[3] = f32x4_add(self.s[3], f32x4_mul(q4, f32x4_splat(d2 * d2)));
         let zero = i8x16_splat(0);
-        m.zeros += if d_is_zero {
+        self.zeros += if d_is_zero {
             32
         } else {
             u64::from(i8x16_bitmask(i8x16_eq(c0, zero)).count_ones() + i8x16_bitmask(i8x16_eq(c1, zero)).count_ones())
@@ -471,6 +484,7 @@ impl simd::CodeAcc {
                 + f64::from(f32x4_extract_lane::<2>(*v))
                 + f64::from(f32x4_extract_lane::<3>(*v));
         }
+        m.zeros += self.zeros;
         m.n += n;
     }
 }
