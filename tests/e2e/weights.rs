@@ -152,6 +152,12 @@ fn simd_statistics_are_exact_on_known_blocks() {
         extreme.extend(one);
         extreme.extend([if b % 2 == 0 { 0x80u8 } else { 0 }; 32]);
     }
+    // Saturation: 3 codes in 8 sit at an end (127, -127, -128); 126 and -126 do not.
+    let mut ends = Vec::new();
+    for _ in 0..blocks {
+        ends.extend(one);
+        ends.extend([127i8, -127, -128, 126, -126, 0, 1, -1].repeat(4).iter().map(|&c| c as u8));
+    }
     // K-quants, 256 elements a block. Q4_K: d 1, dmin 0, every 6-bit scale 1
     // (packed as llama.cpp does), nibbles 15 and 9: mean 12, std 3, kurtosis 1.
     // Q6_K: d 1, scales 1, nibbles 15 and 1 with high bits 2 and 1: codes
@@ -175,6 +181,7 @@ fn simd_statistics_are_exact_on_known_blocks() {
         t("d.q8_0", 8, extreme),
         t("e.q4_k", 12, q4k),
         t("f.q6_k", 14, q6k),
+        t("g.q8_0", 8, ends),
     ]));
     let w = s.one()["stages"].as_array().unwrap().iter().find(|x| x["plugin"] == "builtin:weights").unwrap().clone();
     for name in ["a.q8_0", "b.q4_0", "c.q5_0"] {
@@ -196,5 +203,9 @@ fn simd_statistics_are_exact_on_known_blocks() {
             let got = st[key].as_f64().unwrap();
             assert!((got - want).abs() < 1e-6, "{name} {key}: {got} != {want}; {st}");
         }
+    }
+    for (name, want) in [("a.q8_0", 0.0), ("b.q4_0", 0.0), ("c.q5_0", 0.0), ("d.q8_0", 0.5), ("g.q8_0", 0.375)] {
+        let got = w["details"]["tensors"][name]["saturated"].as_f64().unwrap();
+        assert_eq!(got, want, "{name} saturated: {}", w["details"]["tensors"][name]);
     }
 }

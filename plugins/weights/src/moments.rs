@@ -186,9 +186,10 @@ impl Moments {
                     match BITS {
                         8 => {
                             let (c0, c1) = (v128_load(p.add(2).cast::<v128>()), v128_load(p.add(18).cast::<v128>()));
-                            let at_end = |c: v128| {
-                                v128_or(i8x16_eq(i8x16_abs(c), i8x16_splat(127)), i8x16_eq(c, i8x16_splat(-128)))
-                            };
+                            // A code at either end (±127 or -128) has |c| + 1 at or past
+                            // 128, a set sign bit once wrapped (abs(-128) wraps to -128):
+                            // the bitmask reads it directly, with one constant, not two.
+                            let at_end = |c: v128| i8x16_add(i8x16_abs(c), i8x16_splat(1));
                             sat += i8x16_bitmask(at_end(c0)).count_ones() + i8x16_bitmask(at_end(c1)).count_ones();
                             (c0, c1, None)
                         }
