@@ -198,64 +198,23 @@ fn array(r: &mut Reader, field: &str, budget: &mut u64) -> Result<MetaValue, Par
     // Fixed-size elements: decoded a batch at a time from the read buffer.
     let n = count as usize;
     let size = min as usize;
-    let all_valid = |_: &[u8]| None;
+    // Every byte pattern is a valid number; only bools have bad values.
+    macro_rules! numbers {
+        ($decode:expr) => {
+            batched(r, field, n, size, $decode, |_: &[u8]| None)?
+        };
+    }
     Ok(match ty {
-        T_U8 => MetaValue::Uints(batched(r, field, n, size, |b| u64::from(b[0]), all_valid)?),
-        T_U16 => {
-            MetaValue::Uints(batched(r, field, n, size, |b| u64::from(u16::from_le_bytes([b[0], b[1]])), all_valid)?)
-        }
-        T_U32 => MetaValue::Uints(batched(
-            r,
-            field,
-            n,
-            size,
-            |b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            all_valid,
-        )?),
-        T_U64 => MetaValue::Uints(batched(
-            r,
-            field,
-            n,
-            size,
-            |b| u64::from_le_bytes(b.try_into().expect("8 bytes")),
-            all_valid,
-        )?),
-        T_I8 => MetaValue::Ints(batched(r, field, n, size, |b| i64::from(b[0] as i8), all_valid)?),
-        T_I16 => {
-            MetaValue::Ints(batched(r, field, n, size, |b| i64::from(i16::from_le_bytes([b[0], b[1]])), all_valid)?)
-        }
-        T_I32 => MetaValue::Ints(batched(
-            r,
-            field,
-            n,
-            size,
-            |b| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            all_valid,
-        )?),
-        T_I64 => MetaValue::Ints(batched(
-            r,
-            field,
-            n,
-            size,
-            |b| i64::from_le_bytes(b.try_into().expect("8 bytes")),
-            all_valid,
-        )?),
-        T_F32 => MetaValue::Floats(batched(
-            r,
-            field,
-            n,
-            size,
-            |b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            all_valid,
-        )?),
-        T_F64 => MetaValue::Floats(batched(
-            r,
-            field,
-            n,
-            size,
-            |b| f64::from_le_bytes(b.try_into().expect("8 bytes")),
-            all_valid,
-        )?),
+        T_U8 => MetaValue::Uints(numbers!(|b| u64::from(b[0]))),
+        T_U16 => MetaValue::Uints(numbers!(|b| u64::from(u16::from_le_bytes([b[0], b[1]])))),
+        T_U32 => MetaValue::Uints(numbers!(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])))),
+        T_U64 => MetaValue::Uints(numbers!(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))),
+        T_I8 => MetaValue::Ints(numbers!(|b| i64::from(b[0] as i8))),
+        T_I16 => MetaValue::Ints(numbers!(|b| i64::from(i16::from_le_bytes([b[0], b[1]])))),
+        T_I32 => MetaValue::Ints(numbers!(|b| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))),
+        T_I64 => MetaValue::Ints(numbers!(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))),
+        T_F32 => MetaValue::Floats(numbers!(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))),
+        T_F64 => MetaValue::Floats(numbers!(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))),
         T_BOOL => MetaValue::Bools(batched(
             r,
             field,
