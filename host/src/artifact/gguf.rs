@@ -182,18 +182,16 @@ fn array(r: &mut Reader, field: &str, budget: &mut u64) -> Result<MetaValue, Par
     }
     *budget -= count;
     if ty == T_STRING {
-        // Each string is checked on its own (a character split across two
-        // strings is not valid); invalid ones are kept lossily, as scalars are.
-        let mut texts = Texts::default();
+        // Read back to back, then checked as UTF-8 in one pass; a string that
+        // is invalid on its own is kept lossily, as scalars are.
+        let (mut raw, mut ends) = (Vec::new(), Vec::with_capacity((count as usize).min(PREALLOC)));
         for _ in 0..count {
             let max = r.remaining();
             let len = string_len(r, field, max)?;
-            r.with_bytes(len, field, |b| match std::str::from_utf8(b) {
-                Ok(s) => texts.push(s),
-                Err(_) => texts.push(&String::from_utf8_lossy(b)),
-            })?;
+            r.with_bytes(len, field, |b| raw.extend_from_slice(b))?;
+            ends.push(raw.len());
         }
-        return Ok(MetaValue::Texts(texts));
+        return Ok(MetaValue::Texts(Texts::from_utf8_parts(raw, ends)));
     }
     // Fixed-size elements: decoded a batch at a time from the read buffer.
     let n = count as usize;

@@ -141,6 +141,31 @@ pub struct Texts {
 }
 
 impl Texts {
+    /// Strings read back to back (`ends` says where each one ends), checked
+    /// as UTF-8 in one pass rather than one call per string. Each string must
+    /// be valid on its own, so the one pass also needs every end on a
+    /// character boundary (a character split across two strings is valid in
+    /// the whole but in neither). Otherwise each string is checked alone and
+    /// an invalid one is kept lossily.
+    pub fn from_utf8_parts(raw: Vec<u8>, ends: Vec<usize>) -> Texts {
+        match String::from_utf8(raw) {
+            Ok(bytes) if ends.iter().all(|&e| bytes.is_char_boundary(e)) => Texts { bytes, ends },
+            Ok(bytes) => Texts::lossy(bytes.as_bytes(), &ends),
+            Err(e) => Texts::lossy(e.as_bytes(), &ends),
+        }
+    }
+
+    fn lossy(raw: &[u8], ends: &[usize]) -> Texts {
+        let mut t = Texts::default();
+        let mut start = 0;
+        for &end in ends {
+            let b = raw.get(start..end).unwrap_or_default();
+            t.push(&String::from_utf8_lossy(b));
+            start = end;
+        }
+        t
+    }
+
     pub fn push(&mut self, s: &str) {
         self.bytes.push_str(s);
         self.ends.push(self.bytes.len());
@@ -488,4 +513,39 @@ fn walk(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod texts_tests {
+    use super::Texts;
+
+    fn parts(strings: &[&[u8]]) -> (Vec<u8>, Vec<usize>) {
+        let (mut raw, mut ends) = (Vec::new(), Vec::new());
+        for s in strings {
+            raw.extend_from_slice(s);
+            ends.push(raw.len());
+        }
+        (raw, ends)
+    }
+
+    #[test]
+    fn valid_strings_are_kept_and_invalid_ones_lossily() {
+        let (raw, ends) = parts(&[b"a", b"", "h\u{e9}llo".as_bytes(), "\u{2581}the".as_bytes()]);
+        let t = Texts::from_utf8_parts(raw, ends);
+        assert_eq!(t.iter().collect::<Vec<_>>(), ["a", "", "h\u{e9}llo", "\u{2581}the"]);
+
+        let (raw, ends) = parts(&[b"ok", b"bad\xff", b"fine"]);
+        let t = Texts::from_utf8_parts(raw, ends);
+        assert_eq!(t.iter().collect::<Vec<_>>(), ["ok", "bad\u{fffd}", "fine"]);
+    }
+
+    /// "é" is 0xC3 0xA9: split over two strings, the whole is valid UTF-8 but
+    /// neither string is.
+    #[test]
+    fn a_character_split_across_two_strings_is_invalid_in_both() {
+        let (raw, ends) = parts(&[b"x\xc3", b"\xa9y"]);
+        assert!(std::str::from_utf8(&raw).is_ok());
+        let t = Texts::from_utf8_parts(raw, ends);
+        assert_eq!(t.iter().collect::<Vec<_>>(), ["x\u{fffd}", "\u{fffd}y"]);
+    }
 }
