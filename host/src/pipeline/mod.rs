@@ -148,9 +148,7 @@ struct Pending {
 
 impl Pending {
     fn load(self, runtime: &Runtime) {
-        let plugin = runtime
-            .load_hashed(&self.bytes, self.sha256, &self.entry.grants)
-            .map_err(|e| format!("refused at load time: {e}"));
+        let plugin = compile(runtime, &self.bytes, self.sha256, &self.entry);
         // A grant the plugin does not import is harmless (it cannot call it) but is
         // not least privilege; `airlock policy check` reports it as a problem.
         if let Ok(p) = &plugin {
@@ -451,9 +449,14 @@ pub fn load_entry(
     plugin_dir: &Path,
 ) -> Result<(String, Result<Plugin, String>), String> {
     let (bytes, actual) = read_entry(entry, plugin_dir)?;
-    let plugin =
-        runtime.load_hashed(&bytes, actual.clone(), &entry.grants).map_err(|e| format!("refused at load time: {e}"));
+    let plugin = compile(runtime, &bytes, actual.clone(), entry);
     Ok((actual, plugin))
+}
+
+/// Compiles (or takes from the cache) a component already read and checked
+/// against its pin, with the entry's grants; `Err` is why it was refused.
+fn compile(runtime: &Runtime, bytes: &[u8], sha256: String, entry: &ChainEntry) -> Result<Plugin, String> {
+    runtime.load_hashed(bytes, sha256, &entry.grants).map_err(|e| format!("refused at load time: {e}"))
 }
 
 /// Reads a chain entry's component and checks it against its pin: its bytes and sha256.
