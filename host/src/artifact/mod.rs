@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-pub use source::{ByteSource, ReadMode};
+pub use source::{ByteSource, FileBytes, ReadMode};
 
 /// A container format, sniffed from content.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -10,6 +10,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::Arc;
 
 use super::sigbus;
@@ -198,6 +199,44 @@ impl AsRef<[u8]> for MapRange {
     }
 }
 
+/// A whole small file (a plugin, a compiled plugin) to hash and load: mapped
+/// when it can be, so hashing it costs no copy into freshly zeroed pages, and
+/// read otherwise. Check `intact` after using the bytes: a file truncated
+/// under the map reads as zeros there.
+pub struct FileBytes {
+    source: ByteSource,
+    /// The bytes, when the file could not be mapped.
+    read: Option<Vec<u8>>,
+}
+
+impl FileBytes {
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = File::open(path)?;
+        let size = file.metadata()?.len();
+        let source = ByteSource::new(file, size, ReadMode::Mmap)?;
+        let read = match source.mapped(0, size) {
+            Some(_) => None,
+            None => {
+                let len = usize::try_from(size).map_err(|_| io::Error::other(format!("{size} bytes is too big")))?;
+                Some(source.read_exact_at(0, len)?)
+            }
+        };
+        Ok(FileBytes { source, read })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        match &self.read {
+            Some(v) => v,
+            None => self.source.mapped(0, self.source.size()).unwrap_or_default(),
+        }
+    }
+
+    /// Fails if the file was truncated while mapped.
+    pub fn intact(&self) -> io::Result<()> {
+        self.source.intact()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,5 +284,31 @@ mod tests {
         std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(100).unwrap();
         let err = src.read_vec(0, 4096).unwrap_err();
         assert!(err.to_string().contains("shrank during the scan"), "{err}");
+    }
+
+    /// A plugin file is mapped, not copied; an empty one is empty; one cut
+    /// short after it was opened is caught by `intact`, not read as garbage.
+    #[test]
+    fn file_bytes_are_the_file_and_a_truncation_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plugin.wasm");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let f = FileBytes::open(&path).unwrap();
+        assert!(f.read.is_none(), "the file should be mapped");
+        assert_eq!(f.bytes(), &data[..]);
+        f.intact().unwrap();
+
+        let empty = dir.path().join("empty.wasm");
+        std::fs::write(&empty, b"").unwrap();
+        let e = FileBytes::open(&empty).unwrap();
+        assert!(e.bytes().is_empty());
+        e.intact().unwrap();
+
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(4096).unwrap();
+        let tail = f.bytes()[200_000..].iter().map(|&b| u64::from(b)).sum::<u64>();
+        assert_eq!(tail, 0, "past the new end the map reads zeros");
+        assert!(f.intact().is_err());
+        assert!(FileBytes::open(&dir.path().join("missing.wasm")).is_err());
     }
 }

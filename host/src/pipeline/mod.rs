@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
 
-use crate::artifact::{Model, OpenError, ReadMode};
+use crate::artifact::{FileBytes, Model, OpenError, ReadMode};
 use crate::plugin::Grant;
 use crate::plugin::{Finding, Origin, Plugin, RunContext, Runtime, Verdict};
 use crate::policy::{ChainEntry, Pin, PluginSource, Policy, Stage};
@@ -139,7 +139,7 @@ pub struct Scanner {
 /// A component read and checked against its pin, not yet compiled.
 struct Pending {
     cell: Arc<OnceLock<Result<Plugin, String>>>,
-    bytes: Vec<u8>,
+    bytes: FileBytes,
     sha256: String,
     entry: ChainEntry,
     label: String,
@@ -148,7 +148,7 @@ struct Pending {
 
 impl Pending {
     fn load(self, runtime: &Runtime) {
-        let plugin = compile(runtime, &self.bytes, self.sha256, &self.entry);
+        let plugin = compile(runtime, self.bytes.bytes(), self.sha256, &self.entry);
         // A grant the plugin does not import is harmless (it cannot call it) but is
         // not least privilege; `airlock policy check` reports it as a problem.
         if let Ok(p) = &plugin {
@@ -449,7 +449,7 @@ pub fn load_entry(
     plugin_dir: &Path,
 ) -> Result<(String, Result<Plugin, String>), String> {
     let (bytes, actual) = read_entry(entry, plugin_dir)?;
-    let plugin = compile(runtime, &bytes, actual.clone(), entry);
+    let plugin = compile(runtime, bytes.bytes(), actual.clone(), entry);
     Ok((actual, plugin))
 }
 
@@ -460,19 +460,21 @@ fn compile(runtime: &Runtime, bytes: &[u8], sha256: String, entry: &ChainEntry) 
 }
 
 /// Reads a chain entry's component and checks it against its pin: its bytes and sha256.
-fn read_entry(entry: &ChainEntry, plugin_dir: &Path) -> Result<(Vec<u8>, String), String> {
+fn read_entry(entry: &ChainEntry, plugin_dir: &Path) -> Result<(FileBytes, String), String> {
     let path: PathBuf = match &entry.source {
         PluginSource::Builtin(name) => plugin_dir.join(format!("{name}.wasm")),
         PluginSource::Path { path, .. } => path.clone(),
     };
-    let bytes = std::fs::read(&path).map_err(|e| match &entry.source {
+    let unreadable = |e: std::io::Error| match &entry.source {
         PluginSource::Builtin(_) => format!(
             "cannot read {}: {e} (built-in plugins are installed beside the binary by `cargo xtask build`; or set --plugin-dir)",
             path.display()
         ),
         _ => format!("cannot read {}: {e}", path.display()),
-    })?;
-    let actual = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    };
+    let bytes = FileBytes::open(&path).map_err(unreadable)?;
+    let actual = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes.bytes()));
+    bytes.intact().map_err(unreadable)?;
     if let PluginSource::Path { sha256: pinned, .. } = &entry.source
         && &actual != pinned
     {

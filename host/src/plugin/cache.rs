@@ -2,9 +2,10 @@
 //!
 //! Key: sha256 of the component bytes plus the engine's compatibility hash, so
 //! a different wasmtime or different engine settings never reuse an artifact.
-//! Deserializing is unsafe (the bytes become executable code), so the cache
-//! file's own sha256 is checked against the one recorded when it was written
-//! before it is deserialized. A mismatch is logged and the entry recompiled.
+//! Deserializing is unsafe (the bytes become executable code), so the sha256
+//! of the deserialized image (wasmtime's own read-only copy, exactly what will
+//! execute) is checked against the one recorded when the file was written,
+//! before anything in it runs. A mismatch is logged and the entry recompiled.
 
 use std::fs;
 use std::hash::{Hash, Hasher};
@@ -14,6 +15,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
+use crate::artifact::FileBytes;
 use crate::store::root::write_atomic;
 
 /// Feeds `Hash` output into sha256 (std's hashers are not stable across builds).
@@ -52,10 +54,29 @@ impl Cache {
     /// A cached compilation, if present and intact.
     pub fn get(&self, engine: &Engine, component_sha256: &str) -> Option<Component> {
         let (art, sum) = self.paths(component_sha256);
-        let bytes = fs::read(&art).ok()?;
         let expected = fs::read_to_string(&sum).ok()?;
-        let actual = hex::encode(Sha256::digest(&bytes));
-        if expected.trim() != actual {
+        let file = FileBytes::open(&art).ok()?;
+        // SAFETY: the bytes were written by `Component::serialize` with an
+        // engine of the same compatibility hash (it is in the file name).
+        // Deserializing copies them into memory wasmtime then makes read-only;
+        // nothing runs before that copy is checked below, so a corrupt or
+        // tampered file is dropped unused.
+        let component = match unsafe { Component::deserialize(engine, file.bytes()) } {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("cannot use cache file {}: {e:#}; recompiling", art.display());
+                return None;
+            }
+        };
+        let truncated = file.intact().is_err();
+        drop(file);
+        // Hash the copy that will execute, not the file it came from: the file
+        // could change after it was copied.
+        let range = component.image_range();
+        // SAFETY: the image is owned by `component`, alive and read-only here.
+        let image = unsafe { std::slice::from_raw_parts(range.start, range.end as usize - range.start as usize) };
+        let actual = hex::encode(Sha256::digest(image));
+        if truncated || expected.trim() != actual {
             tracing::warn!(
                 "compiled-component cache file {} does not match its recorded sha256 (corrupt or tampered); recompiling",
                 art.display()
@@ -63,17 +84,7 @@ impl Cache {
             let _ = fs::remove_file(&art);
             return None;
         }
-        // SAFETY: these bytes were produced by `Component::serialize` with an
-        // engine of the same compatibility hash (it is in the file name), and
-        // their sha256 equals the one recorded when they were written, so they
-        // are that same, unmodified output.
-        match unsafe { Component::deserialize(engine, &bytes) } {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::warn!("cannot use cache file {}: {e:#}; recompiling", art.display());
-                None
-            }
-        }
+        Some(component)
     }
 
     /// Stores a compilation. Failure to write is logged, never fatal.

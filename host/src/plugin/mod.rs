@@ -341,7 +341,13 @@ impl Runtime {
         let component = match cached {
             Some(c) => c,
             None => {
-                let c = Component::new(&self.engine, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+                // `bytes` may be a map of a file someone can still write: compile
+                // a private copy, and only if it is still what was hashed.
+                let private = bytes.to_vec();
+                if hex::encode(Sha256::digest(&private)) != sha256 {
+                    return Err(LoadError::Compile("the component changed while it was being read".into()));
+                }
+                let c = Component::new(&self.engine, &private).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
                 if let Some(cache) = &self.cache {
                     cache.put(&sha256, &c);
                 }
