@@ -51,8 +51,20 @@ impl HashCell {
     }
 }
 
-fn hash(source: &ByteSource) -> Result<String, String> {
-    hash_range(source, 0, source.size())
+/// What the hashing thread hashes between two reports of where it is.
+const STREAM_STEP: usize = 8 << 20;
+
+fn hash(source: &Arc<ByteSource>) -> Result<String, String> {
+    let Some(stream) = source.stream() else { return hash_range(source, 0, source.size()) };
+    let bytes = source.mapped(0, source.size()).unwrap_or_default();
+    let mut hasher = Sha256::new();
+    for (i, chunk) in bytes.chunks(STREAM_STEP).enumerate() {
+        stream.at((i * STREAM_STEP) as u64);
+        hasher.update(chunk);
+    }
+    drop(stream);
+    source.intact().map_err(|e| e.to_string())?;
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// The lowercase hex sha256 of `[offset, offset + len)`, read in L2-sized chunks.

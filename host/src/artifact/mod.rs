@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-pub use source::{ByteSource, FileBytes, ReadMode};
+pub use source::{ByteSource, FileBytes, ReadMode, Stream};
 
 /// A container format, sniffed from content.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -331,6 +331,16 @@ impl ModelFile {
     }
 
     /// Up to `len` bytes at `offset`, zero-copy when the file is mapped.
+    /// Registers a reader that streams through the file (see [`ByteSource::stream`]).
+    pub fn stream(&self) -> Option<Stream> {
+        self.source.stream()
+    }
+
+    /// Lets the file's map be given back behind its registered readers.
+    pub fn release_behind_streams(&self) {
+        self.source.release_behind_streams();
+    }
+
     pub fn read_bytes(&self, offset: u64, len: usize) -> std::io::Result<bytes::Bytes> {
         self.source.read_bytes(offset, len)
     }

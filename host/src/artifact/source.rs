@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::sigbus;
 
@@ -37,6 +37,52 @@ pub struct ByteSource {
     file: File,
     map: Option<Arc<Mapped>>,
     size: u64,
+    streams: Mutex<Streams>,
+}
+
+/// The map is given back in steps of this many bytes (a multiple of the page size).
+const RELEASE_STEP: u64 = 16 << 20;
+
+/// The readers that stream through a mapped file, so that the map's
+/// page-table entries can be given back behind the slowest of them while the
+/// scan runs. Otherwise they are all torn down when the map is dropped: on one
+/// core, after every other thread is done (about 18 ms for 253 MB held in
+/// 4 KiB pages). Giving a range back never changes what is read: a page read
+/// again is mapped again from the page cache.
+#[derive(Default)]
+struct Streams {
+    /// Each registered reader's current offset; `None` once it is done.
+    at: Vec<Option<u64>>,
+    /// Set once every reader to wait for is registered.
+    armed: bool,
+    /// Everything below this offset was given back.
+    released: u64,
+}
+
+/// One reader streaming through a mapped file: it reports where it reads,
+/// and unregisters when dropped.
+pub struct Stream {
+    source: Arc<ByteSource>,
+    slot: usize,
+}
+
+impl Stream {
+    /// The reader is about to read from `offset` on; it is done with what lies before.
+    pub fn at(&self, offset: u64) {
+        self.source.moved(self.slot, Some(offset));
+    }
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream").field("slot", &self.slot).finish()
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.source.moved(self.slot, None);
+    }
 }
 
 fn shrank(offset: u64, size: u64) -> io::Error {
@@ -62,7 +108,50 @@ impl ByteSource {
                 map = Some(Arc::new(Mapped { guard, map: m }));
             }
         }
-        Ok(ByteSource { file, map, size })
+        Ok(ByteSource { file, map, size, streams: Mutex::default() })
+    }
+
+    /// Registers a reader at offset 0; `None` when the file is not mapped.
+    pub fn stream(self: &Arc<Self>) -> Option<Stream> {
+        self.map.as_ref()?;
+        let mut s = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        s.at.push(Some(0));
+        Some(Stream { source: Arc::clone(self), slot: s.at.len() - 1 })
+    }
+
+    /// Lets the map be given back behind the registered readers (see
+    /// [`Streams`]); called once all of them are registered.
+    pub fn release_behind_streams(&self) {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner()).armed = true;
+    }
+
+    fn moved(&self, slot: usize, at: Option<u64>) {
+        let Some(m) = &self.map else { return };
+        let (from, to) = {
+            let mut s = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+            s.at[slot] = at;
+            if !s.armed {
+                return;
+            }
+            // With every reader done, the rest goes too.
+            let to = match s.at.iter().flatten().min() {
+                Some(&low) => low / RELEASE_STEP * RELEASE_STEP,
+                None => self.size,
+            };
+            if to <= s.released {
+                return;
+            }
+            // Claimed here, given back outside the lock.
+            (std::mem::replace(&mut s.released, to), to)
+        };
+        // SAFETY: DONTNEED on a read-only shared file map only drops page-table
+        // entries; the next access maps the page-cache page again, so every
+        // slice of the map stays valid and reads the same bytes. `from` is a
+        // multiple of RELEASE_STEP (so of the page size) and `to` is at most the
+        // map's length.
+        let _ = unsafe {
+            m.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from as usize, (to - from) as usize)
+        };
     }
 
     /// Fails if a read of the map ever went past the end of the file: it was
@@ -310,5 +399,37 @@ mod tests {
         assert_eq!(tail, 0, "past the new end the map reads zeros");
         assert!(f.intact().is_err());
         assert!(FileBytes::open(&dir.path().join("missing.wasm")).is_err());
+    }
+
+    /// The map is given back behind the slowest registered reader, in whole
+    /// steps, only once armed, and wholly when every reader is done; the bytes
+    /// read afterwards are still the file's.
+    #[test]
+    fn the_map_is_given_back_behind_the_slowest_reader_and_still_reads_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.bin");
+        let size = 3 * RELEASE_STEP as usize + 12345;
+        let data: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let src = Arc::new(ByteSource::new(File::open(&path).unwrap(), size as u64, ReadMode::Mmap).unwrap());
+        let released = || src.streams.lock().unwrap().released;
+        let (fast, slow) = (src.stream().unwrap(), src.stream().unwrap());
+        fast.at(2 * RELEASE_STEP + 5);
+        slow.at(RELEASE_STEP + 7);
+        assert_eq!(released(), 0, "nothing goes before the readers are all registered");
+        src.release_behind_streams();
+        slow.at(RELEASE_STEP + 8);
+        assert_eq!(released(), RELEASE_STEP, "behind the slowest, in whole steps");
+        assert_eq!(src.read_vec(100, 1000).unwrap(), &data[100..1100], "a released range reads the file again");
+        drop(fast);
+        slow.at(2 * RELEASE_STEP + 1);
+        assert_eq!(released(), 2 * RELEASE_STEP, "a reader that is done no longer holds it back");
+        drop(slow);
+        assert_eq!(released(), size as u64, "with every reader done, all of it");
+        assert_eq!(src.mapped(0, size as u64).unwrap(), &data[..]);
+        src.intact().unwrap();
+        // A file read with pread has no map to give back.
+        let pread = Arc::new(ByteSource::new(File::open(&path).unwrap(), size as u64, ReadMode::Pread).unwrap());
+        assert!(pread.stream().is_none());
     }
 }

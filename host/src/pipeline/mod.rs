@@ -265,13 +265,14 @@ impl Scanner {
             (None, None) => (None, Vec::new()),
         };
 
-        let run = |stage: Stage, l: &Loaded| {
+        let run = |stage: Stage, l: &Loaded, streams: Vec<Option<crate::artifact::Stream>>| {
             let ctx = Arc::new(RunContext {
                 config_json: l.entry.config.to_string(),
                 origin: origin.clone(),
                 pinned_sha256: pinned.clone(),
                 pinned_files: pinned_files.clone(),
                 inference: l.entry.grants.contains(&Grant::Inference).then(|| self.inference.clone()),
+                streams: Arc::new(streams),
             });
             self.run_entry(stage, l, model, ctx)
         };
@@ -284,23 +285,30 @@ impl Scanner {
             // each on its own thread, beside the hashing thread and stages 1-4.
             // Its results are reported even when an earlier stage fails: for a
             // pickle denied at the format gate, the pickle scan says *why*.
-            let mut early: Vec<_> = match self.chain.get(&Stage::StaticScan) {
-                Some(entries) => entries
-                    .iter()
-                    .map(|l| {
-                        let run = &run;
-                        std::thread::Builder::new()
-                            // Thread names keep 15 bytes: "airlock-weights", not "airlock-builtin".
-                            .name(format!("airlock-{}", l.label.rsplit(':').next().unwrap_or(&l.label)))
-                            .spawn_scoped(scope, move || run(Stage::StaticScan, l))
-                            .map_err(|e| (l, e.to_string()))
-                    })
-                    .collect(),
-                None => Vec::new(),
+            let static_scan = self.chain.get(&Stage::StaticScan).map(Vec::as_slice).unwrap_or_default();
+            // Each of its plugins registers as a reader of every file before
+            // any starts, so the files' maps are given back only behind the
+            // slowest of them (and the hashing thread).
+            let streams: Vec<Vec<_>> =
+                static_scan.iter().map(|_| model.files.iter().map(|f| f.stream()).collect()).collect();
+            if !static_scan.is_empty() {
+                model.files.iter().for_each(|f| f.release_behind_streams());
             }
-            .into_iter()
-            .rev()
-            .collect();
+            let mut early: Vec<_> = static_scan
+                .iter()
+                .zip(streams)
+                .map(|(l, streams)| {
+                    let run = &run;
+                    std::thread::Builder::new()
+                        // Thread names keep 15 bytes: "airlock-weights", not "airlock-builtin".
+                        .name(format!("airlock-{}", l.label.rsplit(':').next().unwrap_or(&l.label)))
+                        .spawn_scoped(scope, move || run(Stage::StaticScan, l, streams))
+                        .map_err(|e| (l, e.to_string()))
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
 
             for stage in Stage::ALL {
                 let skip = |summary: String| StageResult::skipped(stage, summary);
@@ -330,7 +338,7 @@ impl Scanner {
                             None => StageResult::failed(stage, l, "was not started (a bug in airlock)".into()),
                         }
                     } else {
-                        run(stage, l)
+                        run(stage, l, Vec::new())
                     };
                     r.shared_stage = multi;
                     on_event(Event::StageDone(&r));

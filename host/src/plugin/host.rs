@@ -139,7 +139,14 @@ impl HostState {
         }
         let file = Arc::clone(file);
         self.read_total += n;
+        if let Some(Some(stream)) = self.ctx.streams.get(self.file_index(f)?) {
+            stream.at(offset);
+        }
         Ok(file.read_bytes(offset, len as usize).map_err(|e| format!("read at offset {offset} failed: {e}")))
+    }
+
+    fn file_index(&self, res: &Resource<FileHandle>) -> Result<usize> {
+        Ok(self.table.get(res)?.0)
     }
 
     fn file(&self, res: &Resource<FileHandle>) -> Result<&Arc<ModelFile>> {

@@ -137,6 +137,9 @@ pub struct RunContext {
     pub pinned_files: Vec<(String, String)>,
     /// The inference backend, for a plugin granted `inference`.
     pub inference: Option<crate::inference::InferenceConfig>,
+    /// Per model file: where this run reads, for a run that streams through
+    /// the files beside others (the static scan). Dropped with the run.
+    pub streams: Arc<Vec<Option<crate::artifact::Stream>>>,
 }
 
 /// Why a plugin could not be loaded.
