@@ -195,55 +195,56 @@ fn array(r: &mut Reader, field: &str, budget: &mut u64) -> Result<MetaValue, Par
     }
     // Fixed-size elements: decoded a batch at a time from the read buffer.
     let n = count as usize;
-    let size = min as usize;
     // Every byte pattern is a valid number; only bools have bad values.
     macro_rules! numbers {
         ($decode:expr) => {
-            batched(r, field, n, size, $decode, |_: &[u8]| None)?
+            batched(r, field, n, $decode, |_: &[u8]| None)?
         };
     }
     Ok(match ty {
-        T_U8 => MetaValue::Uints(numbers!(|b| u64::from(b[0]))),
-        T_U16 => MetaValue::Uints(numbers!(|b| u64::from(u16::from_le_bytes([b[0], b[1]])))),
-        T_U32 => MetaValue::Uints(numbers!(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])))),
-        T_U64 => MetaValue::Uints(numbers!(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))),
-        T_I8 => MetaValue::Ints(numbers!(|b| i64::from(b[0] as i8))),
-        T_I16 => MetaValue::Ints(numbers!(|b| i64::from(i16::from_le_bytes([b[0], b[1]])))),
-        T_I32 => MetaValue::Ints(numbers!(|b| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))),
-        T_I64 => MetaValue::Ints(numbers!(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))),
-        T_F32 => MetaValue::Floats(numbers!(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))),
-        T_F64 => MetaValue::Floats(numbers!(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))),
+        T_U8 => MetaValue::Uints(numbers!(|b: [u8; 1]| u64::from(b[0]))),
+        T_U16 => MetaValue::Uints(numbers!(|b| u64::from(u16::from_le_bytes(b)))),
+        T_U32 => MetaValue::Uints(numbers!(|b| u64::from(u32::from_le_bytes(b)))),
+        T_U64 => MetaValue::Uints(numbers!(u64::from_le_bytes)),
+        T_I8 => MetaValue::Ints(numbers!(|b: [u8; 1]| i64::from(b[0] as i8))),
+        T_I16 => MetaValue::Ints(numbers!(|b| i64::from(i16::from_le_bytes(b)))),
+        T_I32 => MetaValue::Ints(numbers!(|b| i64::from(i32::from_le_bytes(b)))),
+        T_I64 => MetaValue::Ints(numbers!(i64::from_le_bytes)),
+        T_F32 => MetaValue::Floats(numbers!(|b| f64::from(f32::from_le_bytes(b)))),
+        T_F64 => MetaValue::Floats(numbers!(f64::from_le_bytes)),
         T_BOOL => MetaValue::Bools(batched(
             r,
             field,
             n,
-            size,
-            |b| b[0] == 1,
+            |b: [u8; 1]| b[0] == 1,
             |b| b.iter().position(|&x| x > 1).map(|i| (i, format!("bool value {} is neither 0 nor 1", b[i]))),
         )?),
         _ => unreachable!("min_size() filtered the types"),
     })
 }
 
-/// Decodes `n` elements of `size` bytes, a batch at a time from the read
-/// buffer. `invalid` finds the first bad byte of a batch (its index and why);
-/// the error then names that byte's offset in the file.
-fn batched<T>(
+/// Decodes `n` elements of `SIZE` bytes, a batch at a time from the read
+/// buffer (a constant size lets the decoding loop be vectorised). `invalid`
+/// finds the first bad byte of a batch (its index and why); the error then
+/// names that byte's offset in the file.
+fn batched<T, const SIZE: usize>(
     r: &mut Reader,
     field: &str,
     n: usize,
-    size: usize,
-    decode: impl Fn(&[u8]) -> T,
+    decode: impl Fn([u8; SIZE]) -> T,
     invalid: impl Fn(&[u8]) -> Option<(usize, String)>,
 ) -> Result<Vec<T>, ParseError> {
     const BATCH: usize = 1 << 14;
-    let mut v = Vec::with_capacity(n.min(PREALLOC));
+    // `n` fits in the file and in what is left of MAX_ARRAY_ELEMENTS (checked
+    // by the caller), so the whole array can be reserved at once.
+    let mut v = Vec::with_capacity(n);
     let mut left = n;
     while left > 0 {
         let k = left.min(BATCH);
         let batch_at = r.pos();
-        let bad = r.with_bytes((k * size) as u64, field, |b| {
-            v.extend(b.chunks_exact(size).map(&decode));
+        let bad = r.with_bytes((k * SIZE) as u64, field, |b| {
+            let (elements, _) = b.as_chunks::<SIZE>();
+            v.extend(elements.iter().map(|&e| decode(e)));
             invalid(b)
         })?;
         if let Some((i, why)) = bad {
