@@ -79,14 +79,30 @@ fn a_tampered_cache_entry_is_recompiled_not_loaded() {
         .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
         .collect();
     assert_eq!(entries.len(), 10, "one compiled entry per plugin of the default policy");
-    for e in &entries {
-        let mut bytes = std::fs::read(e).unwrap();
-        let mid = bytes.len() / 2;
-        bytes[mid] ^= 0xff;
-        std::fs::write(e, bytes).unwrap();
+    // A private cache directory is mapped in place; a group-writable one is
+    // copied first. Tampering is caught either way.
+    use std::os::unix::fs::PermissionsExt;
+    for mode in [0o700, 0o775] {
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(mode)).unwrap();
+        for e in &entries {
+            let mut bytes = std::fs::read(e).unwrap();
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0xff;
+            std::fs::write(e, bytes).unwrap();
+        }
+        let out = run();
+        assert_eq!(out.status.code(), Some(0));
+        let err = String::from_utf8_lossy(&out.stderr);
+        // Each entry is refused: by its hash, or earlier, if the flipped byte
+        // broke what wasmtime parses.
+        let refused =
+            err.matches("does not match its recorded sha256").count() + err.matches("cannot use cache file").count();
+        assert_eq!(refused, 10, "mode {mode:o}: {err}");
+        assert!(err.contains("does not match its recorded sha256"), "mode {mode:o}: {err}");
+        // Recompiled and cached again: the next run loads every entry cleanly.
+        let out = run();
+        assert_eq!(out.status.code(), Some(0));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("recompiling"), "mode {mode:o}: {err}");
     }
-    let out = run();
-    assert_eq!(out.status.code(), Some(0));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("does not match its recorded sha256"), "{err}");
 }
