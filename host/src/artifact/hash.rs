@@ -56,13 +56,14 @@ const STREAM_STEP: usize = 8 << 20;
 
 fn hash(source: &Arc<ByteSource>) -> Result<String, String> {
     let Some(stream) = source.stream() else { return hash_range(source, 0, source.size()) };
+    let core = super::cores::reserve_for_hash();
     let bytes = source.mapped(0, source.size()).unwrap_or_default();
     let mut hasher = Sha256::new();
     for (i, chunk) in bytes.chunks(STREAM_STEP).enumerate() {
         stream.at((i * STREAM_STEP) as u64);
         hasher.update(chunk);
     }
-    drop(stream);
+    drop((stream, core));
     source.intact().map_err(|e| e.to_string())?;
     Ok(hex::encode(hasher.finalize()))
 }

@@ -6,6 +6,7 @@
 //! Opening fails only when the model cannot be read at all (missing, a
 //! symlink, a special file, an I/O error).
 
+mod cores;
 mod gguf;
 mod hash;
 mod reader;
