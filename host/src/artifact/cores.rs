@@ -6,7 +6,7 @@
 //! when the one alone is a plugin, the hash ends up sharing a core, and the
 //! last job to finish then runs alone with the other core idle (seen on
 //! gemma: 50–65 ms with one core idle at the end). So the hashing thread is
-//! pinned to the core it starts on, and every streaming reader keeps off that
+//! pinned to the core it starts on, and every static-scan plugin keeps off that
 //! core while the hash runs and takes every core back as soon as it is done.
 //! On one core, or with a second hash already holding a core, nothing is pinned.
 
@@ -78,7 +78,7 @@ impl Drop for HashCore {
     }
 }
 
-/// Called by a streaming reader before each read: keeps the calling thread
+/// Called by a static-scan plugin's thread before each read: keeps it
 /// off the hash's core while the hash runs, and gives it back its cores after.
 pub fn keep_off_hash_core() {
     let core = HASH_CORE.load(Ordering::Acquire);

@@ -69,7 +69,6 @@ pub struct Stream {
 impl Stream {
     /// The reader is about to read from `offset` on; it is done with what lies before.
     pub fn at(&self, offset: u64) {
-        super::cores::keep_off_hash_core();
         self.source.moved(self.slot, Some(offset));
     }
 }
@@ -82,6 +81,7 @@ impl std::fmt::Debug for Stream {
 
 impl Drop for Stream {
     fn drop(&mut self) {
+        // A plugin's thread that kept off the hash's core gets its cores back.
         super::cores::back_to_all_cores();
         self.source.moved(self.slot, None);
     }

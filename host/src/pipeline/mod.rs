@@ -305,10 +305,9 @@ impl Scanner {
                         .spawn_scoped(scope, move || run(Stage::StaticScan, l, streams))
                         .map_err(|e| (l, e.to_string()))
                 })
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
                 .collect();
+            // Taken from the back as the stage loop reaches each entry.
+            early.reverse();
 
             for stage in Stage::ALL {
                 let skip = |summary: String| StageResult::skipped(stage, summary);

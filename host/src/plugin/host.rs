@@ -140,6 +140,7 @@ impl HostState {
         let file = Arc::clone(file);
         self.read_total += n;
         if let Some(Some(stream)) = self.ctx.streams.get(self.file_index(f)?) {
+            crate::artifact::keep_off_hash_core();
             stream.at(offset);
         }
         Ok(file.read_bytes(offset, len as usize).map_err(|e| format!("read at offset {offset} failed: {e}")))
