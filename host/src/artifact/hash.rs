@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 
 use sha2::{Digest, Sha256};
 
-use super::source::ByteSource;
+use super::source::{ByteSource, Stream};
 
 /// Measured on the gemma GGUF (253 MB, warm cache): 128 KiB reads hash in
 /// ~220 ms, 1–4 MiB reads in ~310–360 ms. A buffer that fits in L2 is still
@@ -55,29 +55,37 @@ impl HashCell {
 const STREAM_STEP: usize = 8 << 20;
 
 fn hash(source: &Arc<ByteSource>) -> Result<String, String> {
-    let Some(stream) = source.stream() else { return hash_range(source, 0, source.size()) };
-    let core = super::cores::reserve_for_hash();
-    let bytes = source.mapped(0, source.size()).unwrap_or_default();
-    let mut hasher = Sha256::new();
-    for (i, chunk) in bytes.chunks(STREAM_STEP).enumerate() {
-        stream.at((i * STREAM_STEP) as u64);
-        hasher.update(chunk);
-    }
+    // A mapped file is streamed beside the static-scan plugins: the hash
+    // reports where it is (so the map is given back behind every reader) and
+    // holds a core of its own while it runs.
+    let stream = source.stream();
+    let core = stream.as_ref().and_then(|_| super::cores::reserve_for_hash());
+    let digest = hash_reporting(source, 0, source.size(), stream.as_ref());
     drop((stream, core));
-    source.intact().map_err(|e| e.to_string())?;
-    Ok(hex::encode(hasher.finalize()))
+    digest
 }
 
-/// The lowercase hex sha256 of `[offset, offset + len)`, read in L2-sized chunks.
+/// The lowercase hex sha256 of `[offset, offset + len)`.
 pub fn hash_range(source: &ByteSource, offset: u64, len: u64) -> Result<String, String> {
+    hash_reporting(source, offset, len, None)
+}
+
+/// As `hash_range`; a mapped range is hashed in place, telling `stream`
+/// where it is every STREAM_STEP bytes, and anything else is read in
+/// L2-sized chunks.
+fn hash_reporting(source: &ByteSource, offset: u64, len: u64, stream: Option<&Stream>) -> Result<String, String> {
     let end = offset
         .checked_add(len)
         .filter(|&e| e <= source.size())
         .ok_or_else(|| format!("range [{offset}, +{len}) is past the end of the file ({} bytes)", source.size()))?;
     let mut hasher = Sha256::new();
     if let Some(bytes) = source.mapped(offset, len) {
-        // A mapped file (one airlock owns) is hashed in place, without a copy.
-        hasher.update(bytes);
+        for (i, chunk) in bytes.chunks(STREAM_STEP).enumerate() {
+            if let Some(stream) = stream {
+                stream.at(offset + (i * STREAM_STEP) as u64);
+            }
+            hasher.update(chunk);
+        }
         source.intact().map_err(|e| e.to_string())?;
         return Ok(hex::encode(hasher.finalize()));
     }

@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-pub use cores::keep_off_hash_core;
 pub use source::{ByteSource, FileBytes, ReadMode, Stream};
 
 /// A container format, sniffed from content.

@@ -71,6 +71,14 @@ impl Stream {
     pub fn at(&self, offset: u64) {
         self.source.moved(self.slot, Some(offset));
     }
+
+    /// As `at`, for a static-scan plugin's thread: it also keeps off the
+    /// hash's core while the hash runs (see [`super::cores`]); dropping the
+    /// stream gives it every core back.
+    pub fn plugin_at(&self, offset: u64) {
+        super::cores::keep_off_hash_core();
+        self.at(offset);
+    }
 }
 
 impl std::fmt::Debug for Stream {
@@ -81,7 +89,8 @@ impl std::fmt::Debug for Stream {
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        // A plugin's thread that kept off the hash's core gets its cores back.
+        // The plugin's thread that kept off the hash's core in `plugin_at`
+        // gets its cores back (nothing to do on any other thread).
         super::cores::back_to_all_cores();
         self.source.moved(self.slot, None);
     }

@@ -19,6 +19,7 @@ use crate::artifact::{Dtype, Format, MetaValue, Model, ModelFile};
 pub struct ModelHandle;
 
 /// The `file` resource: an index into the model's files.
+#[derive(Clone, Copy)]
 pub struct FileHandle(usize);
 
 /// Most live handles a guest may hold at once (it gets a new one per `files()` entry).
@@ -120,7 +121,7 @@ impl HostState {
         if len > cap {
             return Ok(Err(format!("read of {len} bytes refused: this plugin may read at most {cap} bytes per call")));
         }
-        let file = self.file(f)?;
+        let (index, file) = self.file_and_index(f)?;
         if offset > file.size() {
             return Ok(Err(format!("offset {offset} is past the end of the file ({} bytes)", file.size())));
         }
@@ -139,20 +140,20 @@ impl HostState {
         }
         let file = Arc::clone(file);
         self.read_total += n;
-        if let Some(Some(stream)) = self.ctx.streams.get(self.file_index(f)?) {
-            crate::artifact::keep_off_hash_core();
-            stream.at(offset);
+        if let Some(Some(stream)) = self.ctx.streams.get(index) {
+            stream.plugin_at(offset);
         }
         Ok(file.read_bytes(offset, len as usize).map_err(|e| format!("read at offset {offset} failed: {e}")))
     }
 
-    fn file_index(&self, res: &Resource<FileHandle>) -> Result<usize> {
-        Ok(self.table.get(res)?.0)
+    fn file(&self, res: &Resource<FileHandle>) -> Result<&Arc<ModelFile>> {
+        Ok(self.file_and_index(res)?.1)
     }
 
-    fn file(&self, res: &Resource<FileHandle>) -> Result<&Arc<ModelFile>> {
-        let FileHandle(i) = self.table.get(res)?;
-        self.model.files.get(*i).ok_or_else(|| format_err!("file handle {i} out of range"))
+    /// The file a handle names, and its index in the model.
+    fn file_and_index(&self, res: &Resource<FileHandle>) -> Result<(usize, &Arc<ModelFile>)> {
+        let FileHandle(i) = *self.table.get(res)?;
+        Ok((i, self.model.files.get(i).ok_or_else(|| format_err!("file handle {i} out of range"))?))
     }
 
     /// Refuses a value above the per-value cap: the guest cannot make the host
