@@ -233,6 +233,49 @@ fn policy_check_finds_bad_pins_missing_files_and_wrong_grants() {
     assert!(out.contains("policy.yaml") && out.contains("require_source"), "{out}");
 }
 
+/// `policy check` compiles into the cache the scans use: after it the cache
+/// holds one compiled entry per plugin of the policy, and a second check loads
+/// every one of them from there, leaving the cache as it was.
+#[test]
+fn policy_check_compiles_into_the_scans_plugin_cache() {
+    let d = tmp();
+    let cache = d.path().join("cache");
+    let pol = policy_dir(&d.path().join("shipped"), |t| t);
+    let check = || {
+        let (code, out, _) = airlock_cmd(
+            d.path(),
+            &["policy", "check", "--policy", pol.to_str().unwrap(), "--cache-dir", cache.to_str().unwrap()],
+        );
+        assert_eq!(code, 0, "{out}");
+        out
+    };
+    let compiled = || {
+        let mut v: Vec<(String, std::time::SystemTime)> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".cwasm"))
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().modified().unwrap()))
+            .collect();
+        v.sort();
+        v
+    };
+    let out = check();
+    // One line per entry, e.g. "ok       chain.static_scan[0] builtin:weights: ...".
+    let mut plugins: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("ok"))
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .map(|p| p.trim_end_matches(':'))
+        .collect();
+    plugins.sort();
+    plugins.dedup();
+    assert!(plugins.len() >= 5, "{out}");
+    let first = compiled();
+    assert_eq!(first.len(), plugins.len(), "one compiled entry per plugin {plugins:?}: {first:?}");
+    check();
+    assert_eq!(compiled(), first, "the second check loads from the cache and rewrites nothing");
+}
+
 #[test]
 fn a_plugin_runs_only_on_the_formats_its_entry_names() {
     let d = tmp();

@@ -295,7 +295,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(d) => d.clone(),
                 None => default_plugin_dir()?,
             };
-            plugin::policy_check(&policy, &plugin_dir)
+            // The scans' cache: a check compiles each plugin once for them too.
+            let cache = engine.cache_dir.clone().unwrap_or_else(|| default_cache_dir(&root));
+            plugin::policy_check(&policy, &plugin_dir, cache)
         }
     }
 }

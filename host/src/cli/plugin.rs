@@ -148,8 +148,8 @@ fn yaml_str(s: &str) -> String {
 
 /// `airlock policy check`: loads every plugin of the policy and checks its pin
 /// and that its grants are exactly what it imports. Prints one line per plugin.
-pub fn policy_check(policy: &crate::policy::Policy, plugin_dir: &Path) -> Result<ExitCode> {
-    let runtime = Runtime::new(None)?;
+pub fn policy_check(policy: &crate::policy::Policy, plugin_dir: &Path, cache_dir: PathBuf) -> Result<ExitCode> {
+    let runtime = Runtime::new(Some(cache_dir))?;
     let mut problems = 0;
     outln!("policy: {}", policy.origin);
     for (stage, entries) in &policy.chain {
