@@ -57,6 +57,35 @@ fn symlinks_and_special_files_are_errors_not_passes() {
     assert_eq!(s.code, 2);
 }
 
+/// `airlock scan m.gguf | head`: the reader is gone before the verdict is
+/// written. The scan ends quietly with the status of a SIGPIPE death (141),
+/// not with an error report or a panic, even with stderr closed as well.
+#[test]
+fn a_closed_output_pipe_ends_the_scan_quietly() {
+    let d = tmp();
+    let p = Gguf::default().write(d.path(), "m.gguf");
+    for close_stderr in [false, true] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut c = airlock(d.path());
+        c.arg("scan").arg(&p).stdout(writer);
+        let out = if close_stderr {
+            let (r2, w2) = std::io::pipe().unwrap();
+            drop(r2);
+            c.stderr(w2).output().unwrap()
+        } else {
+            c.output().unwrap()
+        };
+        assert_eq!(
+            out.status.code(),
+            Some(141),
+            "stderr closed: {close_stderr}; {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
 #[test]
 fn an_empty_file_is_rejected() {
     let d = tmp();

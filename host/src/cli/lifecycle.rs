@@ -85,7 +85,7 @@ pub fn admit(root: &Root, path: &Path, origin: Option<&str>, signatures: &[std::
     }
     fs::rename(&tmp, &dest)?;
     store::root::sync_dir(&root.incoming())?;
-    println!("{name}: admitted to {}", root.incoming().display());
+    outln!("{name}: admitted to {}", root.incoming().display());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -163,7 +163,7 @@ pub fn watch(q: &Quarantine, once: bool, settle: Duration, jobs: usize) -> Resul
         }
     };
     if !once {
-        eprintln!("airlock: watching {} ({jobs} at a time)", q.root.incoming().display());
+        errln!("airlock: watching {} ({jobs} at a time)", q.root.incoming().display());
     }
 
     // Announcements a previous run could not deliver.
@@ -275,7 +275,7 @@ fn manifest_of(root: &Root, name: &str) -> Result<(std::path::PathBuf, Manifest)
 pub fn show(root: &Root, name: &str) -> Result<ExitCode> {
     let (dir, _) = manifest_of(root, name)?;
     let text = fs::read_to_string(dir.join("manifest.json"))?;
-    println!("{text}");
+    outln!("{text}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -291,12 +291,12 @@ pub fn verify(root: &Root, name: &str) -> Result<ExitCode> {
     let now = manifest::integrity(&model).map_err(anyhow::Error::msg)?;
     let diffs = manifest::differences(&m.integrity, &now);
     if diffs.is_empty() {
-        println!("{name}: OK ({} files, merkle root {})", now.files.len(), now.merkle_root);
+        outln!("{name}: OK ({} files, merkle root {})", now.files.len(), now.merkle_root);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{name}: DOES NOT MATCH its manifest");
+    outln!("{name}: DOES NOT MATCH its manifest");
     for d in diffs {
-        println!("  {d}");
+        outln!("  {d}");
     }
     Ok(ExitCode::from(1))
 }
@@ -306,11 +306,11 @@ pub fn audit(root: &Root, verify: bool) -> Result<ExitCode> {
     if verify {
         return Ok(match log.verify() {
             Ok(n) => {
-                println!("audit log OK: {n} entries, hash chain intact");
+                outln!("audit log OK: {n} entries, hash chain intact");
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                println!("audit log BROKEN: {e}");
+                outln!("audit log BROKEN: {e}");
                 ExitCode::from(1)
             }
         });

@@ -16,6 +16,21 @@ use crate::plugin::Runtime;
 use crate::policy::{self, Policy};
 use crate::store::{self, Quarantine, Root};
 
+/// `println!` that returns an error instead of panicking when stdout is gone
+/// (`airlock plugin inspect x.wasm | head`); `run` ends quietly on it.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*).context("writing to stdout")?
+    };
+}
+
+/// `eprintln!` that drops the line instead of panicking when stderr is gone.
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        { let _ = writeln!(std::io::stderr(), $($arg)*); }
+    };
+}
+
 mod lifecycle;
 mod plugin;
 
@@ -62,7 +77,8 @@ enum Command {
     /// Run the policy's stage chain over one or more models (files or folders), read-only.
     ///
     /// Exits 0 when every model passed, 1 when any was rejected, 2 on a usage
-    /// or internal error (for example a model that cannot be opened).
+    /// or internal error (for example a model that cannot be opened), 141 when
+    /// the output pipe was closed (`| head`).
     Scan {
         /// Model files (GGUF, safetensors, ...) or folders to scan. They are only read.
         #[arg(required = true)]
@@ -218,11 +234,20 @@ pub fn main() -> ExitCode {
     }
     match run(cli) {
         Ok(code) => code,
+        // Whoever read our output went away (`airlock scan m.gguf | head`): end
+        // quietly with the status a process killed by SIGPIPE has, not an error.
+        // Only output is lost: a scan changes nothing, and `watch` and `admit`
+        // never stop on a failed write.
+        Err(e) if broken_pipe(&e) => ExitCode::from(141),
         Err(e) => {
-            eprintln!("airlock: error: {e:#}");
+            errln!("airlock: error: {e:#}");
             ExitCode::from(2)
         }
     }
+}
+
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -254,7 +279,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Init => {
             let r = Root::new(&root);
             r.init().with_context(|| format!("creating {}", root.display()))?;
-            println!("initialised {}", root.display());
+            outln!("initialised {}", root.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Admit { path, origin, signatures } => {
@@ -273,7 +298,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Verify { name } => lifecycle::verify(&Root::new(&root), &name),
         Command::Rescan { name } => {
             store::rescan(&Root::new(&root), &name).map_err(anyhow::Error::msg)?;
-            println!("{name}: moved back to incoming/");
+            outln!("{name}: moved back to incoming/");
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { verify } => lifecycle::audit(&Root::new(&root), verify),
@@ -287,7 +312,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let policy = match load_policy(engine.policy.as_deref()) {
                 Ok(p) => p,
                 Err(e) => {
-                    println!("PROBLEM  {e:#}");
+                    outln!("PROBLEM  {e:#}");
                     return Ok(ExitCode::from(1));
                 }
             };
@@ -376,7 +401,7 @@ fn scan_all(
             }
             Err(e) => {
                 worst = 2;
-                eprintln!("airlock: error: {}: {e}", path.display());
+                errln!("airlock: error: {}: {e}", path.display());
                 if format == OutputFormat::Json {
                     let obj = serde_json::json!({
                         "model": path.file_name().map(|n| n.to_string_lossy().into_owned()),

@@ -7,14 +7,6 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 
-/// `println!` that returns an error instead of panicking when stdout is gone
-/// (`airlock plugin inspect x.wasm | head`).
-macro_rules! outln {
-    ($($arg:tt)*) => {
-        writeln!(std::io::stdout(), $($arg)*).context("writing to stdout")?
-    };
-}
-
 use crate::plugin::{Grant, Limits, Plugin, Runtime, WIT_PACKAGE, WIT_VERSIONS, wanted_grants};
 use crate::policy::Stage;
 
@@ -27,7 +19,7 @@ fn load(path: &Path, refused: &str) -> Result<Result<(Vec<u8>, Plugin), ExitCode
     Ok(match runtime.load(&bytes, &[Grant::Sidecars, Grant::Inference]) {
         Ok(plugin) => Ok((bytes, plugin)),
         Err(e) => {
-            eprintln!("airlock: error: {}: this host cannot run it{refused}: {e}", path.display());
+            errln!("airlock: error: {}: this host cannot run it{refused}: {e}", path.display());
             Err(ExitCode::from(2))
         }
     })
@@ -205,7 +197,7 @@ pub fn build(dir: &Path) -> Result<ExitCode> {
         bail!("{} has no Cargo.toml: pass the plugin crate's folder", dir.display());
     }
     let route = airlock_wasm_toolchain::detect().map_err(anyhow::Error::msg)?;
-    eprintln!("airlock: building {} with {}", dir.display(), route.describe());
+    errln!("airlock: building {} with {}", dir.display(), route.describe());
     let target_dir = dir.join("target");
     let status =
         route.cargo_build(&dir, &target_dir).status().context("cannot start cargo (is a Rust toolchain installed?)")?;
@@ -223,7 +215,7 @@ pub fn build(dir: &Path) -> Result<ExitCode> {
             airlock_wasm_toolchain::TARGET
         );
     }
-    eprintln!("airlock: built {} ({} bytes, sha256 {})", wasm.display(), bytes.len(), sha256_hex(&bytes));
+    errln!("airlock: built {} ({} bytes, sha256 {})", wasm.display(), bytes.len(), sha256_hex(&bytes));
     // The path alone on stdout, for scripts: `airlock plugin pin "$(airlock plugin build .)"`.
     outln!("{}", wasm.display());
     Ok(ExitCode::SUCCESS)
