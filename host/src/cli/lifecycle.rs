@@ -242,10 +242,11 @@ pub fn list(root: &Root, json: bool) -> Result<ExitCode> {
     let index = store::read_index(root)?;
     let mut out = std::io::stdout().lock();
     if json {
-        writeln!(out, "{}", serde_json::to_string(&index)?)?;
+        writeln!(out, "{}", serde_json::to_string(&index)?).map_err(super::stdout_error)?;
         return Ok(ExitCode::SUCCESS);
     }
-    writeln!(out, "{:<40} {:<12} {:>12}  {:<64}  PROMOTED_AT", "NAME", "FORMAT", "SIZE", "SHA256")?;
+    writeln!(out, "{:<40} {:<12} {:>12}  {:<64}  PROMOTED_AT", "NAME", "FORMAT", "SIZE", "SHA256")
+        .map_err(super::stdout_error)?;
     for e in index {
         writeln!(
             out,
@@ -255,7 +256,8 @@ pub fn list(root: &Root, json: bool) -> Result<ExitCode> {
             e.size,
             e.sha256.as_deref().unwrap_or("-"),
             e.promoted_at
-        )?;
+        )
+        .map_err(super::stdout_error)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -317,7 +319,7 @@ pub fn audit(root: &Root, verify: bool) -> Result<ExitCode> {
     }
     let mut out = std::io::stdout().lock();
     for e in log.entries()? {
-        writeln!(out, "{}", serde_json::to_string(&e)?)?;
+        writeln!(out, "{}", serde_json::to_string(&e)?).map_err(super::stdout_error)?;
     }
     Ok(ExitCode::SUCCESS)
 }

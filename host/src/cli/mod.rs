@@ -17,10 +17,10 @@ use crate::policy::{self, Policy};
 use crate::store::{self, Quarantine, Root};
 
 /// `println!` that returns an error instead of panicking when stdout is gone
-/// (`airlock plugin inspect x.wasm | head`); `run` ends quietly on it.
+/// (`airlock plugin inspect x.wasm | head`); `main` ends quietly on it.
 macro_rules! outln {
     ($($arg:tt)*) => {
-        writeln!(std::io::stdout(), $($arg)*).context("writing to stdout")?
+        writeln!(std::io::stdout(), $($arg)*).map_err(crate::cli::stdout_error)?
     };
 }
 
@@ -238,7 +238,7 @@ pub fn main() -> ExitCode {
         // quietly with the status a process killed by SIGPIPE has, not an error.
         // Only output is lost: a scan changes nothing, and `watch` and `admit`
         // never stop on a failed write.
-        Err(e) if broken_pipe(&e) => ExitCode::from(141),
+        Err(e) if e.is::<StdoutClosed>() => ExitCode::from(141),
         Err(e) => {
             errln!("airlock: error: {e:#}");
             ExitCode::from(2)
@@ -246,8 +246,20 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+/// A write to stdout failed because whoever read it went away.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed")]
+pub(crate) struct StdoutClosed;
+
+/// What a failed write to stdout becomes: `StdoutClosed` when its reader went
+/// away, the error otherwise. Only these writes end a command quietly: a broken
+/// pipe anywhere else (the inference worker's, say) stays an error.
+pub(crate) fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        StdoutClosed.into()
+    } else {
+        anyhow::Error::new(e).context("writing to stdout")
+    }
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -395,8 +407,10 @@ fn scan_all(
                     worst = worst.max(1);
                 }
                 match format {
-                    OutputFormat::Json => writeln!(out, "{}", serde_json::to_string(&outcome)?)?,
-                    OutputFormat::Text => print_verdict(&mut out, &outcome)?,
+                    OutputFormat::Json => {
+                        writeln!(out, "{}", serde_json::to_string(&outcome)?).map_err(stdout_error)?
+                    }
+                    OutputFormat::Text => print_verdict(&mut out, &outcome).map_err(stdout_error)?,
                 }
             }
             Err(e) => {
@@ -412,11 +426,11 @@ fn scan_all(
                         "sha256": null,
                         "stages": [],
                     });
-                    writeln!(out, "{obj}")?;
+                    writeln!(out, "{obj}").map_err(stdout_error)?;
                 }
             }
         }
-        out.flush()?;
+        out.flush().map_err(stdout_error)?;
     }
     Ok(ExitCode::from(worst))
 }

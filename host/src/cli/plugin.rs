@@ -128,7 +128,7 @@ pub fn pin(path: &Path, stage: Stage, formats: &[String]) -> Result<ExitCode> {
     out.push_str("      limits:\n");
     out.push_str(&limit_lines(&Limits::default(), "        "));
     out.push_str("      config: {}\n");
-    std::io::stdout().write_all(out.as_bytes()).context("writing to stdout")?;
+    std::io::stdout().write_all(out.as_bytes()).map_err(super::stdout_error)?;
     Ok(ExitCode::SUCCESS)
 }
 
