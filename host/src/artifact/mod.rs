@@ -338,7 +338,6 @@ impl ModelFile {
         self.header.as_ref().and_then(|h| h.as_ref().err())
     }
 
-    /// Up to `len` bytes at `offset`, zero-copy when the file is mapped.
     /// Registers a reader that streams through the file (see [`ByteSource::stream`]).
     pub fn stream(&self) -> Option<Stream> {
         self.source.stream()
@@ -349,6 +348,7 @@ impl ModelFile {
         self.source.release_behind_streams();
     }
 
+    /// Up to `len` bytes at `offset`, zero-copy when the file is mapped.
     pub fn read_bytes(&self, offset: u64, len: usize) -> std::io::Result<bytes::Bytes> {
         self.source.read_bytes(offset, len)
     }
