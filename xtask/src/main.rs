@@ -414,6 +414,9 @@ fn bench() -> Result<()> {
         / o.iter().min().copied().unwrap_or_default().as_secs_f64().max(1e-9);
     let (a, m, o) = (median(a), median(m), median(o));
     let size = std::fs::metadata(&models.gemma)?.len() as f64;
+    // The ratio depends on the CPU (SHA-NI against the plugins' wasm passes),
+    // so every figure names the machine it came from.
+    println!("machine: {}", machine());
     println!("file: {} ({:.0} MB)", models.gemma.display(), size / 1e6);
     println!(
         "airlock scan (default):    {:>8.1} ms  ({:.2} GB/s)",
@@ -463,6 +466,19 @@ fn bench() -> Result<()> {
     println!("ratio airlock/openssl: {:.2}x (one run)", took.as_secs_f64() / o.as_secs_f64());
     std::fs::remove_file(&big)?;
     bench_behavioral(&airlock, &models.gemma, &work)
+}
+
+/// The CPU as /proc/cpuinfo names it (model name, family and model number)
+/// and how many CPUs this process may use.
+fn machine() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        info.lines()
+            .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim() == key).map(|(_, v)| v.trim().to_string()))
+            .unwrap_or_else(|| "?".into())
+    };
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{} (family {}, model {}), {cpus} CPUs", field("model name"), field("cpu family"), field("model"))
 }
 
 /// Stage 6 on gemma: the 50-prompt suite through the sandboxed worker, its
