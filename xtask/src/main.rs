@@ -39,7 +39,14 @@ fn main() {
         Some("toolchain") => toolchain().map(|r| println!("wasm toolchain: {}", r.describe())),
         Some("plugins") => toolchain().and_then(|r| build_plugins(&r)),
         Some("build") => build(),
-        Some("models") => models().map(|m| println!("gemma: {}\nminilm: {}", m.gemma.display(), m.minilm.display())),
+        Some("models") => models().map(|m| {
+            println!(
+                "gemma: {}\nminilm: {}\ntemplates: {}",
+                m.gemma.display(),
+                m.minilm.display(),
+                m.templates.display()
+            )
+        }),
         Some("test") => test(&args[1..]),
         Some("demo") => demo(),
         Some("bench") => bench(),
@@ -195,6 +202,8 @@ fn build() -> Result<()> {
 struct Models {
     gemma: PathBuf,
     minilm: PathBuf,
+    /// A folder of real chat templates (tests/fetch_models.py says whose).
+    templates: PathBuf,
 }
 
 fn model_cache() -> PathBuf {
@@ -220,7 +229,7 @@ fn models() -> Result<Models> {
         let end = text[start..].find('"').context("unterminated path")? + start;
         Ok(PathBuf::from(&text[start..end]))
     };
-    Ok(Models { gemma: field("gemma")?, minilm: field("minilm")? })
+    Ok(Models { gemma: field("gemma")?, minilm: field("minilm")?, templates: field("templates")? })
 }
 
 /// OpenSSF's `model_signing` tool, for the provenance tests: installed from
@@ -285,6 +294,7 @@ fn test(extra: &[String]) -> Result<()> {
         .env("AIRLOCK_TEST_WORKER", root.join("target/release/airlock-infer-worker"))
         .env("AIRLOCK_TEST_GEMMA", &models.gemma)
         .env("AIRLOCK_TEST_MINILM", &models.minilm)
+        .env("AIRLOCK_TEST_TEMPLATES", &models.templates)
         .env("AIRLOCK_TEST_MODEL_SIGNING", &signing)
         .env("AIRLOCK_TEST_COMPONENTS", components_dir(&route))
         .current_dir(&root))

@@ -7,10 +7,11 @@
 //! (`__class__`, `__globals__`, ...), attribute walking from gadget objects
 //! (`cycler`, `joiner`, `lipsum`, `namespace`, Flask's `self`/`config`/
 //! `request`), the `attr` filter, imports, includes and `extends`, a
-//! template that does not parse, and a branch on message content that emits
-//! a system or assistant turn. It flags (medium) literal URLs, base64 blobs
-//! and HTML comments that reach the output. Ordinary templates, `namespace()`
-//! and loops included, pass.
+//! template that does not parse, and a branch that tests message content
+//! against a literal and emits a system or assistant turn. It flags (medium)
+//! literal URLs, base64 blobs and HTML comments that reach the output.
+//! Ordinary templates, `namespace()`, loops and loop controls included, pass:
+//! the e2e tests run it over llama.cpp's corpus of 70 real templates.
 
 use airlock_sdk::{File, Finding, Format, MetaKind, MetaValue, Model, Report, Severity, Stage, StageInfo, context};
 use minijinja::machinery::{Instruction, Instructions, get_compiled_template};
@@ -121,6 +122,134 @@ fn planted_text(location: &str, line: Option<usize>, text: &str, out: &mut Vec<F
     }
 }
 
+/// Whether emitted text opens a turn: a turn marker other than the name in a
+/// closing tag, which ends a turn (`</assistant>`, appended when the content
+/// lacks it).
+fn opens_turn(s: &str) -> bool {
+    TURN_MARKERS.iter().any(|m| s.match_indices(m).any(|(at, _)| !s[..at].ends_with("</")))
+}
+
+/// Conditions longer than this many instructions are cut (from the front).
+const MAX_CONDITION: u32 = 512;
+
+/// What a value on minijinja's stack may hold, for the backdoor rule: message
+/// content, a string literal, or both (once combined).
+#[derive(Clone, Copy, Default)]
+struct Taint {
+    content: bool,
+    literal: bool,
+}
+
+impl Taint {
+    /// The value an instruction pushes by itself (a name or a constant).
+    fn of(i: &Instruction) -> Option<Taint> {
+        match i {
+            Instruction::Lookup(n) | Instruction::GetAttr(n) => {
+                Some(Taint { content: n.contains("content"), literal: false })
+            }
+            Instruction::LoadConst(v) => Some(match v.as_str() {
+                Some(s) => Taint { content: s == "content", literal: !s.is_empty() && s != "content" },
+                None => Taint::default(),
+            }),
+            _ => None,
+        }
+    }
+
+    fn or(self, o: Taint) -> Taint {
+        Taint { content: self.content || o.content, literal: self.literal || o.literal }
+    }
+}
+
+/// Whether the condition in instructions `from..to` tests message content
+/// against a string literal in one operation: `'x' in m.content`,
+/// `m.content == 'x'`, `(m.content or '').startswith('x')`. It follows the
+/// VM's stack, so a literal that only meets other values does not count:
+/// Phi-3.5's `m['role'] == 'system' and m['content']` compares the role with
+/// the literal and tests the content for emptiness. None when the
+/// instructions are not one expression it can follow.
+fn compares_content_with_literal(ins: &Instructions, from: u32, to: u32) -> Option<bool> {
+    let mut stack: Vec<Taint> = Vec::new();
+    // `and`/`or`: the left operand, merged with the right one at the jump target.
+    let mut pending: Vec<(u32, Taint)> = Vec::new();
+    let mut hit = false;
+    // Pops `n` operands and pushes their combination. A test (comparison,
+    // call, filter) hits when content and a literal are among its operands.
+    let mut combine = |stack: &mut Vec<Taint>, n: usize, test: bool| -> Option<()> {
+        let ops = stack.split_off(stack.len().checked_sub(n)?);
+        let mixed = ops.iter().any(|t| t.content && t.literal);
+        let apart =
+            ops.iter().enumerate().any(|(i, a)| a.content && ops.iter().enumerate().any(|(j, b)| i != j && b.literal));
+        hit |= test && (mixed || apart);
+        stack.push(ops.iter().fold(Taint::default(), |a, &b| a.or(b)));
+        Some(())
+    };
+    for i in from..=to {
+        while let Some(p) = pending.iter().position(|&(target, _)| target == i) {
+            let (_, left) = pending.swap_remove(p);
+            let right = stack.pop()?;
+            stack.push(left.or(right));
+        }
+        if i == to {
+            break;
+        }
+        let c = ins.get(i)?;
+        match c {
+            Instruction::Lookup(_) | Instruction::LoadConst(_) => stack.push(Taint::of(c)?),
+            Instruction::GetAttr(_) => {
+                let v = stack.pop()?;
+                stack.push(v.or(Taint::of(c)?));
+            }
+            Instruction::GetItem => {
+                // An item of the value: the key's content-ness carries (`m['content']`), not its literal.
+                let key = stack.pop()?;
+                let v = stack.pop()?;
+                stack.push(Taint { content: v.content || key.content, literal: v.literal });
+            }
+            // The slice's bounds go; the value stays.
+            Instruction::Slice => stack.truncate(stack.len().checked_sub(3)?),
+            Instruction::Not | Instruction::Neg | Instruction::IsUndefined => {
+                stack.last()?;
+            }
+            Instruction::Add
+            | Instruction::Sub
+            | Instruction::Mul
+            | Instruction::Div
+            | Instruction::IntDiv
+            | Instruction::Rem
+            | Instruction::Pow
+            | Instruction::StringConcat => combine(&mut stack, 2, false)?,
+            Instruction::Eq
+            | Instruction::Ne
+            | Instruction::Gt
+            | Instruction::Gte
+            | Instruction::Lt
+            | Instruction::Lte
+            | Instruction::In => combine(&mut stack, 2, true)?,
+            Instruction::ApplyFilter(_, Some(n), _)
+            | Instruction::PerformTest(_, Some(n), _)
+            | Instruction::CallFunction(_, Some(n))
+            | Instruction::CallMethod(_, Some(n))
+            | Instruction::CallObject(Some(n)) => combine(&mut stack, usize::from(*n), true)?,
+            Instruction::BuildList(Some(n)) | Instruction::BuildTuple(Some(n)) => combine(&mut stack, *n, false)?,
+            Instruction::BuildMap(n) => combine(&mut stack, n.checked_mul(2)?, false)?,
+            Instruction::DupTop => stack.push(*stack.last()?),
+            Instruction::DiscardTop => {
+                stack.pop()?;
+            }
+            Instruction::Swap => {
+                let n = stack.len();
+                stack.swap(n.checked_sub(1)?, n.checked_sub(2)?);
+            }
+            Instruction::JumpIfFalseOrPop(target) | Instruction::JumpIfTrueOrPop(target) => {
+                let v = stack.pop()?;
+                pending.push((*target, v));
+            }
+            _ => return None,
+        }
+    }
+    pending.is_empty().then_some(hit)
+}
+
 fn ends_statement(i: &Instruction) -> bool {
     matches!(
         i,
@@ -199,39 +328,56 @@ fn inspect(location: &str, ins: &Instructions, out: &mut Vec<Finding>) {
             }
             Instruction::JumpIfFalse(target) => {
                 // The condition: the instructions since the last statement boundary.
-                let mut cond = Vec::new();
-                let mut j = idx;
-                while j > 0 && cond.len() < 16 {
-                    j -= 1;
-                    match get(j) {
-                        Some(c) if !ends_statement(c) => cond.push(c),
+                let mut start = idx;
+                while start > 0 && idx - start < MAX_CONDITION {
+                    match get(start - 1) {
+                        Some(c) if !ends_statement(c) => start -= 1,
                         _ => break,
                     }
                 }
-                let on_content = cond.iter().any(|c| match c {
-                    Instruction::GetAttr(n) | Instruction::Lookup(n) => n.contains("content"),
-                    Instruction::LoadConst(v) => v.as_str() == Some("content"),
-                    _ => false,
+                let content_against_literal = compares_content_with_literal(ins, start, idx).unwrap_or_else(|| {
+                    // Not an expression the stack walk follows: content and a
+                    // literal anywhere in the condition count, as they may meet.
+                    let cond = || (start..idx).filter_map(get);
+                    cond().any(|c| Taint::of(c).is_some_and(|t| t.content))
+                        && cond().any(|c| Taint::of(c).is_some_and(|t| t.literal))
                 });
-                let literal_test = cond.iter().any(|c| {
-                    matches!(c, Instruction::LoadConst(v) if v.as_str().is_some_and(|s| s != "content" && !s.is_empty()))
-                });
-                if on_content && literal_test {
-                    // The branch body: what it emits.
+                if content_against_literal {
+                    // The branch body: what it emits. Constants count a run of
+                    // straight-line instructions at a time, and not when the run
+                    // calls `raise_exception`, which aborts the render, so its
+                    // message ("Invalid assistant block type") is never output.
+                    // Any jump, `and`/`or` included, ends a run: in
+                    // `'<turn>' ~ (false and raise_exception(..))` the raise
+                    // never runs and the turn is emitted.
                     let mut emitted = Vec::new();
+                    let (mut run, mut raises) = (Vec::new(), false);
                     for k in idx + 1..(*target).min(idx + 1 + 4096) {
-                        match get(k) {
-                            Some(Instruction::EmitRaw(s)) => emitted.push(s.to_string()),
-                            Some(Instruction::LoadConst(v)) => {
+                        let Some(c) = get(k) else { break };
+                        match c {
+                            Instruction::EmitRaw(s) => emitted.push(s.to_string()),
+                            Instruction::LoadConst(v) => {
                                 if let Some(s) = v.as_str() {
-                                    emitted.push(s.to_string())
+                                    run.push(s.to_string())
                                 }
                             }
+                            Instruction::CallFunction(name, _) if *name == "raise_exception" => raises = true,
                             _ => {}
                         }
+                        let run_ends = ends_statement(c)
+                            || matches!(c, Instruction::JumpIfFalseOrPop(_) | Instruction::JumpIfTrueOrPop(_));
+                        if run_ends {
+                            if !raises {
+                                emitted.append(&mut run);
+                            }
+                            run.clear();
+                            raises = false;
+                        }
                     }
-                    let injected: Vec<&String> =
-                        emitted.iter().filter(|s| TURN_MARKERS.iter().any(|m| s.contains(m))).collect();
+                    if !raises {
+                        emitted.append(&mut run);
+                    }
+                    let injected: Vec<&String> = emitted.iter().filter(|s| opens_turn(s)).collect();
                     if let Some(first) = injected.first() {
                         let quote: String = first.chars().take(80).collect();
                         crit(
