@@ -2,14 +2,16 @@
 """Fetch the real test models from PyPI into a cache dir and verify them.
 
 Usage: fetch_models.py CACHE_DIR
-Prints one JSON object: {"gemma": PATH, "minilm": PATH, "templates": DIR}.
-Exits non-zero, saying why, when a model cannot be fetched or does not match
-its sha256. Model weights never go into the repository: only into CACHE_DIR.
+Prints one JSON object: {"gemma": PATH, "minilm": PATH, "templates": DIR,
+"llama_quantize": PATH, "llama_imatrix": PATH}. Exits non-zero, saying why,
+when a model cannot be fetched or does not match its sha256. Model weights
+never go into the repository: only into CACHE_DIR.
 
 "templates" is a folder of real chat templates (the 70 `.jinja` files that
-llama.cpp keeps for its own template tests, as bundled in the
-llama-cpp-python source distribution on PyPI): the template guard must pass
-every one of them.
+llama.cpp keeps for its own template tests) and the two tools are llama.cpp's,
+built here with cmake; both come from the llama-cpp-python source
+distribution on PyPI. The template guard must pass every template, and gemma
+requantised into the other GGUF types must pass the static scan.
 """
 import hashlib
 import json
@@ -83,52 +85,102 @@ def fetch(cache, name, spec):
     return dest
 
 
-# llama-cpp-python's sdist vendors llama.cpp, whose models/templates/ holds real
-# models' chat templates. Fetched from PyPI's file host by its pinned sha256:
-# pip cannot download this sdist without building its metadata (scikit-build).
-TEMPLATES = {
-    "dir": "chat-templates-llama-cpp-python-0.3.36",
+# llama-cpp-python's sdist vendors llama.cpp: its models/templates/ holds real
+# models' chat templates, and its tools requantise gemma into the other GGUF
+# types. Fetched from PyPI's file host by its pinned sha256: pip cannot
+# download this sdist without building its metadata (scikit-build).
+LLAMA_CPP = {
+    "version": "0.3.36",
     "url": "https://files.pythonhosted.org/packages/ec/e9/"
     "e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/llama_cpp_python-0.3.36.tar.gz",
     "sha256": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
-    "member_dir": "vendor/llama.cpp/models/templates/",
-    "count": 70,
+    "templates": 70,
+    "tools": ["llama-quantize", "llama-imatrix"],
 }
 
 
-def fetch_templates(cache):
-    spec = TEMPLATES
-    dest = os.path.join(cache, spec["dir"])
-    if os.path.exists(os.path.join(dest, ".complete")):
+def fetch_llama_cpp_sdist(cache):
+    spec = LLAMA_CPP
+    dest = os.path.join(cache, "wheels", f"llama_cpp_python-{spec['version']}.tar.gz")
+    if os.path.exists(dest) and sha256_of(dest) == spec["sha256"]:
         return dest
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".llama-cpp-python.")
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".llama-cpp-python.")
     os.close(fd)
     try:
-        try:
-            urllib.request.urlretrieve(spec["url"], tmp)
-        except OSError as e:
-            sys.exit(f"cannot fetch the chat-template corpus from PyPI ({spec['url']}): {e}")
-        actual = sha256_of(tmp)
-        if actual != spec["sha256"]:
-            sys.exit(f"chat-template corpus: the fetched sdist does not match its pin\n"
-                     f"  expected: {spec['sha256']}\n  actual:   {actual}")
-        shutil.rmtree(dest, ignore_errors=True)
-        os.makedirs(dest)
-        found = 0
-        with tarfile.open(tmp) as tar:
-            for m in tar.getmembers():
-                _, _, inner = m.name.partition("/")
-                name = inner[len(spec["member_dir"]):]
-                if m.isfile() and inner.startswith(spec["member_dir"]) and name.endswith(".jinja") and "/" not in name:
-                    with tar.extractfile(m) as src, open(os.path.join(dest, name), "wb") as out:
-                        shutil.copyfileobj(src, out)
-                    found += 1
-        if found != spec["count"]:
-            sys.exit(f"chat-template corpus: expected {spec['count']} templates in the sdist, found {found}")
-        open(os.path.join(dest, ".complete"), "w").close()
-    finally:
+        urllib.request.urlretrieve(spec["url"], tmp)
+    except OSError as e:
         os.unlink(tmp)
+        sys.exit(f"cannot fetch llama-cpp-python {spec['version']} from PyPI ({spec['url']}): {e}")
+    actual = sha256_of(tmp)
+    if actual != spec["sha256"]:
+        os.unlink(tmp)
+        sys.exit(f"llama-cpp-python {spec['version']}: the fetched sdist does not match its pin\n"
+                 f"  expected: {spec['sha256']}\n  actual:   {actual}")
+    os.replace(tmp, dest)
     return dest
+
+
+def extract(sdist, dest, wanted):
+    """Extracts the sdist's members under vendor/llama.cpp/ that `wanted`
+    accepts (by path relative to vendor/llama.cpp/) into `dest`."""
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(dest)
+    found = 0
+    with tarfile.open(sdist) as tar:
+        for m in tar.getmembers():
+            _, _, inner = m.name.partition("/")
+            rel = inner.removeprefix("vendor/llama.cpp/")
+            if rel == inner or not m.isfile() or not wanted(rel) or ".." in rel.split("/"):
+                continue
+            path = os.path.join(dest, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with tar.extractfile(m) as src, open(path, "wb") as out:
+                shutil.copyfileobj(src, out)
+            os.chmod(path, m.mode & 0o755)
+            found += 1
+    return found
+
+
+def fetch_templates(cache, sdist):
+    spec = LLAMA_CPP
+    dest = os.path.join(cache, f"chat-templates-llama-cpp-python-{spec['version']}")
+    if os.path.exists(os.path.join(dest, ".complete")):
+        return dest
+    found = extract(sdist, dest, lambda rel: rel.startswith("models/templates/") and rel.endswith(".jinja")
+                    and rel.count("/") == 2)
+    if found != spec["templates"]:
+        sys.exit(f"chat-template corpus: expected {spec['templates']} templates in the sdist, found {found}")
+    open(os.path.join(dest, ".complete"), "w").close()
+    return dest
+
+
+def build_llama_tools(cache, sdist):
+    """llama.cpp's llama-quantize and llama-imatrix, built with cmake (static,
+    no network features). Returns {tool: path}."""
+    spec = LLAMA_CPP
+    root = os.path.join(cache, "tools", f"llama.cpp-{spec['version']}")
+    src, build = os.path.join(root, "src"), os.path.join(root, "build")
+    tools = {t: os.path.join(build, "bin", t) for t in spec["tools"]}
+    if os.path.exists(os.path.join(root, ".complete")):
+        return tools
+    shutil.rmtree(root, ignore_errors=True)
+    extract(sdist, src, lambda rel: not rel.startswith(("models/", "docs/", "media/", "examples/model-conversion")))
+    if shutil.which("cmake") is None:
+        sys.exit("building llama.cpp's quantize tools needs cmake (Debian package cmake), which is not installed")
+    configure = ["cmake", "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
+                 "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                 "-DLLAMA_BUILD_SERVER=OFF"]
+    compile_ = ["cmake", "--build", build, "-j", str(os.cpu_count() or 2), "--target", *spec["tools"]]
+    for cmd in (configure, compile_):
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            sys.exit(f"building llama.cpp's tools failed: {' '.join(cmd)}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    for t, path in tools.items():
+        if not os.access(path, os.X_OK):
+            sys.exit(f"building llama.cpp's tools: {t} is missing at {path}")
+    open(os.path.join(root, ".complete"), "w").close()
+    return tools
 
 
 def main():
@@ -137,7 +189,10 @@ def main():
     cache = os.path.abspath(sys.argv[1])
     os.makedirs(cache, exist_ok=True)
     found = {name: fetch(cache, name, spec) for name, spec in MODELS.items()}
-    found["templates"] = fetch_templates(cache)
+    sdist = fetch_llama_cpp_sdist(cache)
+    found["templates"] = fetch_templates(cache, sdist)
+    for tool, path in build_llama_tools(cache, sdist).items():
+        found[tool.replace("-", "_")] = path
     print(json.dumps(found))
 
 

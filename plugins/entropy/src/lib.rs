@@ -10,6 +10,8 @@
 //!   source gives χ²/dof ≈ 1 ± 0.09 whatever N. From 64 KiB up, the weakest
 //!   real case (Q5_0) is expected at χ²/dof ≈ 19, so `χ²/dof < 3` separates
 //!   the two by a wide margin. Smaller tensors are pooled per file and dtype.
+//!   Gemma requantised by llama-quantize into 24 other file types (2026-11-27)
+//!   puts the weakest at Q3_K, w² ≥ 0.028: χ²/dof ≈ 8 at 64 KiB (README).
 //!
 //! * **Low-byte stuffing (EvilModel).** Replacing the low 3 bytes of every f32
 //!   with payload makes byte 2 (the top 7 mantissa bits and the exponent's
