@@ -41,10 +41,12 @@ fn main() {
         Some("build") => build(),
         Some("models") => models().map(|m| {
             println!(
-                "gemma: {}\nminilm: {}\ntemplates: {}",
+                "gemma: {}\nminilm: {}\ntemplates: {}\nllama-quantize: {}\nllama-imatrix: {}",
                 m.gemma.display(),
                 m.minilm.display(),
-                m.templates.display()
+                m.templates.display(),
+                m.llama_quantize.display(),
+                m.llama_imatrix.display()
             )
         }),
         Some("test") => test(&args[1..]),

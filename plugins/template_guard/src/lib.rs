@@ -377,8 +377,7 @@ fn inspect(location: &str, ins: &Instructions, out: &mut Vec<Finding>) {
                     if !raises {
                         emitted.append(&mut run);
                     }
-                    let injected: Vec<&String> = emitted.iter().filter(|s| opens_turn(s)).collect();
-                    if let Some(first) = injected.first() {
+                    if let Some(first) = emitted.iter().find(|s| opens_turn(s)) {
                         let quote: String = first.chars().take(80).collect();
                         crit(
                             out,
