@@ -2,7 +2,7 @@
 
 use crate::{File, TensorInfo};
 
-/// The chunk size the host handles best (see shared/measured-facts.md: 1–8 MiB are equal).
+/// The chunk size the host handles best (1 to 8 MiB chunks measured the same).
 pub const DEFAULT_CHUNK: u32 = 1 << 20;
 
 /// Iterates over `[offset, offset + len)` of a file in chunks of at most `chunk` bytes.

@@ -211,10 +211,14 @@ pub fn is_root() -> bool {
 
 /// Installs with apt-get, as root only; anyone else gets `NeedsRoot` with the command.
 pub fn apt_install(packages: &[&str], why: &str) -> Result<()> {
+    apt_install_as(packages, why, is_root())
+}
+
+fn apt_install_as(packages: &[&str], why: &str, root: bool) -> Result<()> {
     if packages.is_empty() {
         return Ok(());
     }
-    if !is_root() {
+    if !root {
         return Err(NeedsRoot(format!(
             "{why} needs Debian packages that are not installed: {}\nrun this, then the same cargo xtask command again:\n  {}",
             packages.join(" "),
@@ -376,6 +380,21 @@ mod tests {
         std::fs::write(root.join("usr/lib/llvm-14/lib/libclang.so"), b"").unwrap();
         assert_eq!(packages(&Probe::sysroot(&root), Purpose::Test), ["cmake"]);
         std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_user_who_is_not_root_is_refused_with_the_command_to_run() {
+        let err = apt_install_as(&["cmake", "libclang-dev"], "cargo xtask (test)", false).unwrap_err();
+        let needs = err.downcast_ref::<NeedsRoot>().expect("a NeedsRoot error, which xtask turns into exit 2");
+        assert!(needs.0.contains("cmake libclang-dev"), "{needs}");
+        assert!(
+            needs
+                .0
+                .ends_with("sudo apt-get update && sudo apt-get install -y --no-install-recommends cmake libclang-dev"),
+            "{needs}"
+        );
+        // Nothing missing: nothing to refuse, even for a user.
+        assert!(apt_install_as(&[], "cargo xtask (demo)", false).is_ok());
     }
 
     #[test]

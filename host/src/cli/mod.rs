@@ -50,7 +50,7 @@ struct Cli {
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum OutputFormat {
-    /// The seed's `[quarantine] Stage n/7: ...` lines.
+    /// Log lines: `[quarantine] Stage n/7: <stage> — PASS|FAIL|SKIP (...)`.
     Text,
     /// One JSON object per model, one per line.
     Json,

@@ -1,7 +1,7 @@
 //! The policy: which stages run, which plugin runs each stage, what each is
 //! granted, its limits and its config; the source allowlist; the pins.
 //!
-//! `policy.yaml` keeps the seed's keys (`quarantine.stages.<stage>`,
+//! `policy.yaml` has the `quarantine` keys (`quarantine.stages.<stage>`,
 //! `require_source`, `smoke_test_max_score`, `smoke_test_max_critical`) and
 //! adds `defaults.limits` and `chain`. Unknown keys are errors. Every error
 //! names the file, the line and the key.
@@ -315,7 +315,7 @@ struct AllowlistFile {
     models: Vec<AllowEntry>,
 }
 
-/// One source allowlist entry (the seed's shape).
+/// One source allowlist entry: `{name, url_prefix}`.
 #[derive(Deserialize, Clone, Debug, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AllowEntry {
@@ -726,7 +726,7 @@ fn entry(
         obj.insert("require_source".into(), q.require_source.into());
         obj.insert("allowlist".into(), serde_json::to_value(allowlist).expect("plain strings"));
     }
-    // The behavioral stage gets the prompt suite and the seed's thresholds.
+    // The behavioral stage gets the prompt suite and quarantine.smoke_test_* thresholds.
     if stage == Stage::BehavioralTest {
         reserved(
             obj,

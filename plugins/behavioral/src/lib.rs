@@ -1,7 +1,7 @@
 //! Stage 6: run the adversarial prompt suite against the model through the
 //! host's `inference` capability and grade every answer (see `grade`).
 //!
-//! The suite arrives in the plugin's config (`prompts`), with the seed's
+//! The suite arrives in the plugin's config (`prompts`), with the policy's
 //! thresholds: the stage fails when more than `max_score` of the prompts are
 //! flagged, or more than `max_critical` critical ones. When inference cannot
 //! run, the stage fails with the cause; it never passes on silence.
