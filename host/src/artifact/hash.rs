@@ -1,10 +1,10 @@
 //! The whole-file sha256, computed natively once per file on a background
 //! thread (sha2 uses SHA-NI where the CPU has it) and shared by every stage.
-//! It starts when the file is opened, so it overlaps header parsing and the
-//! first stages.
+//! It is queued when the file is opened, so it overlaps header parsing and
+//! the first stages; a pool with one thread per core works through the queue.
 
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use sha2::{Digest, Sha256};
 
@@ -16,37 +16,108 @@ use super::source::{ByteSource, Stream};
 const CHUNK: usize = 128 << 10;
 
 enum State {
-    Running(JoinHandle<Result<String, String>>),
+    /// Waiting for a hashing thread.
+    Queued(Arc<ByteSource>),
+    Running,
     Done(Result<String, String>),
 }
 
-/// A sha256 being computed or already known.
-pub struct HashCell(Mutex<State>);
+struct Job {
+    state: Mutex<State>,
+    done: Condvar,
+}
 
-impl HashCell {
-    /// Starts hashing `source` on a new thread.
-    pub fn start(source: Arc<ByteSource>) -> Self {
-        let handle = std::thread::Builder::new()
-            .name("airlock-sha256".into())
-            .spawn(move || hash(&source))
-            .map(State::Running)
-            .unwrap_or_else(|e| State::Done(Err(format!("cannot start the hashing thread: {e}"))));
-        HashCell(Mutex::new(handle))
+impl Job {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The lowercase hex digest; waits for the thread the first time.
-    pub fn get(&self) -> Result<String, String> {
-        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let State::Running(_) = &*state {
-            let State::Running(handle) = std::mem::replace(&mut *state, State::Done(Err(String::new()))) else {
-                unreachable!()
-            };
-            let result = handle.join().unwrap_or_else(|_| Err("the hashing thread panicked".into()));
-            *state = State::Done(result);
+    fn finish(&self, result: Result<String, String>) {
+        *self.lock() = State::Done(result);
+        self.done.notify_all();
+    }
+}
+
+/// A sha256 being computed or already known.
+pub struct HashCell(Arc<Job>);
+
+/// Files waiting to be hashed, and how many hashing threads run. Every file
+/// of every model scanned at once shares them: a folder of 1,000 shards, or
+/// `watch --jobs 8`, never runs more hashing threads than there are cores.
+struct Pool {
+    queue: VecDeque<Arc<Job>>,
+    threads: usize,
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool { queue: VecDeque::new(), threads: 0 });
+
+fn pool() -> MutexGuard<'static, Pool> {
+    POOL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// At most one hashing thread per CPU this process may use.
+fn max_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A hashing thread: hashes queued files until the queue is empty.
+fn hash_queued() {
+    loop {
+        let job = {
+            let mut pool = pool();
+            match pool.queue.pop_front() {
+                Some(job) => job,
+                None => {
+                    // Under the lock: a file queued after this sees one thread fewer and starts one.
+                    pool.threads -= 1;
+                    return;
+                }
+            }
+        };
+        let source = match std::mem::replace(&mut *job.lock(), State::Running) {
+            State::Queued(source) => source,
+            other => {
+                *job.lock() = other;
+                continue;
+            }
+        };
+        // A panic must not leave the job running for ever: its waiters would hang.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hash(&source)))
+            .unwrap_or_else(|_| Err("the hashing thread panicked".into()));
+        job.finish(result);
+    }
+}
+
+impl HashCell {
+    /// Queues `source` for hashing; a hashing thread starts if fewer than
+    /// `max_threads` run.
+    pub fn start(source: Arc<ByteSource>) -> Self {
+        let job = Arc::new(Job { state: Mutex::new(State::Queued(source)), done: Condvar::new() });
+        let mut pool = pool();
+        pool.queue.push_back(job.clone());
+        if pool.threads < max_threads() {
+            match std::thread::Builder::new().name("airlock-sha256".into()).spawn(hash_queued) {
+                Ok(_) => pool.threads += 1,
+                // With no thread at all, nobody would ever take the job: fail it, never hang.
+                Err(e) if pool.threads == 0 => {
+                    pool.queue.retain(|j| !Arc::ptr_eq(j, &job));
+                    drop(pool);
+                    job.finish(Err(format!("cannot start a hashing thread: {e}")));
+                }
+                Err(_) => {}
+            }
         }
-        match &*state {
-            State::Done(r) => r.clone(),
-            State::Running(_) => unreachable!(),
+        HashCell(job)
+    }
+
+    /// The lowercase hex digest; waits for it the first time.
+    pub fn get(&self) -> Result<String, String> {
+        let mut state = self.0.lock();
+        loop {
+            if let State::Done(r) = &*state {
+                return r.clone();
+            }
+            state = self.0.done.wait(state).unwrap_or_else(|p| p.into_inner());
         }
     }
 }
@@ -101,4 +172,35 @@ fn hash_reporting(source: &ByteSource, offset: u64, len: u64, stream: Option<&St
         at += n as u64;
     }
     Ok(hex::encode(hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifact::ReadMode;
+
+    /// Many files at once, as a folder of shards: every digest right, and
+    /// never more hashing threads than cores.
+    #[test]
+    fn many_files_are_hashed_by_at_most_one_thread_per_core() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cells = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..64u32 {
+            let path = dir.path().join(format!("shard-{i}"));
+            let bytes: Vec<u8> = (0..(200_000 + i * 997)).map(|j| (j * 31 + i) as u8).collect();
+            std::fs::write(&path, &bytes).unwrap();
+            expected.push(hex::encode(Sha256::digest(&bytes)));
+            let file = std::fs::File::open(&path).unwrap();
+            let mode = if i % 2 == 0 { ReadMode::Mmap } else { ReadMode::Pread };
+            let source = Arc::new(ByteSource::new(file, bytes.len() as u64, mode).unwrap());
+            cells.push(HashCell::start(source));
+            assert!(pool().threads <= max_threads(), "{} hashing threads", pool().threads);
+        }
+        for (cell, want) in cells.iter().zip(&expected) {
+            assert_eq!(&cell.get().unwrap(), want);
+            // A second get is the stored result.
+            assert_eq!(&cell.get().unwrap(), want);
+        }
+    }
 }
