@@ -11,7 +11,8 @@
 //!   real case (Q5_0) is expected at χ²/dof ≈ 19, so `χ²/dof < 3` separates
 //!   the two by a wide margin. Smaller tensors are pooled per file and dtype.
 //!   Gemma requantised by llama-quantize into 24 other file types (2026-11-27)
-//!   puts the weakest at Q3_K, w² ≥ 0.028: χ²/dof ≈ 8 at 64 KiB (README).
+//!   puts the weakest at Q3_K, w² ≥ 0.028: χ²/dof ≈ 8 at 64 KiB. The report's
+//!   `details.weakest_by_dtype` gives these figures for any model scanned.
 //!
 //! * **Low-byte stuffing (EvilModel).** Replacing the low 3 bytes of every f32
 //!   with payload makes byte 2 (the top 7 mantissa bits and the exponent's
@@ -129,6 +130,7 @@ fn histogram(file: &File, t: &TensorInfo) -> Result<Lanes, String> {
 
 struct Tested {
     location: String,
+    dtype: String,
     /// Where the tensor starts (none for a pool).
     offset: Option<u64>,
     bytes: u64,
@@ -136,6 +138,22 @@ struct Tested {
     chi: f64,
     /// f32 only: χ²/dof of bytes 0, 1 and 2 (positions modulo 4).
     f32_lanes: Option<[f64; 3]>,
+}
+
+/// For each dtype, the tested tensor closest to uniform: its effect size
+/// w² = (χ²/dof − 1)·255/N, which does not depend on the tensor's size as
+/// χ²/dof does. How far the real model stands from the `UNIFORM_CHI` line.
+fn weakest_by_dtype(tested: &[Tested]) -> serde_json::Map<String, serde_json::Value> {
+    let w2 = |t: &Tested| (t.chi - 1.0) * 255.0 / t.bytes.max(1) as f64;
+    let mut out = serde_json::Map::new();
+    for t in tested {
+        let weaker = out.get(&t.dtype).and_then(|v| v["w2"].as_f64()).is_none_or(|w| w2(t) < w);
+        if weaker {
+            let v = json!({ "w2": w2(t), "chi2_per_dof": t.chi, "bytes": t.bytes, "at": t.location });
+            out.insert(t.dtype.clone(), v);
+        }
+    }
+    out
 }
 
 struct Entropy;
@@ -200,6 +218,7 @@ impl Stage for Entropy {
                 }
                 tested.push(Tested {
                     location,
+                    dtype: t.dtype_name.clone(),
                     offset: Some(t.offset),
                     bytes: t.length,
                     entropy: e,
@@ -218,6 +237,7 @@ impl Stage for Entropy {
                         file.path(),
                         MIN_TEST_BYTES >> 10
                     ),
+                    dtype,
                     offset: None,
                     bytes,
                     entropy: entropy(&whole),
@@ -280,7 +300,11 @@ impl Stage for Entropy {
         }
 
         let (lo, hi) = tested.iter().fold((f64::MAX, f64::MIN), |(lo, hi), t| (lo.min(t.entropy), hi.max(t.entropy)));
-        let details = json!({ "bits_per_byte": per_tensor, "tested": tested.len() });
+        let details = json!({
+            "bits_per_byte": per_tensor,
+            "tested": tested.len(),
+            "weakest_by_dtype": weakest_by_dtype(&tested),
+        });
         let bad = findings.iter().filter(|f| f.severity == Severity::Critical).count();
         if bad > 0 {
             let first = &findings[0];
