@@ -181,13 +181,24 @@ fn a_custom_pipeline_pointing_at_python_fails() {
     std::fs::write(root.join("model_index.json"), index).unwrap();
     std::fs::write(root.join("pipeline.py"), "import os\nos.system('id')\n").unwrap();
     let s = scan_json(&root, &[]);
-    // The loader gadget is a static-scan finding, which stops the chain there.
-    assert_rejected(&s, "static_scan", "");
+    // The .py file is refused by name at the format gate; the static scan,
+    // which runs beside stages 1-4, still reports the loader gadget.
+    assert_rejected(&s, "format_gate", "pipeline.py: a .py file in a model folder is code");
     let f = assert_static_finding(&s, "meta.gadget.custom-pipeline", "model_index.json");
     assert!(f["message"].as_str().unwrap().contains("custom_pipeline"), "{f}");
-    // Python code alone, with no gadget pointing at it, is stage 7's to refuse.
+    // Python code alone, with no gadget pointing at it: the format gate refuses it, and
+    // stage 7 does too under a policy that lets .py files through the gate.
     std::fs::write(root.join("model_index.json"), INDEX).unwrap();
     let s = scan_json(&root, &[]);
+    assert_rejected(&s, "format_gate", "pipeline.py");
+    let lax = policy_dir(d.path(), |t| {
+        t.replacen(
+            "denied_formats: [pickle, pytorch-zip, zip]",
+            "denied_formats: [pickle, pytorch-zip, zip]\n        folder_denied_suffixes: []",
+            1,
+        )
+    });
+    let s = scan_json(&root, &["--policy", lax.to_str().unwrap()]);
     assert_rejected(&s, "diffusion_deep_scan", "pipeline.py: Python code shipped with the model");
     assert_eq!(finding_at(&s, "diffusion_deep_scan", "pipeline.py")["rule"], "diffusion.python-file");
 }

@@ -43,6 +43,9 @@ pub fn sha256_file(path: &Path) -> String {
 pub struct Models {
     pub gemma: PathBuf,
     pub minilm: PathBuf,
+    /// The same MiniLM as the transformers folder it is published as: 13 files,
+    /// config, tokenizer, vocab.txt and model.safetensors among them.
+    pub minilm_folder: PathBuf,
     /// A folder of real models' chat templates (`*.jinja`).
     pub templates: PathBuf,
     /// llama.cpp's `llama-quantize` and `llama-imatrix`.
@@ -56,9 +59,10 @@ pub fn models() -> &'static Models {
     static MODELS: OnceLock<Models> = OnceLock::new();
     MODELS.get_or_init(|| {
         let var = std::env::var_os;
-        if let (Some(g), Some(m), Some(t), Some(q), Some(i)) = (
+        if let (Some(g), Some(m), Some(f), Some(t), Some(q), Some(i)) = (
             var("AIRLOCK_TEST_GEMMA"),
             var("AIRLOCK_TEST_MINILM"),
+            var("AIRLOCK_TEST_MINILM_FOLDER"),
             var("AIRLOCK_TEST_TEMPLATES"),
             var("AIRLOCK_TEST_LLAMA_QUANTIZE"),
             var("AIRLOCK_TEST_LLAMA_IMATRIX"),
@@ -66,6 +70,7 @@ pub fn models() -> &'static Models {
             return Models {
                 gemma: g.into(),
                 minilm: m.into(),
+                minilm_folder: f.into(),
                 templates: t.into(),
                 llama_quantize: q.into(),
                 llama_imatrix: i.into(),
@@ -81,6 +86,7 @@ pub fn models() -> &'static Models {
         Models {
             gemma: path("gemma"),
             minilm: path("minilm"),
+            minilm_folder: path("minilm_folder"),
             templates: path("templates"),
             llama_quantize: path("llama_quantize"),
             llama_imatrix: path("llama_imatrix"),

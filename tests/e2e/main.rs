@@ -10,6 +10,7 @@ mod containment;
 mod diffusion;
 mod formats;
 mod gguf_rules;
+mod hf_folders;
 mod integrity;
 mod lifecycle;
 mod metadata_gadgets;

@@ -38,7 +38,7 @@ fn gemma_gguf_json_report() {
     assert_eq!(st["plugin_info"]["version"], "0.1.0");
     assert!(st["elapsed_ms"].is_u64());
     // Every stage-5 plugin runs and finds nothing above info on a real model.
-    assert_static_scan_clean(&s, 5);
+    assert_static_scan_clean(&s, 6);
     assert_eq!(s.stage("behavioral_test")["verdict"], "skip");
 }
 
@@ -53,7 +53,7 @@ fn minilm_safetensors_passes_stages_1_to_3() {
     assert_passed(&s);
     assert_eq!(s.one()["sha256"], "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db");
     assert_eq!(s.stage("format_gate")["summary"], "safetensors");
-    assert_static_scan_clean(&s, 5);
+    assert_static_scan_clean(&s, 6);
 }
 
 #[test]
@@ -125,7 +125,7 @@ fn gemma_requantised_into_every_llama_cpp_type_passes_the_static_scan() {
         assert!(out.status.success(), "llama-quantize {ftype} failed:\n{}", String::from_utf8_lossy(&out.stderr));
         let s = scan_json(&file, &[]);
         assert_passed(&s);
-        assert_static_scan_clean(&s, 5);
+        assert_static_scan_clean(&s, 6);
         let weights = plugin_result(&s, "weights");
         assert!(weights["summary"].as_str().unwrap().starts_with("score=0.00"), "{ftype}: {weights:#}");
         let seen = weights["details"]["ms_by_type"].as_object().unwrap();

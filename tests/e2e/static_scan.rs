@@ -238,7 +238,7 @@ fn clean_q8_0_model_with_a_namespace_template_passes_every_plugin() {
     }
     let s = scan_gguf(&g);
     assert_passed(&s);
-    assert_static_scan_clean(&s, 5);
+    assert_static_scan_clean(&s, 6);
     let w = plugin_result(&s, "weights");
     assert!(w["summary"].as_str().unwrap().starts_with("score=0.00, no anomalies"), "{w:#}");
     assert!(plugin_result(&s, "template_guard")["summary"].as_str().unwrap().starts_with("1 template(s)"));

@@ -30,7 +30,7 @@ use anyhow::{Context, Result, bail};
 use setup::Purpose;
 
 /// The plugins shipped as `builtin:<name>`.
-const BUILTINS: [&str; 11] = [
+const BUILTINS: [&str; 12] = [
     "source_policy",
     "format_gate",
     "integrity_check",
@@ -39,6 +39,7 @@ const BUILTINS: [&str; 11] = [
     "pickle_scan",
     "weights",
     "entropy",
+    "tokenizer_check",
     "provenance",
     "behavioral",
     "diffusion_deep_scan",
@@ -216,9 +217,10 @@ fn build() -> Result<()> {
 
 // ---------------------------------------------------------------- models
 
-/// What tests/fetch_models.py can fetch: the two real models, llama.cpp's
+/// What tests/fetch_models.py can fetch: the two real models (MiniLM also as
+/// the transformers folder it is published as), llama.cpp's
 /// chat-template corpus, and llama.cpp's quantize tools (built with cmake).
-const ALL_MODELS: &[&str] = &["gemma", "minilm", "templates", "llama_tools"];
+const ALL_MODELS: &[&str] = &["gemma", "minilm", "minilm_folder", "templates", "llama_tools"];
 
 fn model_cache() -> PathBuf {
     std::env::var_os("AIRLOCK_MODEL_CACHE").map(PathBuf::from).unwrap_or_else(|| {
@@ -304,6 +306,7 @@ fn test(extra: &[String]) -> Result<()> {
         .env("AIRLOCK_TEST_WORKER", root.join("target/release/airlock-infer-worker"))
         .env("AIRLOCK_TEST_GEMMA", path_of(&models, "gemma")?)
         .env("AIRLOCK_TEST_MINILM", path_of(&models, "minilm")?)
+        .env("AIRLOCK_TEST_MINILM_FOLDER", path_of(&models, "minilm_folder")?)
         .env("AIRLOCK_TEST_TEMPLATES", path_of(&models, "templates")?)
         .env("AIRLOCK_TEST_LLAMA_QUANTIZE", path_of(&models, "llama_quantize")?)
         .env("AIRLOCK_TEST_LLAMA_IMATRIX", path_of(&models, "llama_imatrix")?)
@@ -499,7 +502,7 @@ fn time(cmd: &mut Command) -> Result<Duration> {
 fn bench() -> Result<()> {
     setup::ensure(Purpose::Test)?;
     build()?;
-    let models = models(&["gemma"])?;
+    let models = models(&["gemma", "minilm_folder"])?;
     let gemma = path_of(&models, "gemma")?;
     let airlock = root_dir_bin();
     let work = std::env::temp_dir().join("airlock-bench");
@@ -592,7 +595,127 @@ fn bench() -> Result<()> {
     println!("openssl dgst -sha256:      {:>8.1} ms", o.as_secs_f64() * 1e3);
     println!("ratio airlock/openssl: {:.2}x (one run)", took.as_secs_f64() / o.as_secs_f64());
     std::fs::remove_file(&big)?;
+    bench_sharded_folder(&airlock, path_of(&models, "minilm_folder")?, &work)?;
     bench_behavioral(&airlock, gemma, &work)
+}
+
+/// A transformers folder of three shards: the real MiniLM folder resharded,
+/// scanned against `openssl dgst -sha256` over every file of it (the same bytes).
+fn bench_sharded_folder(airlock: &Path, minilm: &Path, work: &Path) -> Result<()> {
+    let folder = work.join("minilm-3-shards");
+    let _ = std::fs::remove_dir_all(&folder);
+    copy_dir(minilm, &folder)?;
+    reshard(&folder.join("model.safetensors"), 3)?;
+    let mut files = Vec::new();
+    list_files(&folder, &mut files)?;
+    files.sort();
+    let bytes: u64 = files.iter().map(|f| std::fs::metadata(f).map_or(0, |m| m.len())).sum();
+    let scan = || {
+        let mut c = Command::new(airlock);
+        c.arg("scan").arg(&folder).env("AIRLOCK_ROOT", work).env("AIRLOCK_CACHE_DIR", work.join("cache"));
+        c
+    };
+    let openssl = || {
+        let mut c = Command::new("openssl");
+        c.args(["dgst", "-sha256"]).args(&files);
+        c
+    };
+    time(&mut scan())?;
+    time(&mut openssl())?;
+    const RUNS: usize = 11;
+    let (mut a, mut o, mut a_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        let (wall, cpu) = time_cpu(&mut scan())?;
+        a.push(wall);
+        a_cpu.push(cpu);
+        o.push(time(&mut openssl())?);
+    }
+    let (a, o) = (median(a), median(o));
+    println!(
+        "folder: {} ({} files, {:.0} MB, 3 safetensors shards and an index)",
+        folder.display(),
+        files.len(),
+        bytes as f64 / 1e6
+    );
+    println!(
+        "airlock scan (default):    {:>8.1} ms, {:.0} core-ms",
+        a.as_secs_f64() * 1e3,
+        median(a_cpu).as_secs_f64() * 1e3
+    );
+    println!("openssl dgst -sha256:      {:>8.1} ms (every file)", o.as_secs_f64() * 1e3);
+    println!("ratio airlock/openssl: {:.2}x (median of {RUNS})", a.as_secs_f64() / o.as_secs_f64());
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()))?;
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+fn list_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            list_files(&e.path(), out)?;
+        } else {
+            out.push(e.path());
+        }
+    }
+    Ok(())
+}
+
+/// Splits a safetensors file into `n` shards (tensors in name order) with a
+/// `model.safetensors.index.json`, as transformers' `save_pretrained` does,
+/// and removes the original.
+fn reshard(file: &Path, n: usize) -> Result<()> {
+    use serde_json::{Value, json};
+    let bytes = std::fs::read(file)?;
+    let len = u64::from_le_bytes(bytes.get(..8).context("short safetensors")?.try_into()?) as usize;
+    let header: serde_json::Map<String, Value> =
+        serde_json::from_slice(bytes.get(8..8 + len).context("short header")?)?;
+    let data = &bytes[8 + len..];
+    let mut names: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").collect();
+    names.sort();
+    let dir = file.parent().context("no folder")?;
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0u64;
+    for (i, chunk) in names.chunks(names.len().div_ceil(n)).enumerate() {
+        let shard = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+        let mut head = serde_json::Map::new();
+        head.insert("__metadata__".into(), json!({"format": "pt"}));
+        let mut body = Vec::new();
+        for name in chunk {
+            let t = &header[*name];
+            let at = |k: usize| t["data_offsets"][k].as_u64().context("offsets").map(|v| v as usize);
+            let (a, b) = (at(0)?, at(1)?);
+            let start = body.len();
+            body.extend_from_slice(data.get(a..b).context("tensor past the data")?);
+            head.insert(
+                (*name).clone(),
+                json!({"dtype": t["dtype"], "shape": t["shape"], "data_offsets": [start, body.len()]}),
+            );
+            weight_map.insert((*name).clone(), json!(shard));
+            total += (b - a) as u64;
+        }
+        let mut text = serde_json::to_vec(&Value::Object(head))?;
+        text.resize(text.len().next_multiple_of(8), b' ');
+        let mut out = (text.len() as u64).to_le_bytes().to_vec();
+        out.extend(text);
+        out.extend(body);
+        std::fs::write(dir.join(&shard), out)?;
+    }
+    let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&index)?)?;
+    std::fs::remove_file(file)?;
+    Ok(())
 }
 
 /// The CPU as /proc/cpuinfo names it (model name, family and model number)

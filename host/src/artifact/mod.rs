@@ -9,6 +9,7 @@
 mod cores;
 mod gguf;
 mod hash;
+mod layout;
 mod reader;
 mod safetensors;
 mod sigbus;
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+pub use layout::{FolderLayout, folder_layout, missing_shards};
 pub use source::{ByteSource, FileBytes, ReadMode, Stream};
 
 /// A container format, sniffed from content.

@@ -63,7 +63,7 @@ impl std::fmt::Display for Stage {
 }
 
 /// The built-in plugins this build ships.
-pub const BUILTINS: [&str; 11] = [
+pub const BUILTINS: [&str; 12] = [
     "source_policy",
     "format_gate",
     "integrity_check",
@@ -72,6 +72,7 @@ pub const BUILTINS: [&str; 11] = [
     "pickle_scan",
     "weights",
     "entropy",
+    "tokenizer_check",
     "provenance",
     "behavioral",
     "diffusion_deep_scan",

@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::artifact::{Model, ReadMode};
+use crate::artifact::{self, Model, ReadMode};
 use crate::pipeline::{Event, ScanInput, Scanner};
 use crate::policy::{self, Policy};
 pub use audit::{AuditLog, Record};
@@ -137,7 +137,8 @@ impl<'a> Quarantine<'a> {
     }
 
     /// Entries in `incoming/` that may be taken, in name order. A folder waits
-    /// until its `model_index.json` is there (it is still being copied).
+    /// until it is a model folder (`model_index.json`, or `config.json` and
+    /// weights) and every shard its index names is there: it is still being copied.
     pub fn waiting(&self) -> io::Result<Vec<String>> {
         let incoming = self.root.incoming();
         let mut names: Vec<String> = fs::read_dir(&incoming)?
@@ -146,7 +147,8 @@ impl<'a> Quarantine<'a> {
             .filter(|n| is_eligible_name(n))
             .filter(|n| {
                 let p = incoming.join(n);
-                !fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) || p.join("model_index.json").is_file()
+                !fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir())
+                    || (artifact::folder_layout(&p).is_some() && artifact::missing_shards(&p).is_empty())
             })
             .collect();
         names.sort();
@@ -226,7 +228,11 @@ impl<'a> Quarantine<'a> {
         } else if ft.is_file() && meta.nlink() > 1 {
             Some(format!("is a hardlinked file ({} links): another name could change it under the scan", meta.nlink()))
         } else if ft.is_dir() {
-            (!path.join("model_index.json").exists()).then(|| "is a folder without model_index.json".to_string())
+            artifact::folder_layout(path).is_none().then(|| {
+                "is a folder with neither model_index.json (a diffusers model) nor config.json and weights \
+                 (a transformers model)"
+                    .to_string()
+            })
         } else if !ft.is_file() {
             Some("is not a regular file (a device, FIFO or socket)".to_string())
         } else {

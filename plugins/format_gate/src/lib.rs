@@ -1,7 +1,11 @@
 //! Stage 2: is every file of the model in an allowed container format, with a
-//! header that parses strictly, and nothing else hiding in it?
+//! header that parses strictly, and nothing else hiding in it? In a folder
+//! model: no code a Python loader could import, and sharded weights whose
+//! index accounts for every shard and every tensor, exactly.
 
-use airlock_sdk::{File, Finding, Format, Model, Report, Severity, Stage, StageInfo, context, pickle};
+use std::collections::BTreeMap;
+
+use airlock_sdk::{ChunkReader, File, Finding, Format, Model, Report, Severity, Stage, StageInfo, context, pickle};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -11,9 +15,17 @@ struct Config {
     allowed_formats: Vec<String>,
     #[serde(default = "default_denied")]
     denied_formats: Vec<String>,
-    /// What the files of a folder model (diffusers) may be.
+    /// What the files of a folder model may be.
     #[serde(default = "default_folder_allowed")]
     folder_allowed_formats: Vec<String>,
+    /// Name endings refused in a folder model whatever their content: code a
+    /// loader can import (`trust_remote_code` runs a folder's `.py` files).
+    #[serde(default = "default_folder_code")]
+    folder_denied_suffixes: Vec<String>,
+}
+
+fn default_folder_code() -> Vec<String> {
+    [".py", ".pyc", ".pyo", ".pyd", ".pyx", ".pyw", ".so", ".dll", ".dylib"].map(String::from).to_vec()
 }
 
 fn default_folder_allowed() -> Vec<String> {
@@ -136,6 +148,144 @@ fn check(file: &File, allowed: &[String], denied: &[String]) -> Result<(), (Stri
     Ok(())
 }
 
+/// Largest shard index read: a 1000-shard model's is a few MB.
+const MAX_INDEX_BYTES: u64 = 64 << 20;
+
+/// A rejection: the reason, and the finding that carries it.
+type Refusal = (String, Finding);
+
+fn refuse(rule: &str, location: &str, reason: String) -> Refusal {
+    (reason.clone(), Finding::new(rule, Severity::Critical, reason).at(location.to_string()))
+}
+
+/// `name` joined to the folder `dir` ("" for the root), if `name` is a plain
+/// relative path that stays inside: no `..`, `.`, empty part, backslash or leading `/`.
+fn inside(dir: &str, name: &str) -> Option<String> {
+    let plain = !name.is_empty()
+        && !name.starts_with('/')
+        && !name.contains('\\')
+        && name.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
+    plain.then(|| if dir.is_empty() { name.to_string() } else { format!("{dir}/{name}") })
+}
+
+/// A `*.safetensors.index.json`: its `weight_map` names only shards inside
+/// the folder, each of them exists and is safetensors, every tensor it maps
+/// is in the shard it names, no tensor is in two shards or missing from the
+/// map, and no weight file beside the index goes unnamed.
+fn check_index(index: &File, files: &[File]) -> Result<(), Refusal> {
+    let path = index.path();
+    let dir = path.rsplit_once('/').map_or("", |(d, _)| d).to_string();
+    if index.size() > MAX_INDEX_BYTES {
+        return Err(refuse(
+            "format.index.too-large",
+            &path,
+            format!("{path}: {} bytes is larger than any real shard index ({MAX_INDEX_BYTES} at most)", index.size()),
+        ));
+    }
+    let bytes = ChunkReader::file(index)
+        .collect_bytes()
+        .map_err(|e| refuse("format.read-error", &path, format!("{path}: cannot read: {e}")))?;
+    let json: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| refuse("format.index.unparseable", &path, format!("{path}: not valid JSON: {e}")))?;
+    let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
+        return Err(refuse("format.index.unparseable", &path, format!("{path}: no \"weight_map\" object")));
+    };
+    // The shards, by their path in the model, with the tensors the map puts there.
+    let mut shards: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for (tensor, shard) in map {
+        let Some(shard) = shard.as_str() else {
+            return Err(refuse(
+                "format.index.unparseable",
+                &path,
+                format!("{path}: weight_map[{tensor:?}] is not a file name"),
+            ));
+        };
+        let Some(at) = inside(&dir, shard) else {
+            return Err(refuse(
+                "format.index.path",
+                &path,
+                format!("{path}: weight_map[{tensor:?}] names {shard:?}, which is not a plain path inside the folder"),
+            ));
+        };
+        shards.entry(at).or_default().push(tensor);
+    }
+    // Where each tensor really is, over every named shard.
+    let mut found: BTreeMap<String, &str> = BTreeMap::new();
+    for (at, mapped) in &shards {
+        let Some(file) = files.iter().find(|f| &f.path() == at) else {
+            return Err(refuse(
+                "format.index.missing-shard",
+                &path,
+                format!("{path}: names the shard {at}, which is not in the folder (or is a link, never followed)"),
+            ));
+        };
+        if file.format() != Format::Safetensors {
+            return Err(refuse(
+                "format.index.not-safetensors",
+                at,
+                format!("{at}: named as a shard by {path}, but it is {}", file.format().name()),
+            ));
+        }
+        for t in file.tensors() {
+            if let Some(other) = found.insert(t.name.clone(), at) {
+                return Err(refuse(
+                    "format.index.tensor-duplicated",
+                    at,
+                    format!(
+                        "{at}: tensor {:?} is also in {other}: which one a loader takes is up to the loader",
+                        t.name
+                    ),
+                ));
+            }
+        }
+        for tensor in mapped {
+            if found.get(*tensor) != Some(&at.as_str()) {
+                return Err(refuse(
+                    "format.index.tensor-missing",
+                    at,
+                    format!("{path}: maps tensor {tensor:?} to {at}, which does not hold it"),
+                ));
+            }
+        }
+    }
+    if let Some((tensor, at)) = found.iter().find(|(t, _)| !map.contains_key(t.as_str())) {
+        return Err(refuse(
+            "format.index.tensor-unlisted",
+            at,
+            format!("{at}: tensor {tensor:?} is not in {path}: weights the index does not account for"),
+        ));
+    }
+    // Weight files beside the index that it does not name.
+    for f in files {
+        let fp = f.path();
+        let beside = fp.rsplit_once('/').map_or("", |(d, _)| d) == dir;
+        if beside && f.format() == Format::Safetensors && !shards.contains_key(&fp) {
+            return Err(refuse(
+                "format.index.unlisted-shard",
+                &fp,
+                format!("{fp}: a weight file beside {path} that the index does not name"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Code a loader can import, by name: in a folder, whatever its content.
+fn check_code_names(files: &[File], denied_suffixes: &[String]) -> Result<(), Refusal> {
+    for f in files {
+        let path = f.path();
+        let name = path.rsplit('/').next().unwrap_or(&path);
+        if let Some(suffix) = denied_suffixes.iter().find(|s| name.ends_with(s.as_str())) {
+            return Err(refuse(
+                "format.code-file",
+                &path,
+                format!("{path}: a {suffix} file in a model folder is code a loader can import; models carry no code"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 struct FormatGate;
 
 impl Stage for FormatGate {
@@ -169,7 +319,11 @@ impl Stage for FormatGate {
                 Finding::new(format!("format.{}", s.kind), Severity::Critical, reason.clone()).at(s.path.clone());
             return Report::fail(reason).finding(finding);
         }
-        let allowed = if model.kind() == "folder" { &config.folder_allowed_formats } else { &config.allowed_formats };
+        let folder = model.kind() == "folder";
+        if folder && let Err((reason, finding)) = check_code_names(&files, &config.folder_denied_suffixes) {
+            return Report::fail(reason).finding(finding);
+        }
+        let allowed = if folder { &config.folder_allowed_formats } else { &config.allowed_formats };
         let mut formats: Vec<&'static str> = Vec::new();
         for file in &files {
             if let Err((reason, finding)) = check(file, allowed, &config.denied_formats) {
@@ -186,7 +340,20 @@ impl Stage for FormatGate {
                 formats.push(name);
             }
         }
-        Report::pass(formats.join(", "))
+        // Each shard has passed the strict gate above; now the index that joins them.
+        let indexes: Vec<&File> = files.iter().filter(|f| f.path().ends_with(".safetensors.index.json")).collect();
+        for index in &indexes {
+            if let Err((reason, finding)) = check_index(index, &files) {
+                return Report::fail(reason).finding(finding);
+            }
+        }
+        let shards = indexes.len();
+        let indexed = if shards > 0 {
+            format!("; {shards} shard index(es) account for every shard and tensor")
+        } else {
+            String::new()
+        };
+        Report::pass(format!("{}{indexed}", formats.join(", ")))
     }
 }
 

@@ -1,6 +1,8 @@
 //! Stage 5 (static scan): code-execution gadgets and insane values in model
 //! metadata: GGUF key/values, safetensors `__metadata__`, and JSON files of a
-//! folder model.
+//! folder model (config.json, generation_config.json, tokenizer_config.json,
+//! processor configs, modules.json, ...), which are parsed and walked: a
+//! gadget is a key, matched whole, not a word that happens to be in a text.
 //!
 //! Gadgets are configuration keys that make a loader import or run code
 //! (Hydra's `_target_`, transformers' `auto_map` and `trust_remote_code`,
@@ -45,6 +47,50 @@ const GADGET_KEYS: [(&str, &str); 4] = [
     ("trust_remote_code", "meta.gadget.trust-remote-code"),
     ("custom_pipeline", "meta.gadget.custom-pipeline"),
 ];
+
+/// Keys of a JSON config whose presence alone makes a loader import code
+/// (transformers' remote code and custom pipelines, Hydra/NeMo targets).
+/// `trust_remote_code` counts unless it is `false`; the attention keys are
+/// judged by value (`attention_kernel`).
+const JSON_GADGET_KEYS: [(&str, &str); 5] = [
+    ("_target_", "meta.gadget.hydra-target"),
+    ("auto_map", "meta.gadget.auto-map"),
+    ("trust_remote_code", "meta.gadget.trust-remote-code"),
+    ("custom_pipeline", "meta.gadget.custom-pipeline"),
+    ("custom_pipelines", "meta.gadget.custom-pipeline"),
+];
+
+/// Config keys naming the attention implementation. transformers also takes
+/// a Hub repository here (`kernels-community/flash-attn`) and loads its
+/// compiled kernels: code from outside the model.
+const ATTENTION_KEYS: [&str; 3] = ["attn_implementation", "_attn_implementation", "_attn_implementation_internal"];
+
+/// The attention implementations transformers ships; anything else is fetched.
+const KNOWN_ATTENTION: [&str; 9] = [
+    "eager",
+    "sdpa",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flex_attention",
+    "paged_attention",
+    "sdpa_paged",
+    "eager_paged",
+    "flash_paged",
+];
+
+/// Endings of URLs that point at code or archives of code.
+const CODE_URL_ENDINGS: [&str; 12] =
+    [".py", ".pyc", ".so", ".sh", ".whl", ".zip", ".tar.gz", ".tgz", ".exe", ".dll", ".js", ".ipynb"];
+
+/// JSON files that are token lists (token -> id), not configuration: their
+/// keys are vocabulary, which can spell anything.
+const VOCABULARY_FILES: [&str; 2] = ["vocab.json", "added_tokens.json"];
+
+/// Where the tokens are in `tokenizer.json`: data, not configuration.
+const TOKENIZER_DATA: [&[&str]; 3] = [&["model", "vocab"], &["model", "merges"], &["added_tokens"]];
+
+/// Keys of a config that count layers, checked like GGUF's `*.block_count`.
+const LAYER_KEYS: [&str; 4] = ["num_hidden_layers", "n_layer", "num_layers", "n_layers"];
 
 /// Import paths of callables that run commands or code, as they appear in
 /// pickles, Hydra targets and `auto_map` entries.
@@ -219,6 +265,116 @@ impl Scan<'_> {
         }
     }
 
+    /// Only the dangerous import paths, for JSON keys and values: gadget keys
+    /// in JSON are matched whole (`json_key`), never as a substring of a text.
+    fn imports_in(&mut self, text: &str, location: &str) {
+        self.values += 1;
+        if !text.contains('.') {
+            return;
+        }
+        // At an identifier's start: `photos.system` names no `os.system`.
+        let at_boundary = |path: &str| {
+            text.match_indices(path)
+                .any(|(i, _)| text[..i].chars().next_back().is_none_or(|c| !(c.is_alphanumeric() || c == '_')))
+        };
+        for path in DANGEROUS_IMPORTS {
+            if at_boundary(path) {
+                self.flag(
+                    "meta.gadget.python-import",
+                    Severity::Critical,
+                    format!("names the Python callable `{path}`"),
+                    location.into(),
+                );
+            }
+        }
+    }
+
+    fn json_key(&mut self, key: &str, value: &serde_json::Value, location: &str) {
+        if let Some((_, rule)) = JSON_GADGET_KEYS.iter().find(|(k, _)| *k == key)
+            && !(key == "trust_remote_code" && value == &serde_json::Value::Bool(false))
+        {
+            self.flag(rule, Severity::Critical, format!("`{key}` makes a loader import or run code"), location.into());
+        }
+        if ATTENTION_KEYS.contains(&key)
+            && let Some(kernel) = value.as_str()
+            && !KNOWN_ATTENTION.contains(&kernel)
+        {
+            self.flag(
+                "meta.gadget.attention-kernel",
+                Severity::Critical,
+                format!("attention implementation {kernel:?} is not one transformers ships: a loader fetches and loads it as code"),
+                location.into(),
+            );
+        }
+        if LAYER_KEYS.contains(&key)
+            && let Some(n) = value.as_i64().map(i128::from).or(value.as_u64().map(i128::from))
+            && (n < 0 || n > i128::from(self.config.max_block_count))
+        {
+            self.flag(
+                "meta.value.block-count",
+                Severity::Critical,
+                format!("{n} layers; at most {} are accepted", self.config.max_block_count),
+                location.into(),
+            );
+        }
+    }
+
+    fn json_string(&mut self, s: &str, location: &str) {
+        if s.len() > self.config.max_string_bytes {
+            self.flag(
+                "meta.value.string-too-long",
+                Severity::Critical,
+                format!("{} bytes; at most {} are accepted", s.len(), self.config.max_string_bytes),
+                location.into(),
+            );
+        }
+        self.imports_in(s, location);
+        let lower = s.trim().to_ascii_lowercase();
+        if lower.contains("://") && !lower.contains(char::is_whitespace) {
+            let path = lower.split(['?', '#']).next().unwrap_or(&lower);
+            if CODE_URL_ENDINGS.iter().any(|e| path.ends_with(e)) {
+                self.flag(
+                    "meta.gadget.remote-code-url",
+                    Severity::Critical,
+                    format!("a URL to code: {s:?}"),
+                    location.into(),
+                );
+            } else {
+                self.flag("meta.value.url", Severity::Low, format!("a URL: {s:?}"), location.into());
+            }
+        }
+    }
+
+    /// Walks a parsed JSON config; `at` is the key path, for locations.
+    fn json(&mut self, value: &serde_json::Value, file: &str, at: &mut Vec<String>, skip: &[&[&str]]) {
+        if skip.iter().any(|s| s.len() == at.len() && s.iter().zip(at.iter()).all(|(a, b)| a == b)) {
+            return;
+        }
+        let location =
+            |at: &[String]| if at.is_empty() { file.to_string() } else { format!("{file}: {}", at.join(".")) };
+        match value {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    at.push(k.clone());
+                    let loc = location(at);
+                    self.imports_in(k, &loc);
+                    self.json_key(k, v, &loc);
+                    self.json(v, file, at, skip);
+                    at.pop();
+                }
+            }
+            serde_json::Value::Array(list) => {
+                for (i, v) in list.iter().enumerate() {
+                    at.push(i.to_string());
+                    self.json(v, file, at, skip);
+                    at.pop();
+                }
+            }
+            serde_json::Value::String(s) => self.json_string(s, &location(at)),
+            _ => self.values += 1,
+        }
+    }
+
     fn file(&mut self, file: &File) -> Result<(), String> {
         let path = file.path();
         match file.format() {
@@ -241,8 +397,24 @@ impl Scan<'_> {
                 }
             }
             Format::Json => {
+                let name = path.rsplit('/').next().unwrap_or(&path);
+                if VOCABULARY_FILES.contains(&name) {
+                    return Ok(());
+                }
                 let text = ChunkReader::file(file).collect_bytes()?;
-                self.text(&text, &path);
+                match serde_json::from_slice::<serde_json::Value>(&text) {
+                    Ok(value) => {
+                        let skip: &[&[&str]] = if name == "tokenizer.json" { &TOKENIZER_DATA } else { &[] };
+                        self.json(&value, &path, &mut Vec::new(), skip);
+                    }
+                    // Sniffed as JSON, read by no parser the same way: what a loader makes of it is unknown.
+                    Err(e) => self.flag(
+                        "meta.json.unparseable",
+                        Severity::Critical,
+                        format!("not valid JSON ({e}); a loader's reading of it cannot be checked"),
+                        path.clone(),
+                    ),
+                }
             }
             _ => {}
         }

@@ -471,6 +471,11 @@ fn looks_like_template(s: &str) -> bool {
     s.contains("{%") || s.contains("{{")
 }
 
+/// JSON files that hold a `chat_template` (a string, or a list of `{name,
+/// template}`): the tokenizer's config, and the processor's for multimodal models.
+const TEMPLATE_CONFIGS: [&str; 4] =
+    ["tokenizer_config.json", "chat_template.json", "processor_config.json", "preprocessor_config.json"];
+
 /// Every template of the model.
 fn sources(model: &Model) -> Result<Vec<Source>, String> {
     let mut found = Vec::new();
@@ -501,7 +506,7 @@ fn sources(model: &Model) -> Result<Vec<Source>, String> {
                 }
             }
             _ if name.ends_with(".jinja") => found.push(Source { location: path.clone(), text: read_text(&file)? }),
-            _ if name == "tokenizer_config.json" || name == "chat_template.json" => {
+            _ if TEMPLATE_CONFIGS.contains(&name.as_str()) => {
                 let text = read_text(&file)?;
                 let json: serde_json::Value =
                     serde_json::from_str(&text).map_err(|e| format!("{path} is not valid JSON: {e}"))?;
