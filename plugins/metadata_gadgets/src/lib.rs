@@ -229,14 +229,7 @@ impl Scan<'_> {
         self.text(key.as_bytes(), location);
         match value {
             MetaValue::Text(s) => {
-                if s.len() > self.config.max_string_bytes {
-                    self.flag(
-                        "meta.value.string-too-long",
-                        Severity::Critical,
-                        format!("{} bytes; at most {} are accepted", s.len(), self.config.max_string_bytes),
-                        location.into(),
-                    );
-                }
+                self.string_length(s.len(), location);
                 self.text(s.as_bytes(), location);
             }
             MetaValue::Texts(list) => {
@@ -319,15 +312,20 @@ impl Scan<'_> {
         }
     }
 
-    fn json_string(&mut self, s: &str, location: &str) {
-        if s.len() > self.config.max_string_bytes {
+    /// A scalar string longer than any real metadata value.
+    fn string_length(&mut self, len: usize, location: &str) {
+        if len > self.config.max_string_bytes {
             self.flag(
                 "meta.value.string-too-long",
                 Severity::Critical,
-                format!("{} bytes; at most {} are accepted", s.len(), self.config.max_string_bytes),
+                format!("{len} bytes; at most {} are accepted", self.config.max_string_bytes),
                 location.into(),
             );
         }
+    }
+
+    fn json_string(&mut self, s: &str, location: &str) {
+        self.string_length(s.len(), location);
         self.imports_in(s, location);
         let lower = s.trim().to_ascii_lowercase();
         if lower.contains("://") && !lower.contains(char::is_whitespace) {
