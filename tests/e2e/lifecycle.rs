@@ -371,6 +371,51 @@ fn the_watcher_takes_a_drop_and_stops_on_sigterm() {
     assert!(status.success(), "{status:?}");
 }
 
+/// `rescan` appends to the audit log from its own process while the watcher
+/// appends from its threads: every append holds the log's lock, so the chain
+/// and the sequence stay whole.
+#[test]
+fn rescans_beside_a_running_watcher_keep_the_audit_chain_whole() {
+    let lab = Lab::new();
+    let evil = b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x05posix\x94\x8c\x06system\x94\x93\x94\x8c\x02id\x94\x85\x94R\x94.";
+    let names: Vec<String> = (0..8).map(|i| format!("bad-{i}.gguf")).collect();
+    for n in &names {
+        lab.drop_file(n, evil);
+    }
+    lab.watch_once();
+    let mut child = lab
+        .cmd(&["watch", "--settle-ms", "0", "--jobs", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Rescan every rejected model, over and over, while the watcher rejects them again.
+    let mut rescans = 0;
+    let start = Instant::now();
+    while rescans < 40 {
+        assert!(start.elapsed() < Duration::from_secs(120), "only {rescans} rescans in 120 s");
+        for n in &names {
+            if lab.rejected().join(n).exists() && lab.run(&["rescan", n]).0 == 0 {
+                rescans += 1;
+            }
+        }
+    }
+    // Let the watcher finish what is waiting, then stop it.
+    while names.iter().any(|n| !lab.rejected().join(n).exists()) {
+        assert!(start.elapsed() < Duration::from_secs(180), "the watcher did not settle");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let (code, out) = lab.run(&["audit", "--verify"]);
+    assert_eq!(code, 0, "{out}");
+    let entries = lab.audit();
+    let rescan_entries = entries.iter().filter(|e| e["event"] == "rescan").count();
+    assert_eq!(rescan_entries, rescans);
+    let seqs: Vec<u64> = entries.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=entries.len() as u64).collect::<Vec<_>>());
+}
+
 /// Every model is in exactly one place; the registry holds only complete records.
 fn check_invariants(lab: &Lab, names: &[&str]) {
     let scanning: Vec<_> =

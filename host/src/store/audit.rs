@@ -81,6 +81,7 @@ impl AuditLog {
     /// moving the head: the last line then chains exactly onto the head.
     /// Anything else that disagrees is left for `verify` to report.
     pub fn repair(&self) -> io::Result<()> {
+        let _lock = self.lock()?;
         let head = self.read_head()?;
         let text = match fs::read_to_string(&self.path) {
             Ok(t) => t,
@@ -101,7 +102,20 @@ impl AuditLog {
     }
 
     /// Appends one entry, fsynced, and moves the head.
+    /// An exclusive lock on `audit.lock` beside the log, held while the head is
+    /// read and the entry and the new head are written. Every process and
+    /// thread that appends takes it (the watcher's threads, `rescan`), so no
+    /// two entries get one sequence number and no head is written over a newer one.
+    fn lock(&self) -> io::Result<fs::File> {
+        let file =
+            OpenOptions::new().create(true).truncate(false).write(true).open(self.path.with_extension("lock"))?;
+        // flock(2): exclusive, waits; released when the file is dropped.
+        file.lock()?;
+        Ok(file)
+    }
+
     pub fn append(&self, r: Record) -> io::Result<Entry> {
+        let _lock = self.lock()?;
         let head = self.read_head()?;
         let entry = Entry {
             seq: head.seq + 1,
@@ -170,5 +184,42 @@ impl AuditLog {
             ));
         }
         Ok(seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Appenders in parallel, each with its own handle as separate processes
+    /// have (the watcher's threads, `rescan`): one sequence, one chain.
+    #[test]
+    fn parallel_appenders_keep_one_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let log = AuditLog::new(&path);
+                    for i in 0..40 {
+                        log.append(Record {
+                            level: "INFO",
+                            event: "rescan",
+                            model: format!("m{t}-{i}"),
+                            ..Record::default()
+                        })
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let log = AuditLog::new(&path);
+        assert_eq!(log.verify(), Ok(320));
+        let seqs: Vec<u64> = log.entries().unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=320).collect::<Vec<_>>());
     }
 }
