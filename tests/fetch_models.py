@@ -2,10 +2,10 @@
 """Fetch the real test models from PyPI into a cache dir and verify them.
 
 Usage: fetch_models.py CACHE_DIR [ITEM...]
-ITEMs are gemma, minilm, minilm_folder, templates and llama_tools (default:
-all). Prints one JSON object with the paths of what was asked for: {"gemma":
-PATH, "minilm": PATH, "minilm_folder": DIR, "templates": DIR,
-"llama_quantize": PATH, "llama_imatrix": PATH}. Exits
+ITEMs are gemma, minilm, minilm_folder, templates, llama_tools and
+sarif_schema (default: all). Prints one JSON object with the paths of what was
+asked for: {"gemma": PATH, "minilm": PATH, "minilm_folder": DIR, "templates":
+DIR, "llama_quantize": PATH, "llama_imatrix": PATH, "sarif_schema": PATH}. Exits
 non-zero, saying why,
 when a model cannot be fetched or does not match its sha256. Model weights
 never go into the repository: only into CACHE_DIR.
@@ -128,6 +128,42 @@ def fetch_minilm_folder(cache):
     return dest
 
 
+# The OASIS SARIF 2.1.0 JSON schema (its final, rtm.5, draft-04), which
+# Microsoft's jest-sarif package on npm carries; the SARIF test validates
+# `airlock scan --format sarif` against it.
+SARIF_SCHEMA = {
+    "url": "https://registry.npmjs.org/@microsoft/jest-sarif/-/jest-sarif-1.0.0-beta.0.tgz",
+    "sha256": "748e2c3d1a842e7bb258416685c7ea3a0da40005b72267b2052c2856d48ad102",
+    "member": "package/lib/schemas/sarif-2.1.0-rtm.5.json",
+    "schema_sha256": "2d99159ae54a3eea97f81781cff48780548657c35949f4b7f25e99a2ba4de4f8",
+    "file": "sarif-2.1.0-rtm.5.json",
+}
+
+
+def fetch_sarif_schema(cache):
+    spec = SARIF_SCHEMA
+    dest = os.path.join(cache, spec["file"])
+    if os.path.exists(dest) and sha256_of(dest) == spec["schema_sha256"]:
+        return dest
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".jest-sarif.")
+    os.close(fd)
+    try:
+        urllib.request.urlretrieve(spec["url"], tmp)
+        if sha256_of(tmp) != spec["sha256"]:
+            sys.exit(f"the SARIF schema package does not match its pin ({spec['url']})")
+        with tarfile.open(tmp) as tar, tar.extractfile(spec["member"]) as src:
+            data = src.read()
+    except (OSError, KeyError, tarfile.TarError) as e:
+        sys.exit(f"cannot fetch the SARIF schema from the npm registry ({spec['url']}): {e}")
+    finally:
+        os.unlink(tmp)
+    if hashlib.sha256(data).hexdigest() != spec["schema_sha256"]:
+        sys.exit("the SARIF schema inside the package does not match its pin")
+    with open(dest, "wb") as out:
+        out.write(data)
+    return dest
+
+
 # llama-cpp-python's sdist vendors llama.cpp: its models/templates/ holds real
 # models' chat templates, and its tools requantise gemma into the other GGUF
 # types. Fetched from PyPI's file host by its pinned sha256: pip cannot
@@ -228,7 +264,7 @@ def build_llama_tools(cache, sdist):
     return tools
 
 
-ITEMS = ["gemma", "minilm", "minilm_folder", "templates", "llama_tools"]
+ITEMS = ["gemma", "minilm", "minilm_folder", "templates", "llama_tools", "sarif_schema"]
 
 
 def main():
@@ -243,6 +279,8 @@ def main():
     found = {name: fetch(cache, name, spec) for name, spec in MODELS.items() if name in items}
     if "minilm_folder" in items:
         found["minilm_folder"] = fetch_minilm_folder(cache)
+    if "sarif_schema" in items:
+        found["sarif_schema"] = fetch_sarif_schema(cache)
     if "templates" in items or "llama_tools" in items:
         sdist = fetch_llama_cpp_sdist(cache)
         if "templates" in items:

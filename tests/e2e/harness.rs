@@ -46,6 +46,8 @@ pub struct Models {
     /// The same MiniLM as the transformers folder it is published as: 13 files,
     /// config, tokenizer, vocab.txt and model.safetensors among them.
     pub minilm_folder: PathBuf,
+    /// The OASIS SARIF 2.1.0 JSON schema (rtm.5).
+    pub sarif_schema: PathBuf,
     /// A folder of real models' chat templates (`*.jinja`).
     pub templates: PathBuf,
     /// llama.cpp's `llama-quantize` and `llama-imatrix`.
@@ -59,10 +61,11 @@ pub fn models() -> &'static Models {
     static MODELS: OnceLock<Models> = OnceLock::new();
     MODELS.get_or_init(|| {
         let var = std::env::var_os;
-        if let (Some(g), Some(m), Some(f), Some(t), Some(q), Some(i)) = (
+        if let (Some(g), Some(m), Some(f), Some(s), Some(t), Some(q), Some(i)) = (
             var("AIRLOCK_TEST_GEMMA"),
             var("AIRLOCK_TEST_MINILM"),
             var("AIRLOCK_TEST_MINILM_FOLDER"),
+            var("AIRLOCK_TEST_SARIF_SCHEMA"),
             var("AIRLOCK_TEST_TEMPLATES"),
             var("AIRLOCK_TEST_LLAMA_QUANTIZE"),
             var("AIRLOCK_TEST_LLAMA_IMATRIX"),
@@ -71,6 +74,7 @@ pub fn models() -> &'static Models {
                 gemma: g.into(),
                 minilm: m.into(),
                 minilm_folder: f.into(),
+                sarif_schema: s.into(),
                 templates: t.into(),
                 llama_quantize: q.into(),
                 llama_imatrix: i.into(),
@@ -87,6 +91,7 @@ pub fn models() -> &'static Models {
             gemma: path("gemma"),
             minilm: path("minilm"),
             minilm_folder: path("minilm_folder"),
+            sarif_schema: path("sarif_schema"),
             templates: path("templates"),
             llama_quantize: path("llama_quantize"),
             llama_imatrix: path("llama_imatrix"),

@@ -18,6 +18,7 @@ mod plugin_platform;
 mod provenance;
 mod real_models;
 mod safetensors_rules;
+mod sarif;
 mod source_policy;
 mod static_scan;
 mod tensor_guard_example;

@@ -218,9 +218,9 @@ fn build() -> Result<()> {
 // ---------------------------------------------------------------- models
 
 /// What tests/fetch_models.py can fetch: the two real models (MiniLM also as
-/// the transformers folder it is published as), llama.cpp's
+/// the transformers folder it is published as), the SARIF 2.1.0 schema, llama.cpp's
 /// chat-template corpus, and llama.cpp's quantize tools (built with cmake).
-const ALL_MODELS: &[&str] = &["gemma", "minilm", "minilm_folder", "templates", "llama_tools"];
+const ALL_MODELS: &[&str] = &["gemma", "minilm", "minilm_folder", "templates", "llama_tools", "sarif_schema"];
 
 fn model_cache() -> PathBuf {
     std::env::var_os("AIRLOCK_MODEL_CACHE").map(PathBuf::from).unwrap_or_else(|| {
@@ -307,6 +307,7 @@ fn test(extra: &[String]) -> Result<()> {
         .env("AIRLOCK_TEST_GEMMA", path_of(&models, "gemma")?)
         .env("AIRLOCK_TEST_MINILM", path_of(&models, "minilm")?)
         .env("AIRLOCK_TEST_MINILM_FOLDER", path_of(&models, "minilm_folder")?)
+        .env("AIRLOCK_TEST_SARIF_SCHEMA", path_of(&models, "sarif_schema")?)
         .env("AIRLOCK_TEST_TEMPLATES", path_of(&models, "templates")?)
         .env("AIRLOCK_TEST_LLAMA_QUANTIZE", path_of(&models, "llama_quantize")?)
         .env("AIRLOCK_TEST_LLAMA_IMATRIX", path_of(&models, "llama_imatrix")?)

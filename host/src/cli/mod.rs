@@ -33,6 +33,7 @@ macro_rules! errln {
 
 mod lifecycle;
 mod plugin;
+mod sarif;
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +47,17 @@ struct Cli {
     root: PathBuf,
     #[command(subcommand)]
     command: Command,
+}
+
+/// What `scan` prints.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum ScanFormat {
+    /// Log lines: `[quarantine] Stage n/7: <stage> — PASS|FAIL|SKIP (...)`.
+    Text,
+    /// One JSON object per model, one per line.
+    Json,
+    /// One SARIF 2.1.0 log for all the models, as GitHub code scanning takes it.
+    Sarif,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -93,9 +105,9 @@ enum Command {
         /// <root>/state/models.lock.yaml. Only with a single PATH.
         #[arg(long, value_name = "HEX")]
         sha256: Option<String>,
-        /// Output: text log lines, or one JSON object per model per line.
+        /// Output: text log lines, one JSON object per model per line, or one SARIF log.
         #[arg(long, value_enum, default_value = "text")]
-        format: OutputFormat,
+        format: ScanFormat,
         /// Read the model with pread instead of a memory map (one more copy per read). For
         /// filesystems where maps misbehave; a file truncated under a map is handled either way.
         #[arg(long)]
@@ -386,51 +398,62 @@ fn scan_all(
     paths: &[PathBuf],
     mut first: Option<Result<Arc<Model>, OpenError>>,
     input: &ScanInput,
-    format: OutputFormat,
+    format: ScanFormat,
 ) -> Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let mut worst = 0u8;
     let progress = Progress::new(true);
+    // SARIF is one document for every model: kept until the last one is scanned.
+    let mut sarif = Vec::new();
     for path in paths {
         let mut print = |e: Event| {
-            if format == OutputFormat::Text {
+            if format == ScanFormat::Text {
                 progress.event(&e);
             }
         };
         let opened =
             first.take().unwrap_or_else(|| Model::open(path, input.read_mode, scanner.folder_limits()).map(Arc::new));
+        let files = opened.as_ref().map_or_else(
+            |_| (Vec::new(), false),
+            |m| (m.files.iter().map(|f| f.rel_path.clone()).collect(), m.kind == crate::artifact::ModelKind::Folder),
+        );
         let result = opened.map_err(ScanError::from).map(|model| scanner.scan_model(&model, path, input, &mut print));
         progress.clear();
-        match result {
+        let report = match result {
             Ok(outcome) => {
                 if outcome.verdict != "pass" {
                     worst = worst.max(1);
                 }
-                match format {
-                    OutputFormat::Json => {
-                        writeln!(out, "{}", serde_json::to_string(&outcome)?).map_err(stdout_error)?
-                    }
-                    OutputFormat::Text => print_verdict(&mut out, &outcome).map_err(stdout_error)?,
+                if format == ScanFormat::Text {
+                    print_verdict(&mut out, &outcome).map_err(stdout_error)?;
                 }
+                serde_json::to_value(&outcome)?
             }
             Err(e) => {
                 worst = 2;
                 errln!("airlock: error: {}: {e}", path.display());
-                if format == OutputFormat::Json {
-                    let obj = serde_json::json!({
-                        "model": path.file_name().map(|n| n.to_string_lossy().into_owned()),
-                        "path": path.display().to_string(),
-                        "verdict": "error",
-                        "failed_stage": null,
-                        "reason": e.to_string(),
-                        "sha256": null,
-                        "stages": [],
-                    });
-                    writeln!(out, "{obj}").map_err(stdout_error)?;
-                }
+                serde_json::json!({
+                    "model": path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                    "path": path.display().to_string(),
+                    "verdict": "error",
+                    "failed_stage": null,
+                    "reason": e.to_string(),
+                    "sha256": null,
+                    "stages": [],
+                })
             }
+        };
+        match format {
+            ScanFormat::Json => writeln!(out, "{report}").map_err(stdout_error)?,
+            ScanFormat::Sarif => {
+                sarif.push(sarif::Scanned { report, path: path.display().to_string(), files: files.0, folder: files.1 })
+            }
+            ScanFormat::Text => {}
         }
         out.flush().map_err(stdout_error)?;
+    }
+    if format == ScanFormat::Sarif {
+        writeln!(out, "{}", serde_json::to_string_pretty(&sarif::log(&sarif))?).map_err(stdout_error)?;
     }
     Ok(ExitCode::from(worst))
 }
