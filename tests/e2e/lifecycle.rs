@@ -371,6 +371,29 @@ fn the_watcher_takes_a_drop_and_stops_on_sigterm() {
     assert!(status.success(), "{status:?}");
 }
 
+/// The manifest's origin is the one the host resolved, not whatever the
+/// source-policy plugin chose to report: here a plugin that reports none runs that stage.
+#[test]
+fn the_manifest_records_the_origin_the_host_resolved_whatever_plugin_judges_it() {
+    let lab = Lab::new();
+    let d = tmp();
+    let policy = policy_dir(d.path(), |t| {
+        let changed = t.replacen("    - plugin: builtin:source_policy\n", "    - plugin: builtin:integrity_check\n", 1);
+        assert_ne!(changed, t, "the default chain's source_policy entry moved");
+        changed
+    });
+    let origin = "https://huggingface.co/org/repo/resolve/main/m.gguf";
+    let model = Gguf::default().write(d.path(), "m.gguf");
+    let (code, out) = lab.run(&["admit", model.to_str().unwrap(), "--origin", origin]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = lab.run(&["watch", "--once", "--settle-ms", "0", "--policy", policy.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("PROMOTED: m.gguf"), "{out}");
+    let manifest = lab.manifest("m.gguf");
+    assert_eq!(manifest["stages"][0]["plugin"], "builtin:integrity_check", "{manifest}");
+    assert_eq!(manifest["origin"], origin);
+}
+
 /// `rescan` appends to the audit log from its own process while the watcher
 /// appends from its threads: every append holds the log's lock, so the chain
 /// and the sequence stay whole.

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::sync::Arc;
 
 use crate::artifact::{Model, OpenError, ReadMode};
-use crate::pipeline::{Event, Outcome, ScanError, ScanInput, Scanner, StageResult};
+use crate::pipeline::{Event, ModelVerdict, Outcome, ScanError, ScanInput, Scanner, StageResult, StageVerdict};
 use crate::plugin::Runtime;
 use crate::policy::{self, Policy};
 use crate::store::{self, Quarantine, Root};
@@ -117,7 +117,7 @@ enum Command {
     Init,
     /// Copy a model into incoming/ (atomically, with its origin) for the watcher to take.
     Admit {
-        /// The model file.
+        /// The model file, or a model folder (transformers or diffusers).
         path: PathBuf,
         /// Where it was downloaded from; stored as `<name>.origin` beside it.
         #[arg(long, value_name = "URL")]
@@ -421,7 +421,7 @@ fn scan_all(
         progress.clear();
         let report = match result {
             Ok(outcome) => {
-                if outcome.verdict != "pass" {
+                if outcome.verdict != ModelVerdict::Pass {
                     worst = worst.max(1);
                 }
                 if format == ScanFormat::Text {
@@ -533,7 +533,7 @@ pub(crate) fn print_event(out: &mut impl Write, e: &Event) -> std::io::Result<()
 }
 
 fn print_stage(out: &mut impl Write, r: &StageResult) -> std::io::Result<()> {
-    let verdict = r.verdict.to_ascii_uppercase();
+    let verdict = r.verdict.upper();
     // In a stage with several plugins, say which one this line is from.
     let who = match &r.plugin_info {
         Some(i) if r.shared_stage => format!("{}: ", i.name),
@@ -541,7 +541,7 @@ fn print_stage(out: &mut impl Write, r: &StageResult) -> std::io::Result<()> {
     };
     let summary = if r.summary.is_empty() { String::new() } else { format!(" ({who}{})", r.summary) };
     writeln!(out, "{PREFIX} Stage {}/7: {} — {verdict}{summary}", r.number, r.stage)?;
-    if r.verdict == "fail" {
+    if r.verdict == StageVerdict::Fail {
         // Findings that only restate the summary add nothing to the log.
         for f in r.findings.iter().filter(|f| !f.message.ends_with(&r.summary) && !r.summary.ends_with(&f.message)) {
             for line in f.message.lines() {
@@ -554,8 +554,10 @@ fn print_stage(out: &mut impl Write, r: &StageResult) -> std::io::Result<()> {
 
 fn print_verdict(out: &mut impl Write, o: &Outcome) -> std::io::Result<()> {
     match o.verdict {
-        "pass" => writeln!(out, "{PREFIX} PASSED: {} (sha256={})", o.model, o.sha256.as_deref().unwrap_or("n/a")),
-        _ => writeln!(
+        ModelVerdict::Pass => {
+            writeln!(out, "{PREFIX} PASSED: {} (sha256={})", o.model, o.sha256.as_deref().unwrap_or("n/a"))
+        }
+        ModelVerdict::Fail => writeln!(
             out,
             "{PREFIX} REJECTED: {} — {}: {}",
             o.model,

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::artifact::{FileBytes, Model, OpenError, ReadMode};
 use crate::plugin::Grant;
@@ -28,6 +28,34 @@ pub enum ScanError {
     Plugin { stage: &'static str, plugin: String, message: String },
 }
 
+/// What one plugin decided for its stage, as reported (`pass`, `fail`, `skip`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageVerdict {
+    Pass,
+    Fail,
+    /// Not run: disabled by policy, not reached, or not this plugin's kind of model.
+    Skip,
+}
+
+impl StageVerdict {
+    pub fn upper(self) -> &'static str {
+        match self {
+            StageVerdict::Pass => "PASS",
+            StageVerdict::Fail => "FAIL",
+            StageVerdict::Skip => "SKIP",
+        }
+    }
+}
+
+/// What the chain decided for one model (`pass` or `fail`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelVerdict {
+    Pass,
+    Fail,
+}
+
 /// One (stage, plugin) result, as reported.
 #[derive(Clone, Debug, Serialize)]
 pub struct StageResult {
@@ -37,7 +65,7 @@ pub struct StageResult {
     /// The plugin's `describe()`: its own name, version and description.
     pub plugin_info: Option<crate::plugin::StageInfo>,
     pub plugin_sha256: Option<String>,
-    pub verdict: &'static str,
+    pub verdict: StageVerdict,
     pub summary: String,
     pub findings: Vec<Finding>,
     pub score: Option<f32>,
@@ -57,7 +85,7 @@ impl StageResult {
             plugin: None,
             plugin_info: None,
             plugin_sha256: None,
-            verdict: "skip",
+            verdict: StageVerdict::Skip,
             summary,
             findings: Vec::new(),
             score: None,
@@ -72,7 +100,7 @@ impl StageResult {
         StageResult {
             plugin: Some(l.label.clone()),
             plugin_sha256: Some(l.sha256.clone()),
-            verdict: "fail",
+            verdict: StageVerdict::Fail,
             summary: format!("plugin {} {cause}", l.label),
             ..StageResult::skipped(stage, String::new())
         }
@@ -84,11 +112,14 @@ impl StageResult {
 pub struct Outcome {
     pub model: String,
     pub path: String,
-    pub verdict: &'static str,
+    pub verdict: ModelVerdict,
     pub failed_stage: Option<&'static str>,
     pub reason: Option<String>,
     pub sha256: Option<String>,
     pub format: Vec<&'static str>,
+    /// The origin the host resolved (`--origin`, `<name>.origin`, the xattr),
+    /// whatever the source-policy plugin made of it: the manifest records this.
+    pub origin: Option<String>,
     pub stages: Vec<StageResult>,
 }
 
@@ -341,7 +372,7 @@ impl Scanner {
                     };
                     r.shared_stage = multi;
                     on_event(Event::StageDone(&r));
-                    if r.verdict == "fail" && failed.is_none() {
+                    if r.verdict == StageVerdict::Fail && failed.is_none() {
                         failed = Some((stage.name(), r.summary.clone()));
                     }
                     stages.push(r);
@@ -366,11 +397,12 @@ impl Scanner {
         Outcome {
             model: model.name.clone(),
             path: path.display().to_string(),
-            verdict: if failed.is_some() { "fail" } else { "pass" },
+            verdict: if failed.is_some() { ModelVerdict::Fail } else { ModelVerdict::Pass },
             failed_stage: failed.as_ref().map(|f| f.0),
             reason: failed.map(|f| f.1),
             sha256,
             format,
+            origin: origin.map(|o| o.url),
             stages,
         }
     }
@@ -401,13 +433,17 @@ impl Scanner {
         let (verdict, summary, findings, score, details) = match result {
             Ok(r) => {
                 let (v, s) = match r.verdict {
-                    Verdict::Pass => ("pass", r.summary),
-                    Verdict::Fail(reason) => ("fail", if r.summary.is_empty() { reason } else { r.summary }),
-                    Verdict::Skip(reason) => ("skip", if r.summary.is_empty() { reason } else { r.summary }),
+                    Verdict::Pass => (StageVerdict::Pass, r.summary),
+                    Verdict::Fail(reason) => {
+                        (StageVerdict::Fail, if r.summary.is_empty() { reason } else { r.summary })
+                    }
+                    Verdict::Skip(reason) => {
+                        (StageVerdict::Skip, if r.summary.is_empty() { reason } else { r.summary })
+                    }
                 };
                 (v, s, r.findings, r.score, r.details)
             }
-            Err(cause) => ("fail", format!("plugin {} {cause}", l.label), Vec::new(), None, None),
+            Err(cause) => (StageVerdict::Fail, format!("plugin {} {cause}", l.label), Vec::new(), None, None),
         };
         // What the inference backend did goes beside the plugin's own details.
         let details = match (details, inference) {

@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::{self, Model, ReadMode};
-use crate::pipeline::{Event, ScanInput, Scanner};
+use crate::pipeline::{Event, ModelVerdict, ScanInput, Scanner};
 use crate::policy::{self, Policy};
 pub use audit::{AuditLog, Record};
 pub use manifest::Manifest;
@@ -297,7 +297,7 @@ impl<'a> Quarantine<'a> {
         let input = ScanInput { origin: None, sha256, pinned_files, read_mode: ReadMode::default() };
         let outcome = self.scanner.scan_model(&model, path, &input, on_event);
         let outcome_json = serde_json::to_value(&outcome).map_err(io::Error::other)?;
-        if outcome.verdict != "pass" {
+        if outcome.verdict != ModelVerdict::Pass {
             let mut d = Self::reject_decision(
                 outcome.failed_stage.unwrap_or("?"),
                 outcome.reason.clone().unwrap_or_default(),
@@ -329,14 +329,9 @@ impl<'a> Quarantine<'a> {
             name: claim.name.clone(),
             kind: model.kind.name().into(),
             promoted_at: audit::now_rfc3339(),
-            origin: outcome
-                .stages
-                .iter()
-                .find(|s| s.stage == "source_policy")
-                .and_then(|s| s.details.as_ref())
-                .and_then(|d| d.get("origin"))
-                .and_then(|o| o.as_str())
-                .map(String::from),
+            // The host's own reading, not a plugin's report of it: a third-party
+            // source-policy plugin need not echo the origin back.
+            origin: outcome.origin.clone(),
             policy: self.policy.origin.clone(),
             disabled_stages: self.scanner.disabled_stages(),
             stages: outcome_json["stages"].clone(),
