@@ -167,6 +167,36 @@ fn the_real_minilm_folder_is_promoted_whole_and_a_swapped_tokenizer_is_caught_by
 }
 
 #[test]
+fn a_folder_is_admitted_whole_with_its_origin_and_a_folder_with_a_link_is_not() {
+    let lab = Lab::new();
+    let d = tmp();
+    let folder = minilm(d.path());
+    let origin = "https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2";
+    let (code, out) = lab.run(&["admit", folder.to_str().unwrap(), "--origin", origin]);
+    assert_eq!(code, 0, "{out}");
+    assert!(lab.incoming().join("all-MiniLM-L6-v2/1_Pooling/config.json").is_file());
+    let out = lab.watch_once();
+    assert!(out.contains("PROMOTED: all-MiniLM-L6-v2"), "{out}");
+    assert!(out.contains("matches allowlist entry \"sentence-transformers\""), "{out}");
+    assert_eq!(lab.manifest("all-MiniLM-L6-v2")["origin"], origin);
+    // A link inside: refused by name, and nothing is left in incoming/.
+    let linked = d.path().join("linked");
+    copy_folder(&folder, &linked);
+    std::os::unix::fs::symlink("/etc/passwd", linked.join("vocab.txt.bak")).unwrap();
+    let (code, out) = lab.run(&["admit", linked.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("vocab.txt.bak: a link or special file"), "{out}");
+    assert_eq!(std::fs::read_dir(lab.incoming()).unwrap().count(), 0);
+    // A folder that is not a model.
+    let plain = d.path().join("plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    std::fs::write(plain.join("notes.txt"), "hello").unwrap();
+    let (code, out) = lab.run(&["admit", plain.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("admitted only as a model"), "{out}");
+}
+
+#[test]
 fn a_folder_waits_in_incoming_until_every_shard_its_index_names_is_there() {
     let lab = Lab::new();
     let folder = minilm(&lab.incoming());

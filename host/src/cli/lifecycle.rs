@@ -39,14 +39,45 @@ fn copy_in(root: &Root, from: &Path, to_name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Copies a model into incoming/ under a `.partial` name, fsyncs it, writes
+/// Copies a model folder, fsyncing every file and folder. Only regular files
+/// and folders: a link or a special file stops the copy, named, since the
+/// quarantine would refuse the folder for it anyway.
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir(to).with_context(|| format!("creating {}", to.display()))?;
+    let mut entries: Vec<_> =
+        fs::read_dir(from).with_context(|| from.display().to_string())?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let (src, dest) = (e.path(), to.join(e.file_name()));
+        let ft = fs::symlink_metadata(&src).with_context(|| src.display().to_string())?.file_type();
+        if ft.is_dir() {
+            copy_tree(&src, &dest)?;
+        } else if ft.is_file() {
+            fs::copy(&src, &dest).with_context(|| format!("copying {}", src.display()))?;
+            fs::File::open(&dest)?.sync_all()?;
+        } else {
+            bail!("{}: a link or special file; model folders hold only regular files and folders", src.display());
+        }
+    }
+    store::root::sync_dir(to)?;
+    Ok(())
+}
+
+/// Copies a model (a file, or a model folder) into incoming/ under a `.partial` name, fsyncs it, writes
 /// its origin and signature sidecars, then renames it into place: the watcher
 /// never sees half a file, nor a model whose signature has not arrived.
 pub fn admit(root: &Root, path: &Path, origin: Option<&str>, signatures: &[std::path::PathBuf]) -> Result<ExitCode> {
     root.check()?;
     let meta = fs::symlink_metadata(path).with_context(|| path.display().to_string())?;
-    if !meta.is_file() {
-        bail!("{}: only regular files can be admitted (not links, folders or devices)", path.display());
+    let folder = meta.is_dir();
+    if folder && crate::artifact::folder_layout(path).is_none() {
+        bail!(
+            "{}: a folder is admitted only as a model: model_index.json (diffusers), or config.json and weights (transformers)",
+            path.display()
+        );
+    }
+    if !meta.is_file() && !folder {
+        bail!("{}: only regular files and model folders can be admitted (not links or devices)", path.display());
     }
     let name = path.file_name().context("the path has no file name")?.to_string_lossy().into_owned();
     if !store::is_eligible_name(&name) {
@@ -75,8 +106,16 @@ pub fn admit(root: &Root, path: &Path, origin: Option<&str>, signatures: &[std::
         suffixes.push(suffix);
     }
     let tmp = root.incoming().join(format!(".{name}.partial"));
-    fs::copy(path, &tmp).with_context(|| format!("copying to {}", tmp.display()))?;
-    fs::File::open(&tmp)?.sync_all()?;
+    if folder {
+        let copied = copy_tree(path, &tmp);
+        if copied.is_err() {
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        copied?;
+    } else {
+        fs::copy(path, &tmp).with_context(|| format!("copying to {}", tmp.display()))?;
+        fs::File::open(&tmp)?.sync_all()?;
+    }
     for (sig, suffix) in signatures.iter().zip(&suffixes) {
         copy_in(root, sig, &format!("{name}{suffix}"))?;
     }
