@@ -8,10 +8,15 @@
 //! - [`plugin`] runs each stage's component in a fresh, limited sandbox;
 //! - [`inference`] runs the model for a stage granted `inference` (sandboxed worker or OpenAI API);
 //! - [`pipeline`] runs the chain over a model and decides the verdict;
+//! - [`store`] keeps the quarantine: claim, promote, reject, manifests, the audit log;
 //! - [`cli`] is the `airlock` command.
+//!
+//! Imports go one way: cli → store → pipeline → plugin → artifact (and
+//! policy); [`fsutil`] serves the store and the plugin cache.
 
 pub mod artifact;
 pub mod cli;
+pub mod fsutil;
 pub mod inference;
 pub mod pipeline;
 pub mod plugin;

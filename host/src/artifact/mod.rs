@@ -25,6 +25,11 @@ use std::time::SystemTime;
 pub use layout::{FolderLayout, folder_layout, missing_shards};
 pub use source::{ByteSource, FileBytes, ReadMode, Stream};
 
+/// Files that travel beside a model as `<name><suffix>`: its recorded origin
+/// and its signatures. They move with it into quarantine, the registry or
+/// rejected/, and are never taken as models of their own.
+pub const SIDECAR_SUFFIXES: [&str; 5] = [".origin", ".asc", ".sig", ".sigstore.json", ".model.sig"];
+
 /// A container format, sniffed from content.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {

@@ -19,7 +19,7 @@ use wasmtime::Engine;
 use wasmtime::component::Component;
 
 use crate::artifact::FileBytes;
-use crate::store::root::write_atomic;
+use crate::fsutil::write_atomic;
 
 /// Feeds `Hash` output into sha256 (std's hashers are not stable across builds).
 struct ShaHasher(Sha256);

@@ -499,8 +499,8 @@ const MAX_SIDECAR: u64 = 4 << 20;
 /// A plugin may ask `sidecar` only for the files that travel with a model.
 impl sidecars::Host for HostState {
     fn sidecar(&mut self, suffix: String) -> Result<std::result::Result<Option<Vec<u8>>, String>> {
-        if !crate::store::SIDECAR_SUFFIXES.contains(&suffix.as_str()) {
-            let known = crate::store::SIDECAR_SUFFIXES;
+        if !crate::artifact::SIDECAR_SUFFIXES.contains(&suffix.as_str()) {
+            let known = crate::artifact::SIDECAR_SUFFIXES;
             return Ok(Err(format!("sidecar suffix {suffix:?} is not one of {known:?}")));
         }
         // A file's sidecars sit beside it; a folder's signatures sit at its

@@ -43,10 +43,7 @@ pub use manifest::Manifest;
 pub use root::Root;
 use root::{sync_dir, write_atomic};
 
-/// Files that travel beside a model as `<name><suffix>`: its recorded origin
-/// and its signatures. They move with it into quarantine, the registry or
-/// rejected/, and are never taken as models of their own.
-pub const SIDECAR_SUFFIXES: [&str; 5] = [".origin", ".asc", ".sig", ".sigstore.json", ".model.sig"];
+pub use crate::artifact::SIDECAR_SUFFIXES;
 
 /// Names that are never taken from `incoming/`: partial downloads, dot-files
 /// and sidecars.
