@@ -1,14 +1,12 @@
 //! The lifecycle commands: admit, watch, list, show, verify, audit.
 
-use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
@@ -128,21 +126,6 @@ pub fn admit(root: &Root, path: &Path, origin: Option<&str>, signatures: &[std::
     Ok(ExitCode::SUCCESS)
 }
 
-/// Size and newest mtime of an entry (a folder: its whole tree), without following links.
-fn snapshot(path: &Path) -> Option<(u64, SystemTime)> {
-    let meta = fs::symlink_metadata(path).ok()?;
-    let mut size = meta.len();
-    let mut mtime = meta.modified().ok()?;
-    if meta.is_dir() {
-        for e in fs::read_dir(path).ok()?.filter_map(|e| e.ok()) {
-            let (s, m) = snapshot(&e.path())?;
-            size += s;
-            mtime = mtime.max(m);
-        }
-    }
-    Some((size, mtime))
-}
-
 fn report(d: &Result<Disposition, String>) {
     let mut out = std::io::stdout().lock();
     let _ = match d {
@@ -160,19 +143,18 @@ fn report(d: &Result<Disposition, String>) {
 struct RootLock(#[allow(dead_code)] fs::File);
 
 fn lock_root(root: &Root) -> Result<RootLock> {
-    use std::os::fd::AsRawFd;
     let path = root.state().join("watch.lock");
     let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!("another `airlock watch` holds {} for this root", path.display());
+    // flock(2), exclusive, without waiting; released when the file is closed.
+    match f.try_lock() {
+        Ok(()) => Ok(RootLock(f)),
+        Err(fs::TryLockError::WouldBlock) => bail!("another `airlock watch` holds {} for this root", path.display()),
+        Err(fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
     }
-    Ok(RootLock(f))
 }
 
-/// Watches incoming/ with inotify (polling only if inotify is unavailable) and
-/// takes each entry once its size and mtime have been stable for `settle`,
-/// scanning up to `jobs` models at once.
+/// Watches incoming/ (store::watch does the work) until SIGTERM or SIGINT,
+/// or, with `once`, until what was waiting is done.
 pub fn watch(q: &Quarantine, once: bool, settle: Duration, jobs: usize) -> Result<ExitCode> {
     let _lock = lock_root(&q.root)?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -181,99 +163,15 @@ pub fn watch(q: &Quarantine, once: bool, settle: Duration, jobs: usize) -> Resul
     }
     // With several models in flight their lines interleave: no progress bar then.
     let progress = Progress::new(jobs == 1);
-    let mut printer = |e: crate::pipeline::Event| progress.event(&e);
-    for d in q.recover(&mut printer) {
-        report(&d);
-    }
-
-    let (tx, rx) = std::sync::mpsc::channel();
-    let _watcher = {
-        use notify::Watcher;
-        let made = notify::recommended_watcher(move |ev| {
-            let _ = tx.send(ev);
-        })
-        .and_then(|mut w| w.watch(&q.root.incoming(), notify::RecursiveMode::Recursive).map(|_| w));
-        match made {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!("inotify is unavailable ({e}); falling back to polling incoming/ every second");
-                None
-            }
-        }
-    };
     if !once {
         errln!("airlock: watching {} ({jobs} at a time)", q.root.incoming().display());
     }
-
-    // Announcements a previous run could not deliver.
-    let outbox_left = Mutex::new(q.flush_outbox());
-    let last_flush = Mutex::new(Instant::now());
-    const RETRY: Duration = Duration::from_secs(30);
-
-    let in_flight: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
-    let (work_tx, work_rx) = std::sync::mpsc::channel::<String>();
-    let work_rx = Mutex::new(work_rx);
-    std::thread::scope(|scope| -> Result<()> {
-        for _ in 0..jobs.max(1) {
-            scope.spawn(|| {
-                loop {
-                    let next = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                    let Ok(name) = next else { break };
-                    let d = q.take(&name, &mut |e| progress.event(&e));
-                    progress.clear();
-                    report(&d);
-                    if matches!(d, Ok(Disposition::Promoted { .. })) {
-                        *outbox_left.lock().unwrap_or_else(|p| p.into_inner()) = q.flush_outbox();
-                        *last_flush.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-                    }
-                    in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
-                }
-            });
-        }
-        // name -> (size, mtime, since when unchanged)
-        let mut seen: HashMap<String, (u64, SystemTime, Instant)> = HashMap::new();
-        let result = (|| -> Result<()> {
-            while !stop.load(Ordering::Relaxed) {
-                let waiting = q.waiting().context("listing incoming/")?;
-                seen.retain(|n, _| waiting.contains(n));
-                let mut pending = false;
-                for name in waiting {
-                    if in_flight.lock().unwrap_or_else(|p| p.into_inner()).contains(&name) {
-                        continue;
-                    }
-                    let Some((size, mtime)) = snapshot(&q.root.incoming().join(&name)) else { continue };
-                    let entry = seen.entry(name.clone()).or_insert((size, mtime, Instant::now()));
-                    if (entry.0, entry.1) != (size, mtime) {
-                        *entry = (size, mtime, Instant::now());
-                    }
-                    if entry.2.elapsed() < settle {
-                        pending = true;
-                        continue;
-                    }
-                    seen.remove(&name);
-                    in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone());
-                    let _ = work_tx.send(name);
-                }
-                let busy = !in_flight.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
-                if once && !pending && !busy {
-                    break;
-                }
-                if *outbox_left.lock().unwrap_or_else(|p| p.into_inner()) > 0
-                    && last_flush.lock().unwrap_or_else(|p| p.into_inner()).elapsed() > RETRY
-                {
-                    *outbox_left.lock().unwrap_or_else(|p| p.into_inner()) = q.flush_outbox();
-                    *last_flush.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-                }
-                // Wake on the next filesystem event, or in time to re-check the settle window.
-                let _ = rx.recv_timeout(settle.clamp(Duration::from_millis(50), Duration::from_secs(1)));
-                while rx.try_recv().is_ok() {}
-            }
-            Ok(())
-        })();
-        // Stop handing out work; the workers finish their current model and exit.
-        drop(work_tx);
-        result
-    })?;
+    let options = store::watch::Options { once, settle, jobs };
+    store::watch::run(q, &options, &stop, &|e| progress.event(&e), &|d| {
+        progress.clear();
+        report(d);
+    })
+    .context("watching incoming/")?;
     Ok(ExitCode::SUCCESS)
 }
 

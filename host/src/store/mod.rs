@@ -24,6 +24,7 @@ pub mod audit;
 pub mod manifest;
 pub mod outbox;
 pub mod root;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::fs;

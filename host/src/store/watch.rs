@@ -1,0 +1,142 @@
+//! The watch loop: takes models from incoming/ once they have settled and
+//! runs each through the quarantine, up to `jobs` at a time. The caller owns
+//! the root lock, the signals and the printing.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::{Disposition, Quarantine};
+use crate::pipeline::Event;
+
+/// How the loop runs.
+pub struct Options {
+    /// Take what is waiting, then return.
+    pub once: bool,
+    /// How long an entry's size and mtime must stay unchanged before it is taken.
+    pub settle: Duration,
+    /// How many models are scanned at once.
+    pub jobs: usize,
+}
+
+/// How often a registry announcement that failed is tried again.
+const RETRY: Duration = Duration::from_secs(30);
+
+/// Size and newest mtime of an entry (a folder: its whole tree), without following links.
+fn snapshot(path: &Path) -> Option<(u64, SystemTime)> {
+    let meta = fs::symlink_metadata(path).ok()?;
+    let mut size = meta.len();
+    let mut mtime = meta.modified().ok()?;
+    if meta.is_dir() {
+        for e in fs::read_dir(path).ok()?.filter_map(|e| e.ok()) {
+            let (s, m) = snapshot(&e.path())?;
+            size += s;
+            mtime = mtime.max(m);
+        }
+    }
+    Some((size, mtime))
+}
+
+/// Finishes what a crash interrupted, then watches incoming/ with inotify
+/// (polling if inotify is unavailable) until `stop` is set, or with `once`
+/// until nothing is waiting. `on_event` sees each scan's progress and
+/// `on_done` each model's disposition, from the scanning threads.
+pub fn run(
+    q: &Quarantine,
+    options: &Options,
+    stop: &AtomicBool,
+    on_event: &(dyn Fn(Event) + Sync),
+    on_done: &(dyn Fn(&Result<Disposition, String>) + Sync),
+) -> io::Result<()> {
+    let Options { once, settle, jobs } = *options;
+    for d in q.recover(&mut |e| on_event(e)) {
+        on_done(&d);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _watcher = {
+        use notify::Watcher;
+        let made = notify::recommended_watcher(move |ev| {
+            let _ = tx.send(ev);
+        })
+        .and_then(|mut w| w.watch(&q.root.incoming(), notify::RecursiveMode::Recursive).map(|_| w));
+        match made {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!("inotify is unavailable ({e}); falling back to polling incoming/ every second");
+                None
+            }
+        }
+    };
+
+    // Announcements a previous run could not deliver.
+    let outbox_left = Mutex::new(q.flush_outbox());
+    let last_flush = Mutex::new(Instant::now());
+
+    let in_flight: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
+    let (work_tx, work_rx) = std::sync::mpsc::channel::<String>();
+    let work_rx = Mutex::new(work_rx);
+    std::thread::scope(|scope| -> io::Result<()> {
+        for _ in 0..jobs.max(1) {
+            scope.spawn(|| {
+                loop {
+                    let next = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok(name) = next else { break };
+                    let d = q.take(&name, &mut |e| on_event(e));
+                    on_done(&d);
+                    if matches!(d, Ok(Disposition::Promoted { .. })) {
+                        *outbox_left.lock().unwrap_or_else(|p| p.into_inner()) = q.flush_outbox();
+                        *last_flush.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                    }
+                    in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+                }
+            });
+        }
+        // name -> (size, mtime, since when unchanged)
+        let mut seen: HashMap<String, (u64, SystemTime, Instant)> = HashMap::new();
+        let result = (|| -> io::Result<()> {
+            while !stop.load(Ordering::Relaxed) {
+                let waiting = q.waiting()?;
+                seen.retain(|n, _| waiting.contains(n));
+                let mut pending = false;
+                for name in waiting {
+                    if in_flight.lock().unwrap_or_else(|p| p.into_inner()).contains(&name) {
+                        continue;
+                    }
+                    let Some((size, mtime)) = snapshot(&q.root.incoming().join(&name)) else { continue };
+                    let entry = seen.entry(name.clone()).or_insert((size, mtime, Instant::now()));
+                    if (entry.0, entry.1) != (size, mtime) {
+                        *entry = (size, mtime, Instant::now());
+                    }
+                    if entry.2.elapsed() < settle {
+                        pending = true;
+                        continue;
+                    }
+                    seen.remove(&name);
+                    in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone());
+                    let _ = work_tx.send(name);
+                }
+                let busy = !in_flight.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+                if once && !pending && !busy {
+                    break;
+                }
+                if *outbox_left.lock().unwrap_or_else(|p| p.into_inner()) > 0
+                    && last_flush.lock().unwrap_or_else(|p| p.into_inner()).elapsed() > RETRY
+                {
+                    *outbox_left.lock().unwrap_or_else(|p| p.into_inner()) = q.flush_outbox();
+                    *last_flush.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                }
+                // Wake on the next filesystem event, or in time to re-check the settle window.
+                let _ = rx.recv_timeout(settle.clamp(Duration::from_millis(50), Duration::from_secs(1)));
+                while rx.try_recv().is_ok() {}
+            }
+            Ok(())
+        })();
+        // Stop handing out work; the workers finish their current model and exit.
+        drop(work_tx);
+        result
+    })
+}
