@@ -88,6 +88,12 @@ pub enum PolicyError {
     Io { file: String, source: std::io::Error },
 }
 
+mod keys;
+mod pins;
+use keys::load_key;
+pub use keys::{KeyKind, TrustedKey};
+pub use pins::{Pin, load_pins, record_pin};
+
 // ---- policy.yaml, as written ----
 
 /// A YAML mapping that refuses a key written twice. Plain maps keep the last
@@ -165,66 +171,6 @@ struct TrustedKeyFile {
     kind: KeyKind,
     path: PathBuf,
     name: String,
-}
-
-/// The signature schemes a trusted key can be for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-pub enum KeyKind {
-    #[serde(rename = "gpg")]
-    Gpg,
-    #[serde(rename = "cosign")]
-    Cosign,
-    #[serde(rename = "model-signing")]
-    ModelSigning,
-}
-
-impl KeyKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            KeyKind::Gpg => "gpg",
-            KeyKind::Cosign => "cosign",
-            KeyKind::ModelSigning => "model-signing",
-        }
-    }
-}
-
-/// A trusted key, read and parsed at start-up.
-#[derive(Clone, Debug)]
-pub struct TrustedKey {
-    pub kind: KeyKind,
-    pub name: String,
-    pub path: PathBuf,
-    /// The key file's bytes, handed to provenance plugins in their config.
-    pub bytes: Vec<u8>,
-}
-
-/// Reads and parses one trusted key. Parsing here, natively, turns a broken
-/// key into a policy error at start-up instead of a failure on every model.
-fn load_key(kind: KeyKind, name: &str, path: &Path) -> Result<TrustedKey, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let parsed = match kind {
-        KeyKind::Gpg => {
-            use pgp::composed::{Deserializable, SignedPublicKey};
-            SignedPublicKey::from_reader_single(std::io::Cursor::new(&bytes))
-                .map_err(|e| format!("not an OpenPGP public key (armored or binary): {e}"))
-                .and_then(|(k, _)| {
-                    k.verify_bindings().map_err(|e| format!("the key's self-signatures do not verify: {e}"))
-                })
-        }
-        KeyKind::Cosign | KeyKind::ModelSigning => {
-            use p256::pkcs8::DecodePublicKey;
-            std::str::from_utf8(&bytes)
-                .map_err(|_| "not a PEM file (not UTF-8)".to_string())
-                .and_then(|t| {
-                    p256::ecdsa::VerifyingKey::from_public_key_pem(t.trim()).map_err(|e| {
-                        format!("not a PEM ECDSA P-256 public key ({e}); other curves and key types are not supported")
-                    })
-                })
-                .map(|_| ())
-        }
-    };
-    parsed.map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(TrustedKey { kind, name: name.to_string(), path: path.to_path_buf(), bytes })
 }
 
 #[derive(Deserialize)]
@@ -322,26 +268,6 @@ struct AllowlistFile {
 pub struct AllowEntry {
     pub name: String,
     pub url_prefix: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PinsFile {
-    /// File models: name -> sha256. (Unquoted hex that YAML would read as a
-    /// number still arrives as text, because the target is a string.)
-    #[serde(default)]
-    models: UniqueMap<String, String>,
-    /// Folder models: name -> (path -> sha256).
-    #[serde(default)]
-    folders: UniqueMap<String, UniqueMap<String, String>>,
-}
-
-/// A model's pin in `models.lock.yaml`: one sha256 for a file model (under
-/// `models`), one per file, by path in the folder, for a folder model (under `folders`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Pin {
-    File(String),
-    Folder(BTreeMap<String, String>),
 }
 
 // ---- the loaded policy ----
@@ -792,39 +718,6 @@ fn entry(
         }
     };
     Ok(ChainEntry { source, grants: e.grants.clone(), formats, limits, config })
-}
-
-/// Pins: model name → sha256, from `models.lock.yaml`.
-pub fn load_pins(path: &Path) -> Result<BTreeMap<String, Pin>, PolicyError> {
-    if !path.exists() {
-        return Ok(BTreeMap::new());
-    }
-    let file = path.display().to_string();
-    let text = read(path)?;
-    let pins: PinsFile = parse_yaml(&file, &text)?;
-    let invalid = |key: String, message: String| PolicyError::Invalid {
-        line: line_of(&text, &key),
-        file: file.clone(),
-        key,
-        message,
-    };
-    let mut out = BTreeMap::new();
-    for (name, sha) in pins.models.0 {
-        if !is_sha256(&sha) {
-            return Err(invalid(format!("models.{name}"), format!("{sha:?} is not 64 hex digits")));
-        }
-        out.insert(name, Pin::File(sha));
-    }
-    for (name, files) in pins.folders.0 {
-        if let Some((p, sha)) = files.0.iter().find(|(_, sha)| !is_sha256(sha)) {
-            return Err(invalid(format!("folders.{name}.{p}"), format!("{sha:?} is not 64 hex digits")));
-        }
-        if out.contains_key(&name) {
-            return Err(invalid(format!("folders.{name}"), format!("{name} is pinned under models too")));
-        }
-        out.insert(name, Pin::Folder(files.0));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -26,7 +26,6 @@ pub mod outbox;
 pub mod root;
 pub mod watch;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -499,12 +498,7 @@ impl<'a> Quarantine<'a> {
     }
 
     fn record_pin(&self, name: &str, pin: policy::Pin) -> io::Result<()> {
-        let mut pins = policy::load_pins(&self.root.pins()).map_err(io::Error::other)?;
-        if pins.contains_key(name) {
-            return Ok(());
-        }
-        pins.insert(name.to_string(), pin);
-        write_atomic(&self.root.pins(), pins_yaml(&pins).as_bytes())
+        policy::record_pin(&self.root.pins(), name, pin)
     }
 
     /// The registry index (empty when none was written yet).
@@ -531,30 +525,6 @@ pub fn read_index(root: &Root) -> io::Result<Vec<IndexEntry>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e),
     }
-}
-
-fn pins_yaml(pins: &BTreeMap<String, policy::Pin>) -> String {
-    #[derive(Serialize)]
-    struct Pins<'a> {
-        models: BTreeMap<&'a str, &'a str>,
-        #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-        folders: BTreeMap<&'a str, &'a BTreeMap<String, String>>,
-    }
-    let mut out = Pins { models: BTreeMap::new(), folders: BTreeMap::new() };
-    for (name, pin) in pins {
-        match pin {
-            policy::Pin::File(sha) => {
-                out.models.insert(name, sha);
-            }
-            policy::Pin::Folder(files) => {
-                out.folders.insert(name, files);
-            }
-        }
-    }
-    format!(
-        "# Pins, recorded on first promotion: models: name -> sha256 (a file); folders: name -> path -> sha256.\n{}",
-        serde_norway::to_string(&out).unwrap_or_default()
-    )
 }
 
 /// Moves a rejected model back to `incoming/` and drops its report, so the
