@@ -4,7 +4,7 @@
 //!
 //! The hot loop is written with wasm `simd128` intrinsics: left to
 //! auto-vectorisation, the same loop ran at a third of the speed (see
-//! docs/performance.md). Sums run in f32 lanes over at most a few
+//! earlier measurements). Sums run in f32 lanes over at most a few
 //! thousand elements and are then folded into f64.
 
 use airlock_sdk::quant::Quant;
