@@ -322,9 +322,9 @@ fn test(extra: &[String]) -> Result<()> {
 const WORKSPACES: [&str; 4] = [".", "plugins", "sdk", "plugins/examples/tensor-guard"];
 
 /// rustfmt and clippy with warnings as errors, over every workspace. The
-/// guests are linted for wasm32-wasip2 when rustup has the target (their
-/// SIMD kernels exist only there); the offline route's Debian cargo has no
-/// clippy, so there they are linted for the host triple, and it says so.
+/// guests are linted for wasm32-wasip2 on rustup's route (their SIMD kernels
+/// exist only there); the offline route's Debian cargo has no clippy, so
+/// there they are linted for the host triple, and it says so.
 fn lint() -> Result<()> {
     let root = root();
     for ws in WORKSPACES {
@@ -343,12 +343,15 @@ fn lint() -> Result<()> {
     clippy(".", &[])?;
     setup::ensure(Purpose::Worker)?;
     clippy(".", &["--release", "-p", "airlock-infer-worker"])?;
-    let guest_target = if rustup_has_target() {
-        TARGET.to_string()
-    } else {
-        let host = host_triple()?;
-        println!("xtask: rustup has no {TARGET} target: linting the guests for {host} instead");
-        host
+    // The same toolchain step as `test`, so a fresh machine gets rustup's
+    // target here too and the guests are linted as they are built.
+    let guest_target = match toolchain()? {
+        Route::Rustup => TARGET.to_string(),
+        Route::Debian { .. } => {
+            let host = host_triple()?;
+            println!("xtask: the offline toolchain route has no clippy: linting the guests for {host} instead");
+            host
+        }
     };
     for ws in ["plugins", "sdk", "plugins/examples/tensor-guard"] {
         let target_dir = root.join("target/clippy-guests");
