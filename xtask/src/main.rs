@@ -199,8 +199,8 @@ fn build_host(route: &Route) -> Result<()> {
 /// The inference worker (llama.cpp), always optimised: the tests and stage 6
 /// run the prompt suite through it. Built on its own: built together with the
 /// host, its dependencies resolve other features and llama.cpp would be compiled twice.
+/// Callers ensure its packages (`Purpose::Worker`) before they build anything.
 fn build_worker() -> Result<()> {
-    setup::ensure(Purpose::Worker)?;
     run(Command::new("cargo").args(["build", "--release", "-p", "airlock-infer-worker"]).current_dir(root()))
 }
 
@@ -326,6 +326,7 @@ const WORKSPACES: [&str; 4] = [".", "plugins", "sdk", "plugins/examples/tensor-g
 /// exist only there); the offline route's Debian cargo has no clippy, so
 /// there they are linted for the host triple, and it says so.
 fn lint() -> Result<()> {
+    setup::ensure(Purpose::Worker)?;
     let root = root();
     for ws in WORKSPACES {
         run(Command::new("cargo").args(["fmt", "--all", "--check"]).current_dir(root.join(ws)))?;
@@ -341,7 +342,6 @@ fn lint() -> Result<()> {
     // The host workspace's default members; the worker on its own, in release,
     // so it reuses the llama.cpp that `xtask test` and `xtask build` compile.
     clippy(".", &[])?;
-    setup::ensure(Purpose::Worker)?;
     clippy(".", &["--release", "-p", "airlock-infer-worker"])?;
     // The same toolchain step as `test`, so a fresh machine gets rustup's
     // target here too and the guests are linted as they are built.

@@ -184,12 +184,8 @@ pub fn missing(probe: &Probe, purpose: Purpose) -> Vec<(&'static str, &'static s
 
 /// The one-line command that installs `packages`.
 pub fn install_command(packages: &[&str], as_root: bool) -> String {
-    format!(
-        "{}apt-get update && {}apt-get install -y --no-install-recommends {}",
-        if as_root { "" } else { "sudo " },
-        if as_root { "" } else { "sudo " },
-        packages.join(" ")
-    )
+    let sudo = if as_root { "" } else { "sudo " };
+    format!("{sudo}apt-get update && {sudo}apt-get install -y --no-install-recommends {}", packages.join(" "))
 }
 
 /// The error for a user who must install packages themselves: xtask exits 2 on it.

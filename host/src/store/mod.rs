@@ -135,7 +135,7 @@ impl<'a> Quarantine<'a> {
 
     /// Entries in `incoming/` that may be taken, in name order. A folder waits
     /// until it is a model folder (`model_index.json`, or `config.json` and
-    /// weights) and every shard its index names is there: it is still being copied.
+    /// weights); the watcher also waits for every shard its index names.
     pub fn waiting(&self) -> io::Result<Vec<String>> {
         let incoming = self.root.incoming();
         let mut names: Vec<String> = fs::read_dir(&incoming)?
@@ -144,8 +144,7 @@ impl<'a> Quarantine<'a> {
             .filter(|n| is_eligible_name(n))
             .filter(|n| {
                 let p = incoming.join(n);
-                !fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir())
-                    || (artifact::folder_layout(&p).is_some() && artifact::missing_shards(&p).is_empty())
+                !fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) || artifact::folder_layout(&p).is_some()
             })
             .collect();
         names.sort();

@@ -95,8 +95,8 @@ pub fn run(
                 }
             });
         }
-        // name -> (size, mtime, since when unchanged)
-        let mut seen: HashMap<String, (u64, SystemTime, Instant)> = HashMap::new();
+        // name -> (size, mtime, since when unchanged, shards missing at this size and mtime)
+        let mut seen: HashMap<String, (u64, SystemTime, Instant, bool)> = HashMap::new();
         let result = (|| -> io::Result<()> {
             while !stop.load(Ordering::Relaxed) {
                 let waiting = q.waiting()?;
@@ -106,13 +106,25 @@ pub fn run(
                     if in_flight.lock().unwrap_or_else(|p| p.into_inner()).contains(&name) {
                         continue;
                     }
-                    let Some((size, mtime)) = snapshot(&q.root.incoming().join(&name)) else { continue };
-                    let entry = seen.entry(name.clone()).or_insert((size, mtime, Instant::now()));
+                    let path = q.root.incoming().join(&name);
+                    let Some((size, mtime)) = snapshot(&path) else { continue };
+                    let entry = seen.entry(name.clone()).or_insert((size, mtime, Instant::now(), false));
                     if (entry.0, entry.1) != (size, mtime) {
-                        *entry = (size, mtime, Instant::now());
+                        *entry = (size, mtime, Instant::now(), false);
                     }
                     if entry.2.elapsed() < settle {
                         pending = true;
+                        continue;
+                    }
+                    // A folder whose index names shards that are not there is
+                    // still arriving. The index is read once per state of the
+                    // tree, not on every wake-up, and such a folder does not
+                    // keep `--once` waiting.
+                    if entry.3 {
+                        continue;
+                    }
+                    if !crate::artifact::missing_shards(&path).is_empty() {
+                        entry.3 = true;
                         continue;
                     }
                     seen.remove(&name);

@@ -209,10 +209,12 @@ fn check_index(index: &File, files: &[File]) -> Result<(), Refusal> {
         };
         shards.entry(at).or_default().push(tensor);
     }
+    // Each path is a host call: asked once per file, not once per shard and file.
+    let by_path: BTreeMap<String, &File> = files.iter().map(|f| (f.path(), f)).collect();
     // Where each tensor really is, over every named shard.
     let mut found: BTreeMap<String, &str> = BTreeMap::new();
     for (at, mapped) in &shards {
-        let Some(file) = files.iter().find(|f| &f.path() == at) else {
+        let Some(file) = by_path.get(at) else {
             return Err(refuse(
                 "format.index.missing-shard",
                 &path,
@@ -256,13 +258,12 @@ fn check_index(index: &File, files: &[File]) -> Result<(), Refusal> {
         ));
     }
     // Weight files beside the index that it does not name.
-    for f in files {
-        let fp = f.path();
+    for (fp, f) in &by_path {
         let beside = fp.rsplit_once('/').map_or("", |(d, _)| d) == dir;
-        if beside && f.format() == Format::Safetensors && !shards.contains_key(&fp) {
+        if beside && f.format() == Format::Safetensors && !shards.contains_key(fp) {
             return Err(refuse(
                 "format.index.unlisted-shard",
-                &fp,
+                fp,
                 format!("{fp}: a weight file beside {path} that the index does not name"),
             ));
         }

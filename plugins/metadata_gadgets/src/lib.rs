@@ -265,20 +265,27 @@ impl Scan<'_> {
         if !text.contains('.') {
             return;
         }
-        // At an identifier's start: `photos.system` names no `os.system`.
-        let at_boundary = |path: &str| {
-            text.match_indices(path)
-                .any(|(i, _)| text[..i].chars().next_back().is_none_or(|c| !(c.is_alphanumeric() || c == '_')))
-        };
-        for path in DANGEROUS_IMPORTS {
-            if at_boundary(path) {
-                self.flag(
-                    "meta.gadget.python-import",
-                    Severity::Critical,
-                    format!("names the Python callable `{path}`"),
-                    location.into(),
-                );
-            }
+        // The scan's one matcher; only the import paths count here, and only
+        // at an identifier's start: `photos.system` names no `os.system`.
+        let mut hits: Vec<usize> = self
+            .needles
+            .find_overlapping_iter(text)
+            .filter_map(|m| {
+                let import = m.pattern().as_usize().checked_sub(GADGET_KEYS.len())?;
+                let before = text[..m.start()].chars().next_back();
+                before.is_none_or(|c| !(c.is_alphanumeric() || c == '_')).then_some(import)
+            })
+            .collect();
+        // Reported in list order, as the needles are listed.
+        hits.sort_unstable();
+        hits.dedup();
+        for path in hits.into_iter().map(|i| DANGEROUS_IMPORTS[i]) {
+            self.flag(
+                "meta.gadget.python-import",
+                Severity::Critical,
+                format!("names the Python callable `{path}`"),
+                location.into(),
+            );
         }
     }
 

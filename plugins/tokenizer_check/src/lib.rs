@@ -45,7 +45,8 @@ const MAX_ORDER_BREAKS: usize = 8;
 const MIN_MERGES: usize = 256;
 
 struct Check<'a> {
-    files: &'a [File],
+    /// The model's files with their paths, each path asked of the host once.
+    files: &'a [(String, File)],
     dir: String,
     max_bytes: u64,
     findings: Vec<Finding>,
@@ -65,9 +66,9 @@ impl Check<'_> {
         if self.dir.is_empty() { name.to_string() } else { format!("{}/{name}", self.dir) }
     }
 
-    fn file(&self, name: &str) -> Option<&File> {
+    fn file(&self, name: &str) -> Option<(&str, &File)> {
         let path = self.path(name);
-        self.files.iter().find(|f| f.path() == path)
+        self.files.iter().find(|(p, _)| *p == path).map(|(p, f)| (p.as_str(), f))
     }
 
     fn flag(&mut self, rule: &str, location: String, message: String) {
@@ -76,16 +77,15 @@ impl Check<'_> {
 
     /// The bytes of `name` in this folder, within the size cap.
     fn read(&self, name: &str) -> Result<Option<Vec<u8>>, String> {
-        let Some(file) = self.file(name) else { return Ok(None) };
+        let Some((path, file)) = self.file(name) else { return Ok(None) };
         if file.size() > self.max_bytes {
             return Err(format!(
-                "{}: {} bytes, more than the {} a tokenizer file may have",
-                file.path(),
+                "{path}: {} bytes, more than the {} a tokenizer file may have",
                 file.size(),
                 self.max_bytes
             ));
         }
-        ChunkReader::file(file).collect_bytes().map(Some).map_err(|e| format!("{}: cannot read: {e}", file.path()))
+        ChunkReader::file(file).collect_bytes().map(Some).map_err(|e| format!("{path}: cannot read: {e}"))
     }
 
     fn json(&mut self, name: &str) -> Result<Option<Value>, String> {
@@ -350,12 +350,14 @@ impl Check<'_> {
 
     /// The embedding tensor of the weights in this folder: (where, rows).
     fn embedding_rows(&self) -> Option<(String, u64)> {
-        for f in self.files.iter().filter(|f| f.format() == Format::Safetensors && dir_of(&f.path()) == self.dir) {
+        for (path, f) in self.files.iter().filter(|(p, f)| dir_of(p) == self.dir && f.format() == Format::Safetensors) {
             for t in f.tensors() {
-                let name =
-                    t.name.rsplit('.').take(2).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(".");
-                if EMBEDDING_NAMES.contains(&name.as_str()) && t.shape.len() == 2 {
-                    return Some((format!("{}: {}", f.path(), t.name), t.shape[0]));
+                // The name's last two parts: `model.embed_tokens.weight`, or the name itself.
+                let is_embedding = EMBEDDING_NAMES
+                    .iter()
+                    .any(|e| t.name == *e || t.name.strip_suffix(e).is_some_and(|rest| rest.ends_with('.')));
+                if is_embedding && t.shape.len() == 2 {
+                    return Some((format!("{path}: {}", t.name), t.shape[0]));
                 }
             }
         }
@@ -379,12 +381,11 @@ impl Stage for TokenizerCheck {
             Ok(c) => c,
             Err(e) => return Report::fail(e),
         };
-        let files = model.files();
+        let files: Vec<(String, File)> = model.files().into_iter().map(|f| (f.path(), f)).collect();
         let dirs: Vec<String> = files
             .iter()
-            .map(|f| f.path())
-            .filter(|p| file_name(p) == "tokenizer.json")
-            .map(|p| dir_of(&p).to_string())
+            .filter(|(p, _)| file_name(p) == "tokenizer.json")
+            .map(|(p, _)| dir_of(p).to_string())
             .collect();
         if dirs.is_empty() {
             return Report::pass("no tokenizer.json");
