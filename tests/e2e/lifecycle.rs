@@ -425,7 +425,10 @@ fn rescans_beside_a_running_watcher_keep_the_audit_chain_whole() {
     }
     // Let the watcher finish what is waiting, then stop it.
     while names.iter().any(|n| !lab.rejected().join(n).exists()) {
-        assert!(start.elapsed() < Duration::from_secs(180), "the watcher did not settle");
+        if start.elapsed() > Duration::from_secs(180) {
+            let listing: Vec<_> = std::fs::read_dir(lab.rejected()).unwrap().map(|e| e.unwrap().file_name()).collect();
+            panic!("the watcher did not settle; rejected/ holds {listing:?}");
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

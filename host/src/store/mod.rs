@@ -536,15 +536,28 @@ pub fn rescan(root: &Root, name: &str) -> Result<(), String> {
         .and_then(|r| r["filename"].as_str().map(String::from))
         .unwrap_or_else(|| name.to_string());
     let dest = root.incoming().join(&original);
-    // Sidecars first: a watcher may take the model the moment it appears.
+    // The old report goes first, set aside: a watcher may take the model the
+    // moment it appears in incoming/ and reject it again before this function
+    // returns; with the old report still in place it would have to pick a
+    // suffixed name in rejected/. The report comes back if the move fails.
+    let report = root.rejected().join(format!("{name}.report.json"));
+    let set_aside = root.rejected().join(format!(".{name}.report.json.rescan"));
+    let had_report = fs::rename(&report, &set_aside).is_ok();
+    let restore = |e: std::io::Error| {
+        if had_report {
+            let _ = fs::rename(&set_aside, &report);
+        }
+        e.to_string()
+    };
+    // Sidecars before the model, for the same reason.
     for suffix in SIDECAR_SUFFIXES {
         let sidecar = root.rejected().join(format!("{name}{suffix}"));
         if fs::symlink_metadata(&sidecar).is_ok() {
-            rename_new(&sidecar, &root.incoming().join(format!("{original}{suffix}"))).map_err(|e| e.to_string())?;
+            rename_new(&sidecar, &root.incoming().join(format!("{original}{suffix}"))).map_err(restore)?;
         }
     }
-    rename_new(&src, &dest).map_err(|e| e.to_string())?;
-    let _ = fs::remove_file(root.rejected().join(format!("{name}.report.json")));
+    rename_new(&src, &dest).map_err(restore)?;
+    let _ = fs::remove_file(&set_aside);
     AuditLog::new(&root.audit_log())
         .append(Record { level: "INFO", event: "rescan", model: original, ..Record::default() })
         .map_err(|e| e.to_string())?;
