@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use airlock::pipeline::{FailedAt, StageVerdict};
+use airlock::policy::Stage;
 use serde_json::Value;
 
 use crate::harness::*;
@@ -86,6 +88,9 @@ fn a_real_gguf_is_admitted_promoted_and_verified() {
     assert_eq!(m["stages"][1]["plugin"], "builtin:format_gate");
     assert_eq!(m["stages"][1]["plugin_info"]["version"], "0.1.0");
     assert!(m["fingerprint"].as_str().unwrap().len() == 64 && m["merkle_root"].as_str().unwrap().len() == 64);
+    let typed: airlock::store::Manifest = serde_json::from_value(m.clone()).unwrap();
+    assert!(typed.stages.iter().all(|s| s.verdict != StageVerdict::Fail), "{m}");
+    assert_eq!(typed.stages[4].stage, Stage::StaticScan);
     let pins = std::fs::read_to_string(lab.root.join("state/models.lock.yaml")).unwrap();
     assert!(
         pins.contains(&format!("{name}: a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")),
@@ -152,6 +157,15 @@ fn a_malicious_drop_is_rejected_with_a_report() {
     let last = lab.audit().pop().unwrap();
     assert_eq!((last["level"].as_str(), last["event"].as_str()), (Some("CRITICAL"), Some("rejected")));
     assert!(std::fs::read_dir(lab.root.join("quarantine/scanning")).unwrap().next().is_none());
+    // The stored report reads back into the library's types, verdicts as enums.
+    let typed: airlock::store::Report = serde_json::from_value(r).unwrap();
+    assert_eq!(typed.failed_stage, FailedAt::Stage(Stage::FormatGate));
+    let verdicts: Vec<_> = typed.scan_details.stages.iter().map(|s| (s.stage, s.verdict)).collect();
+    assert_eq!(verdicts[1], (Stage::FormatGate, StageVerdict::Fail));
+    // Stages after the failure are not reached, except the static scan, which
+    // runs from the start and keeps its findings: pickle_scan names the pickle.
+    assert!(verdicts[2..].iter().all(|(s, v)| *v == StageVerdict::Skip || *s == Stage::StaticScan), "{verdicts:?}");
+    assert!(verdicts.contains(&(Stage::StaticScan, StageVerdict::Fail)), "{verdicts:?}");
 }
 
 #[test]

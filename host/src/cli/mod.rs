@@ -561,7 +561,7 @@ fn print_verdict(out: &mut impl Write, o: &Outcome) -> std::io::Result<()> {
             out,
             "{PREFIX} REJECTED: {} — {}: {}",
             o.model,
-            o.failed_stage.unwrap_or("?"),
+            o.failed_stage.map_or("?", |f| f.name()),
             o.reason.as_deref().unwrap_or("")
         ),
     }

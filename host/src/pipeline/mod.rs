@@ -56,10 +56,48 @@ pub enum ModelVerdict {
     Fail,
 }
 
+/// Where a model was refused: at one of the seven stages, or at a step the
+/// host takes around them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FailedAt {
+    Stage(Stage),
+    Host(HostStep),
+}
+
+/// The host's own steps that can refuse a model (reported as `claim`, `host`, `registry`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostStep {
+    /// The entry in incoming/ cannot be taken as a model (a link, a device, an unopenable file).
+    Claim,
+    /// The model changed under the scan, or its manifest could not be computed.
+    Host,
+    /// A model of the same name is already promoted.
+    Registry,
+}
+
+impl FailedAt {
+    pub fn name(self) -> &'static str {
+        match self {
+            FailedAt::Stage(s) => s.name(),
+            FailedAt::Host(HostStep::Claim) => "claim",
+            FailedAt::Host(HostStep::Host) => "host",
+            FailedAt::Host(HostStep::Registry) => "registry",
+        }
+    }
+}
+
+impl std::fmt::Display for FailedAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One (stage, plugin) result, as reported.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StageResult {
-    pub stage: &'static str,
+    pub stage: Stage,
     pub number: usize,
     pub plugin: Option<String>,
     /// The plugin's `describe()`: its own name, version and description.
@@ -80,7 +118,7 @@ pub struct StageResult {
 impl StageResult {
     fn skipped(stage: Stage, summary: String) -> StageResult {
         StageResult {
-            stage: stage.name(),
+            stage,
             number: stage.number(),
             plugin: None,
             plugin_info: None,
@@ -108,15 +146,15 @@ impl StageResult {
 }
 
 /// The outcome for one model.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Outcome {
     pub model: String,
     pub path: String,
     pub verdict: ModelVerdict,
-    pub failed_stage: Option<&'static str>,
+    pub failed_stage: Option<FailedAt>,
     pub reason: Option<String>,
     pub sha256: Option<String>,
-    pub format: Vec<&'static str>,
+    pub format: Vec<String>,
     /// The origin the host resolved (`--origin`, `<name>.origin`, the xattr),
     /// whatever the source-policy plugin made of it: the manifest records this.
     pub origin: Option<String>,
@@ -309,7 +347,7 @@ impl Scanner {
         };
 
         let mut stages = Vec::new();
-        let mut failed: Option<(&'static str, String)> = None;
+        let mut failed: Option<(FailedAt, String)> = None;
         std::thread::scope(|scope| {
             // The static scan reads every byte of every tensor; it needs no
             // earlier verdict and touches nothing, so its plugins start now,
@@ -373,7 +411,7 @@ impl Scanner {
                     r.shared_stage = multi;
                     on_event(Event::StageDone(&r));
                     if r.verdict == StageVerdict::Fail && failed.is_none() {
-                        failed = Some((stage.name(), r.summary.clone()));
+                        failed = Some((FailedAt::Stage(stage), r.summary.clone()));
                     }
                     stages.push(r);
                     if failed.is_some() && stage != Stage::StaticScan {
@@ -386,13 +424,13 @@ impl Scanner {
         if failed.is_none()
             && let Err(e) = model.check_unchanged()
         {
-            failed = Some(("host", e));
+            failed = Some((FailedAt::Host(HostStep::Host), e));
         }
         let sha256 = match model.files.as_slice() {
             [one] if model.kind == crate::artifact::ModelKind::File => one.sha256().ok(),
             _ => None,
         };
-        let mut format: Vec<&'static str> = model.files.iter().map(|f| f.format.name()).collect();
+        let mut format: Vec<String> = model.files.iter().map(|f| f.format.name().to_string()).collect();
         format.dedup();
         Outcome {
             model: model.name.clone(),
@@ -455,7 +493,7 @@ impl Scanner {
             (d, Some(i)) => Some(serde_json::json!({ "plugin": d, "inference": i })),
         };
         StageResult {
-            stage: stage.name(),
+            stage,
             number: stage.number(),
             plugin: Some(l.label.clone()),
             plugin_info: l.plugin().as_ref().ok().map(|p| p.info.clone()),

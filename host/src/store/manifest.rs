@@ -68,7 +68,7 @@ pub struct Manifest {
     pub policy: String,
     pub disabled_stages: Vec<String>,
     /// The stage results, as in `airlock scan --format json`.
-    pub stages: serde_json::Value,
+    pub stages: Vec<crate::pipeline::StageResult>,
     #[serde(flatten)]
     pub integrity: Integrity,
 }

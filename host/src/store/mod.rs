@@ -36,8 +36,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::{self, Model, ReadMode};
-use crate::pipeline::{Event, ModelVerdict, ScanInput, Scanner};
-use crate::policy::{self, Policy};
+use crate::pipeline::{Event, FailedAt, HostStep, ModelVerdict, Outcome, ScanInput, Scanner, StageResult};
+use crate::policy::{self, Policy, Stage};
 pub use audit::{AuditLog, Record};
 pub use manifest::Manifest;
 pub use root::Root;
@@ -62,21 +62,51 @@ struct Claim {
     claimed_at: String,
 }
 
+/// The verdict journaled in the claim folder before the model moves.
 #[derive(Clone, Serialize, Deserialize)]
 struct Decision {
     promote: bool,
-    failed_stage: Option<String>,
+    failed_stage: Option<FailedAt>,
     reason: Option<String>,
     sha256: Option<String>,
-    /// The scan outcome, for the report.
-    outcome: serde_json::Value,
+    /// The scan outcome, for the report; none when the model was refused before a scan.
+    outcome: Option<Outcome>,
 }
 
 /// What happened to one model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Disposition {
     Promoted { name: String },
-    Rejected { name: String, failed_stage: String, reason: String, report: PathBuf },
+    Rejected { name: String, failed_stage: FailedAt, reason: String, report: PathBuf },
+}
+
+/// `rejected/<name>.report.json`: why a model was refused, with every stage's result.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    /// The name the model arrived under (the file in rejected/ may carry a claim id).
+    pub filename: String,
+    pub rejected_at: String,
+    pub failed_stage: FailedAt,
+    pub reason: String,
+    pub sha256: Option<String>,
+    pub scan_details: ScanDetails,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ScanDetails {
+    /// The plugins that ran, with their digests.
+    pub scanners: Vec<ReportScanner>,
+    pub stages: Vec<StageResult>,
+}
+
+/// One plugin as a report names it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReportScanner {
+    pub stage: Stage,
+    pub plugin: String,
+    pub plugin_sha256: Option<String>,
+    pub version: Option<String>,
+    pub name: Option<String>,
 }
 
 /// One registry index row.
@@ -252,6 +282,11 @@ impl<'a> Quarantine<'a> {
                     let _commit = self.commit.lock().unwrap_or_else(|p| p.into_inner());
                     self.finish_rejection(dir, &claim, &d)
                 }
+                // A journal this build cannot read (another version wrote it): the
+                // model left under it, so guessing could lose its rejection.
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    Err(io::Error::other(format!("decision.json cannot be read ({e}); left in place for inspection")))
+                }
                 _ => {
                     // Claimed folder made, model never moved in: it is still in incoming/.
                     self.remove_claim_dir(dir)?;
@@ -264,24 +299,18 @@ impl<'a> Quarantine<'a> {
         if decision.promote { self.promote(dir, &claim) } else { self.reject(dir, &claim, &decision) }
     }
 
-    fn reject_decision(failed_stage: &str, reason: String, outcome: serde_json::Value) -> Decision {
-        Decision {
-            promote: false,
-            failed_stage: Some(failed_stage.into()),
-            reason: Some(reason),
-            sha256: None,
-            outcome,
-        }
+    fn reject_decision(failed_stage: FailedAt, reason: String, outcome: Option<Outcome>) -> Decision {
+        Decision { promote: false, failed_stage: Some(failed_stage), reason: Some(reason), sha256: None, outcome }
     }
 
     /// Scans the claimed model and, on a pass, writes its manifest.
     fn decide(&self, dir: &Path, claim: &Claim, path: &Path, on_event: &mut dyn FnMut(Event)) -> io::Result<Decision> {
         if let Some(why) = Self::unclaimable(path)? {
-            return Ok(Self::reject_decision("claim", format!("{} {why}", claim.name), serde_json::Value::Null));
+            return Ok(Self::reject_decision(FailedAt::Host(HostStep::Claim), format!("{} {why}", claim.name), None));
         }
         let model = match Model::open(path, ReadMode::default(), &self.policy.folder_limits) {
             Ok(m) => Arc::new(m),
-            Err(e) => return Ok(Self::reject_decision("claim", e.to_string(), serde_json::Value::Null)),
+            Err(e) => return Ok(Self::reject_decision(FailedAt::Host(HostStep::Claim), e.to_string(), None)),
         };
         let pins = policy::load_pins(&self.root.pins()).map_err(io::Error::other)?;
         // The pins as they are now: one recorded since the watcher started applies.
@@ -292,23 +321,22 @@ impl<'a> Quarantine<'a> {
         };
         let input = ScanInput { origin: None, sha256, pinned_files, read_mode: ReadMode::default() };
         let outcome = self.scanner.scan_model(&model, path, &input, on_event);
-        let outcome_json = serde_json::to_value(&outcome).map_err(io::Error::other)?;
         if outcome.verdict != ModelVerdict::Pass {
-            let mut d = Self::reject_decision(
-                outcome.failed_stage.unwrap_or("?"),
-                outcome.reason.clone().unwrap_or_default(),
-                outcome_json,
-            );
-            d.sha256 = outcome.sha256;
+            // A failed verdict always names where; fail closed if it ever did not.
+            let at = outcome.failed_stage.unwrap_or(FailedAt::Host(HostStep::Host));
+            let mut d = Self::reject_decision(at, outcome.reason.clone().unwrap_or_default(), None);
+            d.sha256 = outcome.sha256.clone();
+            d.outcome = Some(outcome);
             return Ok(d);
         }
         if fs::symlink_metadata(self.root.registry().join(&claim.name)).is_ok() {
             let mut d = Self::reject_decision(
-                "registry",
+                FailedAt::Host(HostStep::Registry),
                 format!("a model named {:?} is already in the registry; remove it or rename the new file", claim.name),
-                outcome_json,
+                None,
             );
-            d.sha256 = outcome.sha256;
+            d.sha256 = outcome.sha256.clone();
+            d.outcome = Some(outcome);
             return Ok(d);
         }
         // The scan and the manifest must describe the same bytes: a model that
@@ -316,8 +344,9 @@ impl<'a> Quarantine<'a> {
         let integrity = match manifest::integrity(&model).and_then(|i| model.check_unchanged().map(|_| i)) {
             Ok(i) => i,
             Err(e) => {
-                let mut d = Self::reject_decision("host", e, outcome_json);
-                d.sha256 = outcome.sha256;
+                let mut d = Self::reject_decision(FailedAt::Host(HostStep::Host), e, None);
+                d.sha256 = outcome.sha256.clone();
+                d.outcome = Some(outcome);
                 return Ok(d);
             }
         };
@@ -330,11 +359,17 @@ impl<'a> Quarantine<'a> {
             origin: outcome.origin.clone(),
             policy: self.policy.origin.clone(),
             disabled_stages: self.scanner.disabled_stages(),
-            stages: outcome_json["stages"].clone(),
+            stages: outcome.stages.clone(),
             integrity,
         };
         write_json(&dir.join("manifest.json"), &manifest)?;
-        Ok(Decision { promote: true, failed_stage: None, reason: None, sha256: outcome.sha256, outcome: outcome_json })
+        Ok(Decision {
+            promote: true,
+            failed_stage: None,
+            reason: None,
+            sha256: outcome.sha256.clone(),
+            outcome: Some(outcome),
+        })
     }
 
     fn promote(&self, dir: &Path, claim: &Claim) -> io::Result<Disposition> {
@@ -344,7 +379,7 @@ impl<'a> Quarantine<'a> {
             // Another model of the same name was promoted while this one was scanned.
             let mut d: Decision = read_json(&dir.join("decision.json"))?;
             d.promote = false;
-            d.failed_stage = Some("registry".into());
+            d.failed_stage = Some(FailedAt::Host(HostStep::Registry));
             d.reason = Some(format!(
                 "a model named {:?} is already in the registry; remove it or rename the new file",
                 claim.name
@@ -447,35 +482,37 @@ impl<'a> Quarantine<'a> {
     /// Report, audit, and the claim folder's removal; idempotent.
     fn finish_rejection(&self, dir: &Path, claim: &Claim, d: &Decision) -> io::Result<Disposition> {
         let dest = fs::read_to_string(dir.join("rejected-as")).unwrap_or_else(|_| claim.name.clone());
-        let failed_stage = d.failed_stage.clone().unwrap_or_default();
+        let failed_stage = d.failed_stage.unwrap_or(FailedAt::Host(HostStep::Host));
         let reason = d.reason.clone().unwrap_or_default();
         let report_path = self.root.rejected().join(format!("{dest}.report.json"));
-        let stages = d.outcome.get("stages").cloned().unwrap_or(serde_json::Value::Array(Vec::new()));
-        let scanners: Vec<serde_json::Value> = stages
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|s| !s["plugin"].is_null())
-            .map(|s| {
-                serde_json::json!({ "stage": s["stage"], "plugin": s["plugin"], "plugin_sha256": s["plugin_sha256"],
-                                    "version": s["plugin_info"]["version"], "name": s["plugin_info"]["name"] })
+        let stages = d.outcome.as_ref().map(|o| o.stages.clone()).unwrap_or_default();
+        let scanners = stages
+            .iter()
+            .filter_map(|s| {
+                Some(ReportScanner {
+                    stage: s.stage,
+                    plugin: s.plugin.clone()?,
+                    plugin_sha256: s.plugin_sha256.clone(),
+                    version: s.plugin_info.as_ref().map(|i| i.version.clone()),
+                    name: s.plugin_info.as_ref().map(|i| i.name.clone()),
+                })
             })
             .collect();
-        let report = serde_json::json!({
-            "filename": claim.name,
-            "rejected_at": audit::now_rfc3339(),
-            "failed_stage": failed_stage,
-            "reason": reason,
-            "sha256": d.sha256,
-            "scan_details": { "scanners": scanners, "stages": stages },
-        });
+        let report = Report {
+            filename: claim.name.clone(),
+            rejected_at: audit::now_rfc3339(),
+            failed_stage,
+            reason: reason.clone(),
+            sha256: d.sha256.clone(),
+            scan_details: ScanDetails { scanners, stages },
+        };
         write_json(&report_path, &report)?;
         self.audit.append(Record {
             level: "CRITICAL",
             event: "rejected",
             model: claim.name.clone(),
             sha256: d.sha256.clone(),
-            failed_stage: Some(failed_stage.clone()),
+            failed_stage: Some(failed_stage.to_string()),
             reason: Some(reason.clone()),
             disabled_stages: self.scanner.disabled_stages(),
         })?;
@@ -531,10 +568,9 @@ pub fn read_index(root: &Root) -> io::Result<Vec<IndexEntry>> {
 pub fn rescan(root: &Root, name: &str) -> Result<(), String> {
     let src = root.rejected().join(name);
     fs::symlink_metadata(&src).map_err(|e| format!("{}: {e}", src.display()))?;
-    let original = read_json::<serde_json::Value>(&root.rejected().join(format!("{name}.report.json")))
-        .ok()
-        .and_then(|r| r["filename"].as_str().map(String::from))
-        .unwrap_or_else(|| name.to_string());
+    let original = read_json::<Report>(&root.rejected().join(format!("{name}.report.json")))
+        .map(|r| r.filename)
+        .unwrap_or_else(|_| name.to_string());
     let dest = root.incoming().join(&original);
     // The old report goes first, set aside: a watcher may take the model the
     // moment it appears in incoming/ and reject it again before this function
