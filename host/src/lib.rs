@@ -21,4 +21,5 @@ pub mod inference;
 pub mod pipeline;
 pub mod plugin;
 pub mod policy;
+pub mod serve;
 pub mod store;

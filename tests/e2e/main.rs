@@ -19,6 +19,7 @@ mod provenance;
 mod real_models;
 mod safetensors_rules;
 mod sarif;
+mod serve;
 mod source_policy;
 mod static_scan;
 mod tensor_guard_example;

@@ -312,6 +312,7 @@ fn test(extra: &[String]) -> Result<()> {
         .env("AIRLOCK_TEST_LLAMA_QUANTIZE", path_of(&models, "llama_quantize")?)
         .env("AIRLOCK_TEST_LLAMA_IMATRIX", path_of(&models, "llama_imatrix")?)
         .env("AIRLOCK_TEST_MODEL_SIGNING", &signing)
+        .env("AIRLOCK_TEST_CHROMIUM", setup::which("chromium").context("chromium is not on PATH after set-up")?)
         .env("AIRLOCK_TEST_COMPONENTS", components_dir(&route))
         .current_dir(&root))
 }

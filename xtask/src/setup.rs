@@ -80,6 +80,12 @@ const NEEDS: &[Need] = &[
         check: Check::Command("gpg-agent"),
         for_: Purpose::Test,
     },
+    Need {
+        what: "headless Chromium (web UI tests)",
+        package: "chromium",
+        check: Check::Command("chromium"),
+        for_: Purpose::Test,
+    },
 ];
 
 /// Where to look: the running machine, or a folder laid out like one.
@@ -111,10 +117,15 @@ impl Probe {
     }
 
     fn has_command(&self, name: &str) -> bool {
+        self.find_command(name).is_some()
+    }
+
+    fn find_command(&self, name: &str) -> Option<PathBuf> {
         use std::os::unix::fs::PermissionsExt;
         self.search_path()
             .iter()
-            .any(|d| std::fs::metadata(d.join(name)).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+            .map(|d| d.join(name))
+            .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
     }
 
     fn has_pip(&self) -> bool {
@@ -300,6 +311,11 @@ pub fn command(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Where a command is on this machine's PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
+    Probe::machine().find_command(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,7 +340,7 @@ mod tests {
         missing(probe, purpose).into_iter().map(|(_, p)| p).collect()
     }
 
-    const ALL: &[&str] = &["cc", "python3", "cmake", "c++", "clang", "openssl", "gpg", "gpg-agent"];
+    const ALL: &[&str] = &["cc", "python3", "cmake", "c++", "clang", "openssl", "gpg", "gpg-agent", "chromium"];
 
     #[test]
     fn a_machine_without_libclang_needs_only_libclang_dev_for_the_tests() {
@@ -362,7 +378,19 @@ mod tests {
         let test = packages(&probe, Purpose::Test);
         assert_eq!(
             test,
-            ["gcc", "python3", "python3-pip", "cmake", "g++", "clang", "libclang-dev", "openssl", "gnupg", "gpg-agent"]
+            [
+                "gcc",
+                "python3",
+                "python3-pip",
+                "cmake",
+                "g++",
+                "clang",
+                "libclang-dev",
+                "openssl",
+                "gnupg",
+                "gpg-agent",
+                "chromium"
+            ]
         );
         assert_eq!(packages(&probe, Purpose::Demo), ["gcc", "python3", "python3-pip"]);
         std::fs::remove_dir_all(root).unwrap();

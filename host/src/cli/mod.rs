@@ -160,6 +160,16 @@ enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// Serve a web UI and JSON API over the data root: registry, models, rejected
+    /// models, the queue and the audit log. Read-only unless --token-file is given.
+    Serve {
+        /// Address to listen on. On a loopback address, requests for another Host are refused.
+        #[arg(long, value_name = "ADDR:PORT", default_value = crate::serve::DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
+        /// File holding the bearer token that allows actions (rescan); mode 600, at least 16 characters.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+    },
     /// Write, build, inspect and pin third-party plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -321,11 +331,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Show { name } => lifecycle::show(&Root::new(&root), &name),
         Command::Verify { name } => lifecycle::verify(&Root::new(&root), &name),
         Command::Rescan { name } => {
-            store::rescan(&Root::new(&root), &name).map_err(anyhow::Error::msg)?;
+            store::rescan(&Root::new(&root), &name, "cli").map_err(anyhow::Error::msg)?;
             outln!("{name}: moved back to incoming/");
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { verify } => lifecycle::audit(&Root::new(&root), verify),
+        Command::Serve { listen, token_file } => {
+            let r = Root::new(&root);
+            r.check()?;
+            let token = crate::serve::token(token_file.as_ref())?;
+            let writable = token.is_some();
+            crate::serve::run(r, listen, token, |addr| {
+                if !addr.ip().is_loopback() {
+                    errln!(
+                        "airlock serve: listening on {addr}, not loopback: anyone who reaches it can read the registry"
+                    );
+                }
+                let mode = if writable { "rescan allowed with the token" } else { "read-only" };
+                // The first line names the address: a test or a script that asked for port 0 reads it.
+                let _ = writeln!(std::io::stdout(), "listening on http://{addr} ({mode})");
+                let _ = std::io::stdout().flush();
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Plugin(PluginCommand::New { name, dir, sdk }) => plugin::new(&name, dir.as_deref(), sdk.as_deref()),
         Command::Plugin(PluginCommand::Build { dir }) => plugin::build(&dir),
         Command::Plugin(PluginCommand::Inspect { file, format }) => {

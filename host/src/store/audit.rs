@@ -29,6 +29,9 @@ pub struct Entry {
     /// Stages switched off by policy when this model was scanned.
     #[serde(default)]
     pub disabled_stages: Vec<String>,
+    /// Who asked for an action (`cli`, `web`); absent for the watcher's own events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
     /// sha256 of the previous line (64 zeros for the first).
     pub prev: String,
 }
@@ -43,6 +46,7 @@ pub struct Record {
     pub failed_stage: Option<String>,
     pub reason: Option<String>,
     pub disabled_stages: Vec<String>,
+    pub actor: Option<String>,
 }
 
 pub struct AuditLog {
@@ -127,6 +131,7 @@ impl AuditLog {
             failed_stage: r.failed_stage,
             reason: r.reason,
             disabled_stages: r.disabled_stages,
+            actor: r.actor,
             prev: head.sha256,
         };
         let line = serde_json::to_string(&entry).map_err(io::Error::other)?;

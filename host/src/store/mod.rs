@@ -21,6 +21,7 @@
 //! restart; it never goes straight to the registry.
 
 pub mod audit;
+pub mod listing;
 pub mod manifest;
 pub mod outbox;
 pub mod root;
@@ -55,6 +56,7 @@ pub fn is_eligible_name(name: &str) -> bool {
         || SIDECAR_SUFFIXES.iter().any(|s| name.ends_with(s)))
 }
 
+/// `scanning/<id>/claim.json`: which model a claim folder holds.
 #[derive(Serialize, Deserialize)]
 struct Claim {
     id: String,
@@ -515,6 +517,7 @@ impl<'a> Quarantine<'a> {
             failed_stage: Some(failed_stage.to_string()),
             reason: Some(reason.clone()),
             disabled_stages: self.scanner.disabled_stages(),
+            ..Record::default()
         })?;
         self.remove_claim_dir(dir)?;
         Ok(Disposition::Rejected { name: claim.name.clone(), failed_stage, reason, report: report_path })
@@ -564,8 +567,9 @@ pub fn read_index(root: &Root) -> io::Result<Vec<IndexEntry>> {
 }
 
 /// Moves a rejected model back to `incoming/` and drops its report, so the
-/// watcher takes it again. The audit log records the rescan.
-pub fn rescan(root: &Root, name: &str) -> Result<(), String> {
+/// watcher takes it again. The audit log records the rescan and who asked
+/// for it; the entry is returned.
+pub fn rescan(root: &Root, name: &str, actor: &str) -> Result<audit::Entry, String> {
     let src = root.rejected().join(name);
     fs::symlink_metadata(&src).map_err(|e| format!("{}: {e}", src.display()))?;
     let original = read_json::<Report>(&root.rejected().join(format!("{name}.report.json")))
@@ -595,7 +599,12 @@ pub fn rescan(root: &Root, name: &str) -> Result<(), String> {
     rename_new(&src, &dest).map_err(restore)?;
     let _ = fs::remove_file(&set_aside);
     AuditLog::new(&root.audit_log())
-        .append(Record { level: "INFO", event: "rescan", model: original, ..Record::default() })
-        .map_err(|e| e.to_string())?;
-    Ok(())
+        .append(Record {
+            level: "INFO",
+            event: "rescan",
+            model: original,
+            actor: Some(actor.into()),
+            ..Record::default()
+        })
+        .map_err(|e| e.to_string())
 }
