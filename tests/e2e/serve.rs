@@ -106,11 +106,15 @@ fn dom(url: &str) -> String {
 
 /// A full-page screenshot kept for people to look at; checked to be a real, non-trivial PNG.
 fn screenshot(url: &str, name: &str) -> PathBuf {
+    screenshot_tall(url, name, 1000)
+}
+
+fn screenshot_tall(url: &str, name: &str, height: u32) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve-screenshots");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("{name}.png"));
     let _ = std::fs::remove_file(&path);
-    browser(&["--window-size=1280,1000".into(), format!("--screenshot={}", path.display()), url.into()]);
+    browser(&[format!("--window-size=1280,{height}"), format!("--screenshot={}", path.display()), url.into()]);
     let png = std::fs::read(&path).unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "{}: not a real screenshot", path.display());
     println!("screenshot of {url}: {}", path.display());
@@ -181,7 +185,7 @@ fn every_page_renders_in_chromium_with_the_data_root_in_it() {
     assert!(page.contains(&format!("{} of {} tensors", tensors.len(), tensors.len())), "{page}");
     let url = server.url("/models/minilm.safetensors?q=ATTENTION.self.query");
     let page = dom(&url);
-    screenshot(&format!("{url}#tensor-search"), "model-search");
+    screenshot_tall(&url, "model-search", 2000);
     let matching =
         tensors.iter().filter(|t| t["name"].as_str().unwrap().to_lowercase().contains("attention.self.query")).count();
     assert!(matching > 0);
