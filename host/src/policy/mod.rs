@@ -5,78 +5,16 @@
 //! `require_source`, `smoke_test_max_score`, `smoke_test_max_critical`) and
 //! adds `defaults.limits` and `chain`. Unknown keys are errors. Every error
 //! names the file, the line and the key.
+//!
+//! Layout by concern: `stage` (the seven stages), `file` (the YAML as
+//! written), `limits` (resource limits and their ranges), `keys` (trusted
+//! signing keys), `pins` (the one place `models.lock.yaml` is read and
+//! written); this module loads and checks a policy.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-use serde::{Deserialize, Serialize};
 
 use crate::plugin::{Grant, Limits};
-
-/// The seven stages, in order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Stage {
-    SourcePolicy,
-    FormatGate,
-    IntegrityCheck,
-    ProvenanceCheck,
-    StaticScan,
-    BehavioralTest,
-    DiffusionDeepScan,
-}
-
-impl Stage {
-    pub const ALL: [Stage; 7] = [
-        Stage::SourcePolicy,
-        Stage::FormatGate,
-        Stage::IntegrityCheck,
-        Stage::ProvenanceCheck,
-        Stage::StaticScan,
-        Stage::BehavioralTest,
-        Stage::DiffusionDeepScan,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Stage::SourcePolicy => "source_policy",
-            Stage::FormatGate => "format_gate",
-            Stage::IntegrityCheck => "integrity_check",
-            Stage::ProvenanceCheck => "provenance_check",
-            Stage::StaticScan => "static_scan",
-            Stage::BehavioralTest => "behavioral_test",
-            Stage::DiffusionDeepScan => "diffusion_deep_scan",
-        }
-    }
-
-    /// 1-based position in the chain.
-    pub fn number(self) -> usize {
-        Stage::ALL.iter().position(|s| *s == self).expect("in ALL") + 1
-    }
-}
-
-impl std::fmt::Display for Stage {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// The built-in plugins this build ships.
-pub const BUILTINS: [&str; 12] = [
-    "source_policy",
-    "format_gate",
-    "integrity_check",
-    "metadata_gadgets",
-    "template_guard",
-    "pickle_scan",
-    "weights",
-    "entropy",
-    "tokenizer_check",
-    "provenance",
-    "behavioral",
-    "diffusion_deep_scan",
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -88,187 +26,19 @@ pub enum PolicyError {
     Io { file: String, source: std::io::Error },
 }
 
+mod file;
 mod keys;
+mod limits;
 mod pins;
+mod stage;
+// Every `*File` struct is the YAML's shape, used only by the loader below.
+use file::*;
+pub use file::{AllowEntry, Registry};
 use keys::load_key;
 pub use keys::{KeyKind, TrustedKey};
+use limits::apply_limits;
 pub use pins::{Pin, load_pins, record_pin};
-
-// ---- policy.yaml, as written ----
-
-/// A YAML mapping that refuses a key written twice. Plain maps keep the last
-/// value, so a second `static_scan:` appended to a policy would silently
-/// replace the first chain; for a policy that is a hole, not a convenience.
-struct UniqueMap<K, V>(BTreeMap<K, V>);
-
-impl<K, V> Default for UniqueMap<K, V> {
-    fn default() -> Self {
-        UniqueMap(BTreeMap::new())
-    }
-}
-
-impl<'de, K, V> Deserialize<'de> for UniqueMap<K, V>
-where
-    K: Deserialize<'de> + Ord + std::fmt::Display,
-    V: Deserialize<'de>,
-{
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit<K, V>(std::marker::PhantomData<(K, V)>);
-        impl<'de, K, V> serde::de::Visitor<'de> for Visit<K, V>
-        where
-            K: Deserialize<'de> + Ord + std::fmt::Display,
-            V: Deserialize<'de>,
-        {
-            type Value = UniqueMap<K, V>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a mapping with unique keys")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut out = BTreeMap::new();
-                while let Some((k, v)) = map.next_entry::<K, V>()? {
-                    if out.contains_key(&k) {
-                        return Err(serde::de::Error::custom(format!("{k} is written twice")));
-                    }
-                    out.insert(k, v);
-                }
-                Ok(UniqueMap(out))
-            }
-        }
-        d.deserialize_map(Visit(std::marker::PhantomData))
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PolicyFile {
-    quarantine: QuarantineFile,
-    #[serde(default)]
-    defaults: DefaultsFile,
-    #[serde(default)]
-    chain: UniqueMap<Stage, Vec<EntryFile>>,
-    #[serde(default)]
-    registry: Option<RegistryFile>,
-    #[serde(default)]
-    provenance: ProvenanceFile,
-    #[serde(default)]
-    inference: crate::inference::InferenceConfig,
-    #[serde(default)]
-    folders: crate::artifact::FolderLimits,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct ProvenanceFile {
-    #[serde(default)]
-    require_signature: bool,
-    #[serde(default)]
-    trusted_keys: Vec<TrustedKeyFile>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TrustedKeyFile {
-    kind: KeyKind,
-    path: PathBuf,
-    name: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RegistryFile {
-    url: String,
-    token_file: Option<PathBuf>,
-}
-
-/// An HTTP registry that promotions are announced to.
-#[derive(Clone, Debug)]
-pub struct Registry {
-    /// Base URL; promotions go to `{url}/v1/model/promote`.
-    pub url: String,
-    /// A file holding the bearer token, read at send time.
-    pub token_file: Option<PathBuf>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct QuarantineFile {
-    #[serde(default)]
-    require_source: bool,
-    #[serde(default = "default_max_score")]
-    smoke_test_max_score: f64,
-    #[serde(default = "default_max_critical")]
-    smoke_test_max_critical: u32,
-    stages: StagesFile,
-}
-
-fn default_max_score() -> f64 {
-    0.3
-}
-fn default_max_critical() -> u32 {
-    1
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StagesFile {
-    source_policy: bool,
-    format_gate: bool,
-    integrity_check: bool,
-    provenance_check: bool,
-    static_scan: bool,
-    behavioral_test: bool,
-    diffusion_deep_scan: bool,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct DefaultsFile {
-    #[serde(default)]
-    limits: LimitsFile,
-}
-
-#[derive(Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields)]
-struct LimitsFile {
-    memory_mib: Option<u64>,
-    timeout_secs: Option<f64>,
-    max_read_mib: Option<u32>,
-    max_report_kib: Option<usize>,
-    max_log_kib: Option<usize>,
-    max_value_mib: Option<usize>,
-    max_total_read_mib: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EntryFile {
-    plugin: String,
-    sha256: Option<String>,
-    #[serde(default)]
-    grants: Vec<Grant>,
-    /// Run only on models of these formats (`gguf`, `safetensors`, ..., `folder`).
-    #[serde(default)]
-    formats: Option<Vec<String>>,
-    #[serde(default)]
-    limits: LimitsFile,
-    #[serde(default)]
-    config: Option<serde_norway::Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AllowlistFile {
-    #[serde(default)]
-    models: Vec<AllowEntry>,
-}
-
-/// One source allowlist entry: `{name, url_prefix}`.
-#[derive(Deserialize, Clone, Debug, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct AllowEntry {
-    pub name: String,
-    pub url_prefix: String,
-}
+pub use stage::{BUILTINS, Stage};
 
 // ---- the loaded policy ----
 
@@ -500,30 +270,6 @@ impl Policy {
     }
 }
 
-/// The 1-based line of a key path like `chain.static_scan[0].sha256` in YAML
-/// text: each segment is looked for as `name:` (or the n-th `- ` item) after
-/// the previous one. Good enough to point a person at the right line; `None`
-/// when the key is not written out (a missing key).
-fn line_of(text: &str, key: &str) -> Option<usize> {
-    let lines: Vec<&str> = text.lines().collect();
-    let mut at = 0;
-    for seg in key.split('.') {
-        let (name, index) = match seg.split_once('[') {
-            Some((n, i)) => (n, i.trim_end_matches(']').parse::<usize>().ok()),
-            None => (seg, None),
-        };
-        let found = (at..lines.len()).find(|&i| {
-            let l = lines[i].trim_start().trim_start_matches("- ");
-            l.starts_with(&format!("{name}:")) || l.starts_with(&format!("{name} :"))
-        })?;
-        at = found;
-        if let Some(n) = index {
-            at = (at + 1..lines.len()).filter(|&i| lines[i].trim_start().starts_with("- ")).nth(n)?;
-        }
-    }
-    Some(at + 1)
-}
-
 /// An allowlist prefix must itself be a plain https URL.
 fn check_prefix(text: &str) -> Result<(), String> {
     let url = url::Url::parse(text).map_err(|e| format!("not a valid URL ({e})"))?;
@@ -537,44 +283,6 @@ fn check_prefix(text: &str) -> Result<(), String> {
         return Err("a prefix needs a host".into());
     }
     Ok(())
-}
-
-fn apply_limits(base: &Limits, f: &LimitsFile) -> Result<Limits, String> {
-    let mut l = base.clone();
-    if let Some(m) = f.memory_mib {
-        if !(1..=16 * 1024).contains(&m) {
-            return Err(format!("memory_mib {m} is out of range (1..=16384)"));
-        }
-        l.memory_bytes = m << 20;
-    }
-    if let Some(t) = f.timeout_secs {
-        if !(t > 0.0 && t <= 24.0 * 3600.0) {
-            return Err(format!("timeout_secs {t} is out of range (0..=86400]"));
-        }
-        l.timeout = Duration::from_secs_f64(t);
-    }
-    if let Some(r) = f.max_read_mib {
-        if !(1..=1024).contains(&r) {
-            return Err(format!("max_read_mib {r} is out of range (1..=1024)"));
-        }
-        l.max_read_bytes = r << 20;
-    }
-    if let Some(r) = f.max_report_kib {
-        l.max_report_bytes = r.checked_mul(1024).ok_or("max_report_kib is too large")?;
-    }
-    if let Some(r) = f.max_log_kib {
-        l.max_log_bytes = r.checked_mul(1024).ok_or("max_log_kib is too large")?;
-    }
-    if let Some(r) = f.max_total_read_mib {
-        if r == 0 {
-            return Err("max_total_read_mib must be at least 1".into());
-        }
-        l.max_total_read = Some(r.checked_mul(1 << 20).ok_or("max_total_read_mib is too large")?);
-    }
-    if let Some(r) = f.max_value_mib {
-        l.max_value_bytes = r.checked_mul(1 << 20).ok_or("max_value_mib is too large")?;
-    }
-    Ok(l)
 }
 
 /// 64 hex digits.
