@@ -18,6 +18,7 @@
 //!   time each phase.
 //! - `bench`: time `airlock scan` (the default chain) on the gemma GGUF against `openssl dgst -sha256`.
 
+mod fuzz;
 mod setup;
 
 use std::collections::BTreeMap;
@@ -61,8 +62,9 @@ fn main() {
         Some("lint") => lint(),
         Some("demo") => demo(),
         Some("bench") => bench(),
+        Some("fuzz") => fuzz::command(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <setup|toolchain|plugins|build|models|test|lint|demo|bench>");
+            eprintln!("usage: cargo xtask <setup|toolchain|plugins|build|models|test|lint|demo|bench|fuzz>");
             std::process::exit(2);
         }
     };
@@ -293,10 +295,12 @@ fn test(extra: &[String]) -> Result<()> {
     run(Command::new("cargo")
         .args(["test", "--quiet", "--manifest-path", "sdk/Cargo.toml", "--target-dir", "target/sdk-native"])
         .current_dir(&root))?;
-    // So do the analysis kernels of the stage-5 plugins (their scalar twins of the SIMD code).
+    // So do the analysis kernels of the stage-5 plugins (their scalar twins of the SIMD code),
+    // and the fuzz regressions of template_guard and pickle_scan.
     let host = host_triple()?;
     run(Command::new("cargo")
         .args(["test", "--quiet", "--manifest-path", "plugins/Cargo.toml", "-p", "weights", "-p", "behavioral"])
+        .args(["-p", "template_guard", "-p", "pickle_scan"])
         .args(["--target", &host])
         .args(["--target-dir", "target/sdk-native"])
         .current_dir(&root))?;
@@ -319,8 +323,8 @@ fn test(extra: &[String]) -> Result<()> {
 
 // ---------------------------------------------------------------- lint
 
-/// The crates' workspaces: the host, the built-in plugins, the SDK and the example plugin.
-const WORKSPACES: [&str; 4] = [".", "plugins", "sdk", "plugins/examples/tensor-guard"];
+/// The crates' workspaces: the host, the built-in plugins, the SDK, the example plugin and the fuzz targets.
+const WORKSPACES: [&str; 5] = [".", "plugins", "sdk", "plugins/examples/tensor-guard", "fuzz"];
 
 /// rustfmt and clippy with warnings as errors, over every workspace. The
 /// guests are linted for wasm32-wasip2 on rustup's route (their SIMD kernels
@@ -577,6 +581,14 @@ fn bench() -> Result<()> {
         median(o_cpu).as_secs_f64() * 1e3
     );
     println!("ratio airlock --pread/openssl: {:.2}x", m.as_secs_f64() / o.as_secs_f64());
+    let (_, rss_map, _) = time_rss(&mut scan())?;
+    let (_, rss_pread, _) = time_rss(&mut scan_with(true))?;
+    println!(
+        "peak RSS: {:.0} MiB with the map (counts mapped page-cache pages), {:.0} MiB with --pread",
+        rss_map as f64 / 1024.0,
+        rss_pread as f64 / 1024.0
+    );
+    stage_costs(&airlock, gemma, &work)?;
 
     // Memory must stay flat as the model grows: a 4 GB synthetic Q8_0 GGUF.
     let big = work.join("synthetic-q8_0-4gb.gguf");
@@ -602,6 +614,34 @@ fn bench() -> Result<()> {
     std::fs::remove_file(&big)?;
     bench_sharded_folder(&airlock, path_of(&models, "minilm_folder")?, &work)?;
     bench_behavioral(&airlock, gemma, &work)
+}
+
+/// Each plugin's own time in a scan (the `elapsed_ms` the JSON report gives
+/// every stage result), median of 5 runs: a regression names its stage. The
+/// static-scan plugins run in parallel beside the hash, so their times
+/// overlap each other and the wall time.
+fn stage_costs(airlock: &Path, model: &Path, work: &Path) -> Result<()> {
+    let mut per: BTreeMap<(u64, String), Vec<u64>> = BTreeMap::new();
+    for _ in 0..5 {
+        let out = Command::new(airlock)
+            .args(["scan", "--format", "json"])
+            .arg(model)
+            .env("AIRLOCK_ROOT", work)
+            .env("AIRLOCK_CACHE_DIR", work.join("cache"))
+            .output()?;
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).context("scan --format json")?;
+        for s in report["stages"].as_array().into_iter().flatten() {
+            let Some(plugin) = s["plugin"].as_str() else { continue };
+            let key = (s["number"].as_u64().unwrap_or(0), format!("{} {plugin}", s["stage"].as_str().unwrap_or("?")));
+            per.entry(key).or_default().push(s["elapsed_ms"].as_u64().unwrap_or(0));
+        }
+    }
+    println!("per-stage cost (plugin's own wall time, median of 5):");
+    for ((_, name), mut ms) in per {
+        ms.sort_unstable();
+        println!("  {name:<44} {:>6} ms", ms[ms.len() / 2]);
+    }
+    Ok(())
 }
 
 /// A transformers folder of three shards: the real MiniLM folder resharded,

@@ -73,18 +73,31 @@ pub fn missing_shards(dir: &Path) -> Vec<String> {
             continue;
         }
         let Ok(text) = fs::read(&path) else { continue };
-        let Ok(index) = serde_json::from_slice::<serde_json::Value>(&text) else { continue };
-        let Some(map) = index.get("weight_map").and_then(|m| m.as_object()) else { continue };
-        for shard in map.values().filter_map(|v| v.as_str()) {
-            let inside = !shard.is_empty()
-                && !shard.starts_with('/')
-                && Path::new(shard).components().all(|c| matches!(c, std::path::Component::Normal(_)));
-            if inside && fs::symlink_metadata(dir.join(shard)).is_err() && !missing.iter().any(|m| m == shard) {
-                missing.push(shard.to_string());
+        for shard in shards_inside(&text) {
+            if fs::symlink_metadata(dir.join(&shard)).is_err() && !missing.contains(&shard) {
+                missing.push(shard);
             }
         }
     }
     missing
+}
+
+/// The shard paths a `*.safetensors.index.json` names that stay inside the
+/// folder (plain relative components), each once, in order. Text that is not
+/// such an index names none. Pure, so it is fuzzed (`fuzz/`).
+pub fn shards_inside(index: &[u8]) -> Vec<String> {
+    let Ok(index) = serde_json::from_slice::<serde_json::Value>(index) else { return Vec::new() };
+    let Some(map) = index.get("weight_map").and_then(|m| m.as_object()) else { return Vec::new() };
+    let mut out: Vec<String> = Vec::new();
+    for shard in map.values().filter_map(|v| v.as_str()) {
+        let inside = !shard.is_empty()
+            && !shard.starts_with('/')
+            && Path::new(shard).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+        if inside && !out.iter().any(|s| s == shard) {
+            out.push(shard.to_string());
+        }
+    }
+    out
 }
 
 #[cfg(test)]

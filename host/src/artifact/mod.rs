@@ -7,6 +7,7 @@
 //! symlink, a special file, an I/O error).
 
 mod cores;
+pub mod fuzzing;
 mod gguf;
 mod hash;
 mod layout;
@@ -22,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-pub use layout::{FolderLayout, folder_layout, missing_shards};
+pub use layout::{FolderLayout, folder_layout, missing_shards, shards_inside};
 pub use source::{ByteSource, FileBytes, ReadMode, Stream};
 
 /// Files that travel beside a model as `<name><suffix>`: its recorded origin

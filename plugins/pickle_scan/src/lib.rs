@@ -126,6 +126,13 @@ struct Import {
 /// Resolves the imports of one pickle stream; stops at STOP or at the first
 /// byte that is not an opcode. `Err` carries the imports found before a
 /// malformed stream, and why it ended.
+/// How many imports the walker finds, and whether it stopped early; the entry
+/// point of the fuzz target in `fuzz/` (native, outside the sandbox).
+pub fn count_imports(bytes: &[u8]) -> (usize, bool) {
+    let (found, stopped) = imports(bytes);
+    (found.len(), stopped.is_some())
+}
+
 fn imports(bytes: &[u8]) -> (Vec<Import>, Option<String>) {
     let mut found = Vec::new();
     let mut strings: Vec<Option<String>> = Vec::new();

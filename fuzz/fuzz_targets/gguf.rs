@@ -1,0 +1,7 @@
+//! The strict GGUF parser (both read paths) and the content sniffer.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = airlock::artifact::fuzzing::sniff(data);
+    let _ = airlock::artifact::fuzzing::gguf(data);
+});
