@@ -71,29 +71,32 @@ impl Token {
 struct App {
     root: Root,
     token: Option<Token>,
-    templates: minijinja::Environment<'static>,
     /// Host headers accepted when listening on loopback (DNS-rebinding guard).
     allowed_hosts: Option<Vec<String>>,
 }
 
 type Shared = Arc<App>;
 
-fn templates() -> minijinja::Environment<'static> {
-    let mut env = minijinja::Environment::new();
-    for (name, text) in [
-        ("base.html", include_str!("templates/base.html")),
-        ("macros.html", include_str!("templates/macros.html")),
-        ("registry.html", include_str!("templates/registry.html")),
-        ("model.html", include_str!("templates/model.html")),
-        ("rejected.html", include_str!("templates/rejected.html")),
-        ("report.html", include_str!("templates/report.html")),
-        ("queue.html", include_str!("templates/queue.html")),
-        ("audit.html", include_str!("templates/audit.html")),
-        ("error.html", include_str!("templates/error.html")),
-    ] {
-        env.add_template(name, text).expect("the built-in templates parse");
-    }
-    env
+/// The pages' templates, parsed once for the process.
+fn templates() -> &'static minijinja::Environment<'static> {
+    static ENV: std::sync::OnceLock<minijinja::Environment<'static>> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut env = minijinja::Environment::new();
+        for (name, text) in [
+            ("base.html", include_str!("templates/base.html")),
+            ("macros.html", include_str!("templates/macros.html")),
+            ("registry.html", include_str!("templates/registry.html")),
+            ("model.html", include_str!("templates/model.html")),
+            ("rejected.html", include_str!("templates/rejected.html")),
+            ("report.html", include_str!("templates/report.html")),
+            ("queue.html", include_str!("templates/queue.html")),
+            ("audit.html", include_str!("templates/audit.html")),
+            ("error.html", include_str!("templates/error.html")),
+        ] {
+            env.add_template(name, text).expect("the built-in templates parse");
+        }
+        env
+    })
 }
 
 /// Serves until SIGINT or SIGTERM. `on_ready` gets the bound address (the
@@ -112,7 +115,7 @@ pub fn run(root: Root, listen: SocketAddr, token: Option<Token>, on_ready: impl 
             let p = addr.port();
             vec![format!("127.0.0.1:{p}"), format!("localhost:{p}"), format!("[::1]:{p}"), addr.to_string()]
         });
-        let app = Arc::new(App { root, token, templates: templates(), allowed_hosts });
+        let app = Arc::new(App { root, token, allowed_hosts });
         on_ready(addr);
         axum::serve(listener, router(app)).with_graceful_shutdown(shutdown()).await.context("serving HTTP")
     })
@@ -226,7 +229,7 @@ type Page = Result<Html<String>, Failure>;
 impl App {
     fn render(&self, name: &str, page: &str, ctx: minijinja::Value) -> Page {
         let base = minijinja::context! { root => self.root.path.display().to_string(), page => page };
-        self.templates
+        templates()
             .get_template(name)
             .and_then(|t| t.render(minijinja::context! { ..base, ..ctx }))
             .map(Html)
@@ -270,11 +273,10 @@ fn signer(m: &Manifest) -> String {
             continue;
         }
         let verified = s.details.as_ref().and_then(|d| d["verified"].as_array().cloned()).unwrap_or_default();
-        signers.extend(verified.iter().map(|v| {
-            format!("{} ({}, {})", v["signer"].as_str().unwrap_or("?"), v["kind"].as_str().unwrap_or("?"), {
-                v["file"].as_str().unwrap_or("?")
-            })
-        }));
+        let field = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or("?").to_string();
+        signers.extend(
+            verified.iter().map(|v| format!("{} ({}, {})", field(v, "signer"), field(v, "kind"), field(v, "file"))),
+        );
     }
     if signers.is_empty() {
         format!("unsigned (stage 4 {})", summary.unwrap_or_else(|| "did not run".into()))
@@ -508,7 +510,7 @@ async fn rescan_form(
 /// `--listen`'s default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8440";
 
-/// Where the token file is looked for when `--token-file` is not given: nowhere (read-only).
+/// The token from `--token-file`; none (read-only) without one.
 pub fn token(path: Option<&PathBuf>) -> Result<Option<Token>> {
     path.map(|p| Token::from_file(p)).transpose()
 }
