@@ -2,6 +2,6 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _ = airlock::artifact::fuzzing::sniff(data);
-    let _ = airlock::artifact::fuzzing::safetensors(data);
+    let _ = airlock_artifact::fuzzing::sniff(data);
+    let _ = airlock_artifact::fuzzing::safetensors(data);
 });

@@ -14,7 +14,7 @@
 //! Imports go one way: cli → store → pipeline → plugin → artifact (and
 //! policy); [`fsutil`] serves the store and the plugin cache.
 
-pub mod artifact;
+pub use airlock_artifact as artifact;
 pub mod cli;
 pub mod fsutil;
 pub mod inference;

@@ -177,7 +177,7 @@ fn hash_reporting(source: &ByteSource, offset: u64, len: u64, stream: Option<&St
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::artifact::ReadMode;
+    use crate::ReadMode;
 
     /// Many files at once, as a folder of shards: every digest right, and
     /// never more hashing threads than cores.
