@@ -41,7 +41,12 @@ pub struct ByteSource {
 }
 
 /// The map is given back in steps of this many bytes (a multiple of the page size).
-const RELEASE_STEP: u64 = 16 << 20;
+const RELEASE_STEP: u64 = 8 << 20;
+/// The most of the map kept behind the fastest reader. Readers drift apart
+/// (gemma's two full-read plugins, on one core, by up to 55 MB); a reader
+/// that falls further behind maps its pages again from the page cache, which
+/// costs minor faults, not reads, and keeps peak RSS bounded whatever the spread.
+const RELEASE_WINDOW: u64 = 32 << 20;
 
 /// The readers that stream through a mapped file, so that the map's
 /// page-table entries can be given back behind the slowest of them while the
@@ -55,7 +60,8 @@ struct Streams {
     at: Vec<Option<u64>>,
     /// Set once every reader to wait for is registered.
     armed: bool,
-    /// Everything below this offset was given back.
+    /// Everything below this offset was given back (a reader still behind it
+    /// maps pages there again, and gives them back as it passes them).
     released: u64,
 }
 
@@ -138,31 +144,44 @@ impl ByteSource {
 
     fn moved(&self, slot: usize, at: Option<u64>) {
         let Some(m) = &self.map else { return };
-        let (from, to) = {
+        let ranges = {
             let mut s = self.streams.lock().unwrap_or_else(|p| p.into_inner());
-            s.at[slot] = at;
+            let before = std::mem::replace(&mut s.at[slot], at);
             if !s.armed {
                 return;
             }
-            // With every reader done, the rest goes too.
-            let to = match s.at.iter().flatten().min() {
-                Some(&low) => low / RELEASE_STEP * RELEASE_STEP,
-                None => self.size,
-            };
-            if to <= s.released {
-                return;
+            let mut ranges = [(0, 0); 2];
+            // A reader behind the mark maps what it reads there again: it
+            // gives that back step by step as it passes. (Steps, not pages:
+            // each call stops every thread of the process for a TLB flush.)
+            if let (Some(from), Some(to)) = (before, at) {
+                let (from, to) = (from / RELEASE_STEP * RELEASE_STEP, to.min(s.released) / RELEASE_STEP * RELEASE_STEP);
+                if from < to {
+                    ranges[0] = (from, to);
+                }
             }
-            // Claimed here, given back outside the lock.
-            (std::mem::replace(&mut s.released, to), to)
+            // Behind the slowest reader, or the window behind the fastest;
+            // with every reader done, the rest goes too.
+            let to = match (s.at.iter().flatten().min(), s.at.iter().flatten().max()) {
+                (Some(&low), Some(&high)) => low.max(high.saturating_sub(RELEASE_WINDOW)) / RELEASE_STEP * RELEASE_STEP,
+                _ => self.size,
+            };
+            if to > s.released {
+                // Claimed here, given back outside the lock.
+                ranges[1] = (std::mem::replace(&mut s.released, to), to);
+            }
+            ranges
         };
-        // SAFETY: DONTNEED on a read-only shared file map only drops page-table
-        // entries; the next access maps the page-cache page again, so every
-        // slice of the map stays valid and reads the same bytes. `from` is a
-        // multiple of RELEASE_STEP (so of the page size) and `to` is at most the
-        // map's length.
-        let _ = unsafe {
-            m.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from as usize, (to - from) as usize)
-        };
+        for (from, to) in ranges.into_iter().filter(|(f, t)| f < t) {
+            // SAFETY: DONTNEED on a read-only shared file map only drops
+            // page-table entries; the next access maps the page-cache page
+            // again, so every slice of the map stays valid and reads the same
+            // bytes. `from` is a multiple of RELEASE_STEP (so of the page size)
+            // and `to` is at most the map's length.
+            let _ = unsafe {
+                m.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from as usize, (to - from) as usize)
+            };
+        }
     }
 
     /// Fails if a read of the map ever went past the end of the file: it was
@@ -412,9 +431,9 @@ mod tests {
         assert!(FileBytes::open(&dir.path().join("missing.wasm")).is_err());
     }
 
-    /// The map is given back behind the slowest registered reader, in whole
-    /// steps, only once armed, and wholly when every reader is done; the bytes
-    /// read afterwards are still the file's.
+    /// The map is given back behind the slowest registered reader (or the
+    /// window behind the fastest), in whole steps, only once armed, and wholly
+    /// when every reader is done; the bytes read afterwards are still the file's.
     #[test]
     fn the_map_is_given_back_behind_the_slowest_reader_and_still_reads_the_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -439,6 +458,23 @@ mod tests {
         assert_eq!(released(), size as u64, "with every reader done, all of it");
         assert_eq!(src.mapped(0, size as u64).unwrap(), &data[..]);
         src.intact().unwrap();
+
+        // A reader far behind holds back no more than the window behind the fastest.
+        let size = 8 * RELEASE_STEP as usize;
+        std::fs::write(&path, vec![9u8; size]).unwrap();
+        let src = Arc::new(ByteSource::new(File::open(&path).unwrap(), size as u64, ReadMode::Mmap).unwrap());
+        let released = || src.streams.lock().unwrap().released;
+        let (fast, slow) = (src.stream().unwrap(), src.stream().unwrap());
+        src.release_behind_streams();
+        slow.at(5);
+        fast.at(RELEASE_WINDOW + 2 * RELEASE_STEP + 3);
+        assert_eq!(released(), 2 * RELEASE_STEP, "the window behind the fastest, in whole steps");
+        assert_eq!(src.read_vec(5, 4096).unwrap(), vec![9u8; 4096], "the slow reader still reads the file");
+        // Passing a step behind the mark, it gives back what it mapped again; the bytes stay the file's.
+        slow.at(RELEASE_STEP + 1);
+        assert_eq!(released(), 2 * RELEASE_STEP);
+        assert_eq!(src.read_vec(0, size).unwrap(), vec![9u8; size]);
+        drop((fast, slow));
         // A file read with pread has no map to give back.
         let pread = Arc::new(ByteSource::new(File::open(&path).unwrap(), size as u64, ReadMode::Pread).unwrap());
         assert!(pread.stream().is_none());
