@@ -10,6 +10,24 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+/// The built-in plugins, shipped as `builtin:<name>`: each is the crate
+/// `plugins/<name>`. Here because both sides need the one list: xtask builds
+/// them, the host resolves `builtin:` names against it.
+pub const BUILTINS: [&str; 12] = [
+    "source_policy",
+    "format_gate",
+    "integrity_check",
+    "metadata_gadgets",
+    "template_guard",
+    "pickle_scan",
+    "weights",
+    "entropy",
+    "tokenizer_check",
+    "provenance",
+    "behavioral",
+    "diffusion_deep_scan",
+];
+
 pub const TARGET: &str = "wasm32-wasip2";
 
 /// Route B's Debian packages (Debian 12 with bookworm-security). The version

@@ -30,21 +30,7 @@ use airlock_wasm_toolchain::{Route, TARGET, rustup_has_target};
 use anyhow::{Context, Result, bail};
 use setup::Purpose;
 
-/// The plugins shipped as `builtin:<name>`.
-const BUILTINS: [&str; 12] = [
-    "source_policy",
-    "format_gate",
-    "integrity_check",
-    "metadata_gadgets",
-    "template_guard",
-    "pickle_scan",
-    "weights",
-    "entropy",
-    "tokenizer_check",
-    "provenance",
-    "behavioral",
-    "diffusion_deep_scan",
-];
+use airlock_wasm_toolchain::BUILTINS;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -51,17 +51,4 @@ impl std::fmt::Display for Stage {
 }
 
 /// The built-in plugins this build ships.
-pub const BUILTINS: [&str; 12] = [
-    "source_policy",
-    "format_gate",
-    "integrity_check",
-    "metadata_gadgets",
-    "template_guard",
-    "pickle_scan",
-    "weights",
-    "entropy",
-    "tokenizer_check",
-    "provenance",
-    "behavioral",
-    "diffusion_deep_scan",
-];
+pub use airlock_wasm_toolchain::BUILTINS;
