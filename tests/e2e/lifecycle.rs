@@ -445,7 +445,9 @@ fn rescans_beside_a_running_watcher_keep_the_audit_chain_whole() {
     }
     // Let the watcher finish what is waiting, then stop it.
     let settling = Instant::now();
-    while names.iter().any(|n| !lab.rejected().join(n).exists()) {
+    let settled =
+        |n: &String| lab.rejected().join(n).exists() && lab.rejected().join(format!("{n}.report.json")).exists();
+    while !names.iter().all(settled) {
         if settling.elapsed() > Duration::from_secs(180) {
             let listing: Vec<_> = std::fs::read_dir(lab.rejected()).unwrap().map(|e| e.unwrap().file_name()).collect();
             panic!("the watcher did not settle; rejected/ holds {listing:?}");
@@ -454,6 +456,15 @@ fn rescans_beside_a_running_watcher_keep_the_audit_chain_whole() {
     }
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
+    // Each re-rejection found its name free: a rescan never took a model whose
+    // report was not yet written (which would leave that report behind and push
+    // the next rejection to a suffixed name).
+    let mut listing: Vec<String> =
+        std::fs::read_dir(lab.rejected()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    listing.sort();
+    let mut expected: Vec<String> = names.iter().flat_map(|n| [n.clone(), format!("{n}.report.json")]).collect();
+    expected.sort();
+    assert_eq!(listing, expected);
     let (code, out) = lab.run(&["audit", "--verify"]);
     assert_eq!(code, 0, "{out}");
     let entries = lab.audit();

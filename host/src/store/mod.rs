@@ -129,10 +129,6 @@ pub struct Quarantine<'a> {
     scanner: &'a Scanner,
     policy: &'a Policy,
     audit: AuditLog,
-    /// Serialises the short commit steps (renames into registry/ and rejected/,
-    /// pins, index, audit) when several models are scanned at once; the scans
-    /// and manifests run outside it.
-    commit: std::sync::Mutex<()>,
 }
 
 fn new_id() -> String {
@@ -162,7 +158,7 @@ impl<'a> Quarantine<'a> {
         root.check()?;
         let audit = AuditLog::new(&root.audit_log());
         audit.repair()?;
-        Ok(Quarantine { root, scanner, policy, audit, commit: std::sync::Mutex::new(()) })
+        Ok(Quarantine { root, scanner, policy, audit })
     }
 
     /// Entries in `incoming/` that may be taken, in name order. A folder waits
@@ -281,7 +277,7 @@ impl<'a> Quarantine<'a> {
             // The model already left: finish the decision recorded before it moved.
             return match read_json::<Decision>(&dir.join("decision.json")) {
                 Ok(d) if !d.promote => {
-                    let _commit = self.commit.lock().unwrap_or_else(|p| p.into_inner());
+                    let _commit = self.root.commit_lock()?;
                     self.finish_rejection(dir, &claim, &d)
                 }
                 // A journal this build cannot read (another version wrote it): the
@@ -375,7 +371,10 @@ impl<'a> Quarantine<'a> {
     }
 
     fn promote(&self, dir: &Path, claim: &Claim) -> io::Result<Disposition> {
-        let _commit = self.commit.lock().unwrap_or_else(|p| p.into_inner());
+        // The short commit steps (renames into registry/ and rejected/, pins,
+        // index, audit) run one at a time, across threads and processes; the
+        // scans and manifests run outside the lock.
+        let _commit = self.root.commit_lock()?;
         let dest = self.root.registry().join(&claim.name);
         if fs::symlink_metadata(&dest).is_ok() {
             // Another model of the same name was promoted while this one was scanned.
@@ -450,7 +449,7 @@ impl<'a> Quarantine<'a> {
     }
 
     fn reject(&self, dir: &Path, claim: &Claim, decision: &Decision) -> io::Result<Disposition> {
-        let _commit = self.commit.lock().unwrap_or_else(|p| p.into_inner());
+        let _commit = self.root.commit_lock()?;
         self.reject_locked(dir, claim, decision)
     }
 
@@ -570,6 +569,9 @@ pub fn read_index(root: &Root) -> io::Result<Vec<IndexEntry>> {
 /// watcher takes it again. The audit log records the rescan and who asked
 /// for it; the entry is returned.
 pub fn rescan(root: &Root, name: &str, actor: &str) -> Result<audit::Entry, String> {
+    // Held to the end: a watcher's rejection of this name is either finished
+    // (model and report both in rejected/) or not begun.
+    let _commit = root.commit_lock().map_err(|e| e.to_string())?;
     let src = root.rejected().join(name);
     fs::symlink_metadata(&src).map_err(|e| format!("{}: {e}", src.display()))?;
     let original = read_json::<Report>(&root.rejected().join(format!("{name}.report.json")))
@@ -607,4 +609,32 @@ pub fn rescan(root: &Root, name: &str, actor: &str) -> Result<audit::Entry, Stri
             ..Record::default()
         })
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A rescan waits while the commit lock is held (by a watcher writing a
+    /// rejection, here by the test) and moves the model only once it is free.
+    #[test]
+    fn rescan_waits_for_a_commit_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::new(dir.path());
+        root.init().unwrap();
+        fs::write(root.rejected().join("m.gguf"), b"x").unwrap();
+        let held = root.commit_lock().unwrap();
+        let rescan = {
+            let root = root.clone();
+            std::thread::spawn(move || rescan(&root, "m.gguf", "test"))
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(root.rejected().join("m.gguf").exists(), "rescan moved the model while a commit held the lock");
+        assert!(!root.incoming().join("m.gguf").exists());
+        drop(held);
+        rescan.join().unwrap().unwrap();
+        assert!(root.incoming().join("m.gguf").exists());
+        assert!(!root.rejected().join("m.gguf").exists());
+    }
 }

@@ -43,6 +43,27 @@ impl Root {
         self.registry().join("index.json")
     }
 
+    /// The commit lock: an exclusive flock(2) on `state/commit.lock`, held
+    /// while a model moves into `registry/` or `rejected/` and its record is
+    /// written, and while `rescan` moves one back. It is a file lock, not a
+    /// mutex, because `rescan` runs in its own process (the CLI, `serve`)
+    /// beside the watcher: without it a rescan could take a model whose
+    /// rejection was half written, and the next rejection would find the old
+    /// report and have to pick a suffixed name. flock locks taken through
+    /// separate opens exclude each other within one process too, so it also
+    /// serialises the watcher's own threads. Released when the file is dropped.
+    pub fn commit_lock(&self) -> io::Result<fs::File> {
+        let path = self.state().join("commit.lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        file.lock().map_err(|e| io::Error::new(e.kind(), format!("locking {}: {e}", path.display())))?;
+        Ok(file)
+    }
+
     /// Creates every folder. `incoming/` is group-writable (operators and download
     /// tools drop models there); everything else is the service's alone.
     pub fn init(&self) -> io::Result<()> {
