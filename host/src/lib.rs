@@ -9,9 +9,10 @@
 //! - [`inference`] runs the model for a stage granted `inference` (sandboxed worker or OpenAI API);
 //! - [`pipeline`] runs the chain over a model and decides the verdict;
 //! - [`store`] keeps the quarantine: claim, promote, reject, manifests, the audit log;
+//! - [`scale_out`] spreads scans over workers on NATS JetStream (`worker`, `watch --dispatch`);
 //! - [`cli`] is the `airlock` command.
 //!
-//! Imports go one way: cli → store → pipeline → plugin → artifact (and
+//! Imports go one way: cli → store → scale_out → pipeline → plugin → artifact (and
 //! policy); [`fsutil`] serves the store and the plugin cache.
 
 pub use airlock_artifact as artifact;
@@ -21,5 +22,6 @@ pub mod inference;
 pub mod pipeline;
 pub mod plugin;
 pub mod policy;
+pub mod scale_out;
 pub mod serve;
 pub mod store;

@@ -19,6 +19,7 @@ mod provenance;
 mod real_models;
 mod safetensors_rules;
 mod sarif;
+mod scale_out;
 mod serve;
 mod source_policy;
 mod static_scan;

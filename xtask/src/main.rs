@@ -18,6 +18,7 @@
 //!   time each phase.
 //! - `bench`: time `airlock scan` (the default chain) on the gemma GGUF against `openssl dgst -sha256`.
 
+mod bench_scale_out;
 mod fuzz;
 mod setup;
 
@@ -48,9 +49,12 @@ fn main() {
         Some("lint") => lint(),
         Some("demo") => demo(),
         Some("bench") => bench(),
+        Some("bench-scale-out") => bench_scale_out::command(),
         Some("fuzz") => fuzz::command(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <setup|toolchain|plugins|build|models|test|lint|demo|bench|fuzz>");
+            eprintln!(
+                "usage: cargo xtask <setup|toolchain|plugins|build|models|test|lint|demo|bench|bench-scale-out|fuzz>"
+            );
             std::process::exit(2);
         }
     };
@@ -303,6 +307,10 @@ fn test(extra: &[String]) -> Result<()> {
         .env("AIRLOCK_TEST_LLAMA_IMATRIX", path_of(&models, "llama_imatrix")?)
         .env("AIRLOCK_TEST_MODEL_SIGNING", &signing)
         .env("AIRLOCK_TEST_CHROMIUM", setup::which("chromium").context("chromium is not on PATH after set-up")?)
+        .env(
+            "AIRLOCK_TEST_NATS_SERVER",
+            setup::which("nats-server").context("nats-server is not on PATH or in /usr/sbin after set-up")?,
+        )
         .env("AIRLOCK_TEST_COMPONENTS", components_dir(&route))
         .current_dir(&root))
 }

@@ -86,6 +86,12 @@ const NEEDS: &[Need] = &[
         check: Check::Command("chromium"),
         for_: Purpose::Test,
     },
+    Need {
+        what: "nats-server (scale-out tests)",
+        package: "nats-server",
+        check: Check::Command("nats-server"),
+        for_: Purpose::Test,
+    },
 ];
 
 /// Where to look: the running machine, or a folder laid out like one.
@@ -109,11 +115,15 @@ impl Probe {
         }
     }
 
+    /// PATH, then the sbin folders: Debian puts daemons such as nats-server in
+    /// /usr/sbin, which a user's PATH often lacks.
     fn search_path(&self) -> Vec<PathBuf> {
-        match &self.sysroot {
+        let mut dirs: Vec<PathBuf> = match &self.sysroot {
             Some(_) => ["/usr/local/bin", "/usr/bin", "/bin"].iter().map(|d| self.under(d)).collect(),
             None => std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default(),
-        }
+        };
+        dirs.extend(["/usr/local/sbin", "/usr/sbin", "/sbin"].iter().map(|d| self.under(d)));
+        dirs
     }
 
     fn has_command(&self, name: &str) -> bool {
@@ -340,7 +350,8 @@ mod tests {
         missing(probe, purpose).into_iter().map(|(_, p)| p).collect()
     }
 
-    const ALL: &[&str] = &["cc", "python3", "cmake", "c++", "clang", "openssl", "gpg", "gpg-agent", "chromium"];
+    const ALL: &[&str] =
+        &["cc", "python3", "cmake", "c++", "clang", "openssl", "gpg", "gpg-agent", "chromium", "nats-server"];
 
     #[test]
     fn a_machine_without_libclang_needs_only_libclang_dev_for_the_tests() {
@@ -389,7 +400,8 @@ mod tests {
                 "openssl",
                 "gnupg",
                 "gpg-agent",
-                "chromium"
+                "chromium",
+                "nats-server"
             ]
         );
         assert_eq!(packages(&probe, Purpose::Demo), ["gcc", "python3", "python3-pip"]);

@@ -143,6 +143,26 @@ enum Command {
         /// How many models are scanned at once.
         #[arg(long, value_name = "N", default_value = "1", value_parser = clap::value_parser!(u16).range(1..=64))]
         jobs: u16,
+        /// Send the scans to `airlock worker`s through this NATS JetStream server
+        /// (nats://HOST:PORT) instead of running them here. The watcher still claims,
+        /// promotes and rejects; the workers read the models from shared storage.
+        /// Use --jobs at least the number of workers so they all have work.
+        #[arg(long, value_name = "URL")]
+        dispatch: Option<String>,
+    },
+    /// Scan jobs from a NATS JetStream work queue (the other end of `watch --dispatch`).
+    ///
+    /// Runs until SIGTERM or SIGINT; the scans in hand finish first. The NATS
+    /// credentials come from the policy's `nats:` section.
+    Worker {
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// The NATS server, nats://HOST:PORT.
+        #[arg(long, value_name = "URL")]
+        nats: String,
+        /// How many jobs this worker scans at once.
+        #[arg(long, value_name = "N", default_value = "1", value_parser = clap::value_parser!(u16).range(1..=64))]
+        jobs: u16,
     },
     /// List the promoted models.
     List {
@@ -319,13 +339,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Admit { path, origin, signatures } => {
             lifecycle::admit(&Root::new(&root), &path, origin.as_deref(), &signatures)
         }
-        Command::Watch { engine, once, settle_ms, jobs } => {
+        Command::Watch { engine, once, settle_ms, jobs, dispatch } => {
             let r = Root::new(&root);
             r.check()?;
             let (scanner, policy) =
                 scanner(&engine, &root, Default::default(), load_policy(engine.policy.as_deref())?)?;
-            let q = Quarantine::new(r, &scanner, &policy)?;
+            let dispatcher = match &dispatch {
+                Some(url) => Some(crate::scale_out::Dispatcher::connect(url, &policy, &scanner)?),
+                None => None,
+            };
+            let mut q = Quarantine::new(r, &scanner, &policy)?;
+            if let Some(d) = &dispatcher {
+                errln!(
+                    "airlock: scans go to the workers on {} (policy {})",
+                    dispatch.as_deref().unwrap_or(""),
+                    d.digest
+                );
+                q = q.with_dispatch(d);
+            }
             lifecycle::watch(&q, once, std::time::Duration::from_millis(settle_ms), jobs.into())
+        }
+        Command::Worker { engine, nats, jobs } => {
+            let policy = load_policy(engine.policy.as_deref())?;
+            // No pins of its own: each job carries the watcher's pins for its model.
+            let (scanner, policy) = scanner(&engine, &root, Default::default(), policy)?;
+            crate::scale_out::run_worker(&nats, &policy, scanner, jobs.into())?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::List { format } => lifecycle::list(&Root::new(&root), format == OutputFormat::Json),
         Command::Show { name } => lifecycle::show(&Root::new(&root), &name),

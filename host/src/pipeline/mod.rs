@@ -65,7 +65,7 @@ pub enum FailedAt {
     Host(HostStep),
 }
 
-/// The host's own steps that can refuse a model (reported as `claim`, `host`, `registry`).
+/// The host's own steps that can refuse a model (reported as `claim`, `host`, `registry`, `dispatch`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HostStep {
@@ -75,6 +75,9 @@ pub enum HostStep {
     Host,
     /// A model of the same name is already promoted.
     Registry,
+    /// The scan was sent to workers (`watch --dispatch`) and none brought back a
+    /// result this watcher can accept.
+    Dispatch,
 }
 
 impl FailedAt {
@@ -84,6 +87,7 @@ impl FailedAt {
             FailedAt::Host(HostStep::Claim) => "claim",
             FailedAt::Host(HostStep::Host) => "host",
             FailedAt::Host(HostStep::Registry) => "registry",
+            FailedAt::Host(HostStep::Dispatch) => "dispatch",
         }
     }
 }
@@ -512,6 +516,11 @@ impl Scanner {
     /// The policy's limits on walking folder models.
     pub fn folder_limits(&self) -> &crate::artifact::FolderLimits {
         &self.folder_limits
+    }
+
+    /// Every loaded plugin as (stage, label, component sha256), in chain order.
+    pub fn components(&self) -> Vec<(Stage, String, String)> {
+        self.chain.iter().flat_map(|(s, ls)| ls.iter().map(|l| (*s, l.label.clone(), l.sha256.clone()))).collect()
     }
 
     /// The stages the policy switches off.

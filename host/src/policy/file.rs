@@ -69,6 +69,18 @@ pub(super) struct PolicyFile {
     pub(super) inference: crate::inference::InferenceConfig,
     #[serde(default)]
     pub(super) folders: crate::artifact::FolderLimits,
+    #[serde(default)]
+    pub(super) nats: Option<NatsFile>,
+}
+
+/// `nats:`: how `airlock worker` and `airlock watch --dispatch` log in to the
+/// NATS server: a user and a password file, or an nkey seed file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NatsFile {
+    pub(super) user: Option<String>,
+    pub(super) password_file: Option<PathBuf>,
+    pub(super) nkey_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -93,6 +105,13 @@ pub(super) struct TrustedKeyFile {
 pub(super) struct RegistryFile {
     pub(super) url: String,
     pub(super) token_file: Option<PathBuf>,
+}
+
+/// The credentials for the NATS server (scale-out), read when connecting.
+#[derive(Clone, Debug)]
+pub enum NatsAuth {
+    UserPassword { user: String, password_file: PathBuf },
+    Nkey { seed_file: PathBuf },
 }
 
 /// An HTTP registry that promotions are announced to.

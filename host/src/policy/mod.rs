@@ -33,7 +33,7 @@ mod pins;
 mod stage;
 // Every `*File` struct is the YAML's shape, used only by the loader below.
 use file::*;
-pub use file::{AllowEntry, Registry};
+pub use file::{AllowEntry, NatsAuth, Registry};
 use keys::load_key;
 pub use keys::{KeyKind, TrustedKey};
 use limits::apply_limits;
@@ -93,6 +93,8 @@ pub struct Policy {
     pub inference: crate::inference::InferenceConfig,
     /// `folders`: limits on walking a folder model.
     pub folder_limits: crate::artifact::FolderLimits,
+    /// `nats`: credentials for the scale-out server, if it needs them.
+    pub nats: Option<NatsAuth>,
 }
 
 impl Policy {
@@ -251,6 +253,19 @@ impl Policy {
                 Some(Registry { url: r.url.trim_end_matches('/').to_string(), token_file })
             }
         };
+        let nats = match pf.nats {
+            None => None,
+            Some(n) => Some(match (n.user, n.password_file, n.nkey_file) {
+                (Some(user), Some(p), None) => NatsAuth::UserPassword { user, password_file: relative_to(dir, &p) },
+                (None, None, Some(k)) => NatsAuth::Nkey { seed_file: relative_to(dir, &k) },
+                _ => {
+                    return Err(invalid(
+                        "nats".into(),
+                        "give either `user` and `password_file`, or `nkey_file`".into(),
+                    ));
+                }
+            }),
+        };
         let mut inference = pf.inference;
         inference.validate().map_err(|e| invalid("inference".into(), e))?;
         inference.worker = inference.worker.map(|p| relative_to(dir, &p));
@@ -266,6 +281,7 @@ impl Policy {
             trusted_keys,
             inference,
             folder_limits: pf.folders,
+            nats,
         })
     }
 }
@@ -437,6 +453,20 @@ mod tests {
         let p = Policy::builtin_default().unwrap();
         assert!(p.enabled(Stage::FormatGate).is_some());
         assert!(p.enabled(Stage::BehavioralTest).is_none());
+    }
+
+    #[test]
+    fn nats_credentials_are_a_password_or_an_nkey_never_both_or_half() {
+        let with =
+            |section: &str| Policy::from_texts("p.yaml", &format!("{DEFAULT_POLICY}\nnats:\n{section}"), None, None);
+        let p = with("  user: airlock\n  password_file: /etc/airlock/nats.pass\n").unwrap();
+        assert!(matches!(p.nats, Some(NatsAuth::UserPassword { ref user, .. }) if user == "airlock"));
+        let p = with("  nkey_file: /etc/airlock/worker.nk\n").unwrap();
+        assert!(matches!(p.nats, Some(NatsAuth::Nkey { .. })));
+        for bad in ["  user: airlock\n", "  user: a\n  password_file: p\n  nkey_file: k\n", "  password_file: p\n"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("nats") && e.contains("nkey_file"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

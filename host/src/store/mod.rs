@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use crate::artifact::{self, Model, ReadMode};
 use crate::pipeline::{Event, FailedAt, HostStep, ModelVerdict, Outcome, ScanInput, Scanner, StageResult};
 use crate::policy::{self, Policy, Stage};
+use crate::scale_out::{Dispatcher, Reply, file_digests};
 pub use audit::{AuditLog, Record};
 pub use manifest::Manifest;
 pub use root::Root;
@@ -129,6 +130,8 @@ pub struct Quarantine<'a> {
     scanner: &'a Scanner,
     policy: &'a Policy,
     audit: AuditLog,
+    /// `watch --dispatch`: scans go to the workers instead of running here.
+    dispatch: Option<&'a Dispatcher>,
 }
 
 fn new_id() -> String {
@@ -158,7 +161,13 @@ impl<'a> Quarantine<'a> {
         root.check()?;
         let audit = AuditLog::new(&root.audit_log());
         audit.repair()?;
-        Ok(Quarantine { root, scanner, policy, audit })
+        Ok(Quarantine { root, scanner, policy, audit, dispatch: None })
+    }
+
+    /// Sends every scan to the workers behind `d` and decides from their results.
+    pub fn with_dispatch(mut self, d: &'a Dispatcher) -> Self {
+        self.dispatch = Some(d);
+        self
     }
 
     /// Entries in `incoming/` that may be taken, in name order. A folder waits
@@ -318,7 +327,13 @@ impl<'a> Quarantine<'a> {
             None => (None, Some(Default::default())),
         };
         let input = ScanInput { origin: None, sha256, pinned_files, read_mode: ReadMode::default() };
-        let outcome = self.scanner.scan_model(&model, path, &input, on_event);
+        let outcome = match self.dispatch {
+            None => self.scanner.scan_model(&model, path, &input, on_event),
+            Some(d) => match self.remote(d, claim, &model, path, &input, on_event)? {
+                Ok(o) => o,
+                Err(reason) => return Ok(Self::reject_decision(FailedAt::Host(HostStep::Dispatch), reason, None)),
+            },
+        };
         if outcome.verdict != ModelVerdict::Pass {
             // A failed verdict always names where; fail closed if it ever did not.
             let at = outcome.failed_stage.unwrap_or(FailedAt::Host(HostStep::Host));
@@ -368,6 +383,62 @@ impl<'a> Quarantine<'a> {
             sha256: outcome.sha256.clone(),
             outcome: Some(outcome),
         })
+    }
+
+    /// Has the workers scan the claimed model and checks their result against
+    /// the claim: the same policy digest, the same bytes (every file's sha256
+    /// as this watcher reads it). `Err` (io): stopped while waiting, the claim
+    /// stays; `Ok(Err)`: the reason the model is rejected at `dispatch`.
+    fn remote(
+        &self,
+        d: &Dispatcher,
+        claim: &Claim,
+        model: &Model,
+        path: &Path,
+        input: &ScanInput,
+        on_event: &mut dyn FnMut(Event),
+    ) -> io::Result<Result<Outcome, String>> {
+        on_event(Event::Processing(&claim.name));
+        let r = match d.scan(&claim.id, &claim.name, path, input).map_err(io::Error::other)? {
+            Reply::Dead(l) => {
+                return Ok(Err(format!(
+                    "no worker finished the scan ({} deliveries, last to {}): {}",
+                    l.deliveries, l.worker, l.reason
+                )));
+            }
+            Reply::Result(r) => r,
+        };
+        if r.id != claim.id || r.policy_digest != d.digest {
+            return Ok(Err(format!(
+                "the result from worker {} was refused: it is for job {} under policy {}, this claim is {} under policy {}",
+                r.worker, r.id, r.policy_digest, claim.id, d.digest
+            )));
+        }
+        let ours = match file_digests(model) {
+            Ok(f) => f,
+            Err(e) => return Ok(Err(format!("the watcher cannot hash the claimed model to check the result: {e}"))),
+        };
+        if r.files != ours {
+            let differ: Vec<String> = ours
+                .keys()
+                .chain(r.files.keys())
+                .filter(|f| ours.get(*f) != r.files.get(*f))
+                .map(|f| {
+                    let show = |v: Option<&String>| v.map_or("absent".to_string(), |s| s.clone());
+                    format!(
+                        "{f}: worker {} read {}, the claim holds {}",
+                        r.worker,
+                        show(r.files.get(f)),
+                        show(ours.get(f))
+                    )
+                })
+                .collect();
+            return Ok(Err(format!("the result was refused: the worker scanned other bytes ({})", differ.join("; "))));
+        }
+        for s in &r.outcome.stages {
+            on_event(Event::StageDone(s));
+        }
+        Ok(Ok(r.outcome))
     }
 
     fn promote(&self, dir: &Path, claim: &Claim) -> io::Result<Disposition> {

@@ -1,0 +1,529 @@
+//! Scale-out over NATS JetStream. `airlock worker` takes scan jobs from a
+//! work-queue stream and publishes each verdict to a results stream;
+//! `airlock watch --dispatch` publishes its claims as jobs and promotes or
+//! rejects from those results. The lifecycle stays single-writer: only the
+//! watcher moves models and writes the audit log, and it accepts a result only
+//! when the worker scanned the same bytes under the same policy.
+//!
+//! Delivery: a job is acked only after its result is stored in the results
+//! stream. A worker that dies mid-scan stops sending progress, the job comes
+//! back after the ack wait to another worker, and after `MAX_SCANS` tries it
+//! goes to `airlock.dead.<id>` with the reason, which the watcher turns into a
+//! rejection (fail closed) that `rescan` can retry.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use async_nats::jetstream::{self, AckKind, consumer::pull, stream};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use crate::artifact::{Model, ReadMode};
+use crate::pipeline::{Outcome, ScanInput, Scanner};
+use crate::policy::{NatsAuth, Policy};
+
+pub const JOBS_STREAM: &str = "AIRLOCK_JOBS";
+pub const JOBS_SUBJECT: &str = "airlock.jobs";
+pub const RESULTS_STREAM: &str = "AIRLOCK_RESULTS";
+/// The durable pull consumer every worker shares.
+pub const CONSUMER: &str = "airlock-workers";
+/// A job not acked (or kept alive by progress) for this long goes to another worker.
+const ACK_WAIT: Duration = Duration::from_secs(20);
+/// How often a worker tells the server it is still on a job.
+const PROGRESS_EVERY: Duration = Duration::from_secs(4);
+/// Scans tried for one job; the delivery after the last goes to the dead-letter subject.
+pub const MAX_SCANS: i64 = 3;
+/// Results are kept this long for inspection (`nats stream view AIRLOCK_RESULTS`).
+const RESULTS_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+fn results_subject(id: &str) -> String {
+    format!("airlock.results.{id}")
+}
+
+fn dead_subject(id: &str) -> String {
+    format!("airlock.dead.{id}")
+}
+
+/// One model to scan: a path on storage the watcher and the workers share.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Job {
+    /// The watcher's claim id; results come back under it.
+    pub id: String,
+    pub name: String,
+    pub path: PathBuf,
+    /// The pinned sha256 of a file model, if any.
+    pub sha256: Option<String>,
+    /// The pinned per-file sha256s of a folder model, if any.
+    pub pinned_files: Option<BTreeMap<String, String>>,
+    /// `policy_digest` of the watcher's policy; a worker with another refuses the job.
+    pub policy_digest: String,
+}
+
+/// A worker's verdict on a job.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JobResult {
+    pub id: String,
+    /// `<host>/<pid>` of the worker that scanned it.
+    pub worker: String,
+    /// Which delivery of the job this was (1 on the first try).
+    pub delivery: i64,
+    pub policy_digest: String,
+    /// Every file's sha256 as the worker read it, by its path in the model.
+    pub files: BTreeMap<String, String>,
+    pub outcome: Outcome,
+}
+
+/// A job no worker could finish, and why.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub id: String,
+    pub worker: String,
+    pub deliveries: i64,
+    pub reason: String,
+}
+
+/// What came back for a job.
+pub enum Reply {
+    Result(Box<JobResult>),
+    Dead(DeadLetter),
+}
+
+/// A digest of everything that decides a verdict: the policy as parsed (the
+/// chains with their configs, grants and limits; trusted keys, allowlist,
+/// thresholds, folder limits), each plugin component's sha256, and this
+/// airlock's version. Where the policy was read from, the registry it
+/// announces to and the NATS credentials are left out: they do not change a verdict.
+pub fn policy_digest(policy: &Policy, scanner: &Scanner) -> String {
+    let mut p = policy.clone();
+    p.origin.clear();
+    p.registry = None;
+    p.nats = None;
+    let mut h = sha2::Sha256::new();
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(format!("{p:?}").as_bytes());
+    for (stage, label, sha256) in scanner.components() {
+        h.update(format!("\n{}\t{label}\t{sha256}", stage.name()).as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+fn worker_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}/{}", host.trim(), std::process::id())
+}
+
+async fn connect(url: &str, auth: Option<&NatsAuth>, name: &str) -> Result<async_nats::Client> {
+    let options = match auth {
+        None => async_nats::ConnectOptions::new(),
+        Some(NatsAuth::UserPassword { user, password_file }) => {
+            let pass = std::fs::read_to_string(password_file)
+                .with_context(|| format!("reading the NATS password file {}", password_file.display()))?;
+            async_nats::ConnectOptions::with_user_and_password(user.clone(), pass.trim_end().to_string())
+        }
+        Some(NatsAuth::Nkey { seed_file }) => {
+            let seed = std::fs::read_to_string(seed_file)
+                .with_context(|| format!("reading the NATS nkey seed file {}", seed_file.display()))?;
+            async_nats::ConnectOptions::with_nkey(seed.trim().to_string())
+        }
+    };
+    let how = match auth {
+        None => "without credentials (the policy has no `nats:` section)",
+        Some(NatsAuth::UserPassword { .. }) => "with the policy's user and password",
+        Some(NatsAuth::Nkey { .. }) => "with the policy's nkey",
+    };
+    options.name(name).connect(url).await.with_context(|| format!("connecting to the NATS server at {url} {how}"))
+}
+
+/// Creates the two streams if they are missing (file storage: they outlive a server restart).
+async fn ensure_streams(js: &jetstream::Context) -> Result<(stream::Stream, stream::Stream)> {
+    let jobs = js
+        .get_or_create_stream(stream::Config {
+            name: JOBS_STREAM.into(),
+            subjects: vec![JOBS_SUBJECT.into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| {
+            format!("creating or opening the JetStream stream {JOBS_STREAM} (is the server run with -js?)")
+        })?;
+    let results = js
+        .get_or_create_stream(stream::Config {
+            name: RESULTS_STREAM.into(),
+            subjects: vec!["airlock.results.*".into(), "airlock.dead.*".into()],
+            storage: stream::StorageType::File,
+            max_age: RESULTS_MAX_AGE,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("creating or opening the JetStream stream {RESULTS_STREAM}"))?;
+    Ok((jobs, results))
+}
+
+/// Publishes and waits for the stream's acknowledgement, retrying through a
+/// lost connection (a server restart) until `deadline`. The message id makes
+/// a retry of a publish that did land a no-op.
+async fn publish_stored(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: &str,
+    payload: Vec<u8>,
+    deadline: Duration,
+) -> Result<()> {
+    let started = Instant::now();
+    let payload = bytes::Bytes::from(payload);
+    loop {
+        let attempt = async {
+            let publish = jetstream::message::PublishMessage::build().payload(payload.clone()).message_id(msg_id);
+            js.send_publish(subject.clone(), publish).await?.await?;
+            Ok::<_, async_nats::Error>(())
+        };
+        match attempt.await {
+            Ok(()) => return Ok(()),
+            Err(e) if started.elapsed() < deadline => {
+                tracing::warn!("publishing to {subject}: {e}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(anyhow::anyhow!("publishing to {subject}: {e}")),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The worker.
+
+/// `airlock worker`: scans jobs, `jobs` at a time, until SIGTERM or SIGINT
+/// (the scans in hand are finished and their results published first).
+pub fn run_worker(url: &str, policy: &Policy, scanner: Scanner, jobs: usize) -> Result<()> {
+    let digest = policy_digest(policy, &scanner);
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let name = worker_name();
+    rt.block_on(async {
+        let client = connect(url, policy.nats.as_ref(), &format!("airlock-worker {name}")).await?;
+        let js = jetstream::new(client);
+        let (jobs_stream, _) = ensure_streams(&js).await?;
+        let consumer: jetstream::consumer::Consumer<pull::Config> = jobs_stream
+            .get_or_create_consumer(
+                CONSUMER,
+                pull::Config {
+                    durable_name: Some(CONSUMER.into()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: ACK_WAIT,
+                    // One delivery more than the scans: it only files the dead letter.
+                    max_deliver: MAX_SCANS + 1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .with_context(|| format!("creating or opening the consumer {CONSUMER} on {JOBS_STREAM}"))?;
+        eprintln!("airlock worker {name}: taking jobs from {JOBS_STREAM} on {url}, {jobs} at a time (policy {digest})");
+        let scanner = Arc::new(scanner);
+        let mut loops = Vec::new();
+        for _ in 0..jobs {
+            let (consumer, js, scanner, digest, name, stop) =
+                (consumer.clone(), js.clone(), scanner.clone(), digest.clone(), name.clone(), stop.clone());
+            loops.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let next = async {
+                        let mut batch =
+                            consumer.fetch().max_messages(1).expires(Duration::from_secs(2)).messages().await?;
+                        Ok::<_, async_nats::Error>(match batch.next().await {
+                            Some(m) => Some(m?),
+                            None => None,
+                        })
+                    };
+                    match next.await {
+                        Ok(Some(msg)) => handle(&js, msg, &scanner, &digest, &name).await,
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!("fetching a job: {e}; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            }));
+        }
+        for l in loops {
+            let _ = l.await;
+        }
+        eprintln!("airlock worker {name}: stopped");
+        Ok(())
+    })
+}
+
+/// One delivery of a job: scan it, store the result, then ack.
+async fn handle(js: &jetstream::Context, msg: jetstream::Message, scanner: &Arc<Scanner>, digest: &str, me: &str) {
+    let delivery = msg.info().map(|i| i.delivered).unwrap_or(1);
+    let job: Job = match serde_json::from_slice(&msg.payload) {
+        Ok(j) => j,
+        Err(e) => {
+            // Not from a watcher: there is no claim to answer, so it is dropped, loudly.
+            tracing::error!("a message on {JOBS_SUBJECT} is not a job ({e}); dropped");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    if delivery > MAX_SCANS {
+        let reason = format!(
+            "{MAX_SCANS} scans of this job did not finish: the workers died or lost the server mid-scan (last seen by {me})"
+        );
+        dead_letter(js, &msg, &job, delivery, me, reason).await;
+        return;
+    }
+    if job.policy_digest != digest {
+        let reason = format!(
+            "worker {me} runs policy {digest}, the job was made under {}: workers and watcher must load the same policy, plugins and airlock version",
+            job.policy_digest
+        );
+        retry_or_dead(js, &msg, &job, delivery, me, reason).await;
+        return;
+    }
+    eprintln!("airlock worker {me}: scanning {} (job {}, delivery {delivery})", job.name, job.id);
+    let msg = Arc::new(msg);
+    let progress = {
+        let msg = msg.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROGRESS_EVERY).await;
+                let _ = msg.ack_with(AckKind::Progress).await;
+            }
+        })
+    };
+    let scanned = {
+        let (scanner, job) = (scanner.clone(), job.clone());
+        tokio::task::spawn_blocking(move || scan_job(&scanner, &job)).await
+    };
+    let outcome = match scanned {
+        Ok(Ok((files, outcome))) => Ok(JobResult {
+            id: job.id.clone(),
+            worker: me.to_string(),
+            delivery,
+            policy_digest: digest.to_string(),
+            files,
+            outcome,
+        }),
+        Ok(Err(why)) => Err(why),
+        Err(e) => Err(format!("the scan panicked on worker {me}: {e}")),
+    };
+    let result = match outcome {
+        Ok(r) => r,
+        Err(why) => {
+            progress.abort();
+            retry_or_dead(js, &msg, &job, delivery, me, why).await;
+            return;
+        }
+    };
+    let payload = match serde_json::to_vec(&result) {
+        Ok(p) => p,
+        Err(e) => {
+            progress.abort();
+            retry_or_dead(js, &msg, &job, delivery, me, format!("the result cannot be encoded: {e}")).await;
+            return;
+        }
+    };
+    // Stored first, acked second: a worker killed in between leaves the job to be
+    // scanned again, never a job acked without a verdict.
+    let stored =
+        publish_stored(js, results_subject(&job.id), &format!("{}-{delivery}", job.id), payload, ACK_WAIT * 3).await;
+    progress.abort();
+    match stored {
+        Ok(()) => {
+            if let Err(e) = msg.double_ack().await {
+                tracing::warn!(
+                    "job {}: the result is stored but the ack failed ({e}); it may be scanned again",
+                    job.id
+                );
+            }
+            eprintln!(
+                "airlock worker {me}: {} {} (job {})",
+                job.name,
+                if result.outcome.verdict == crate::pipeline::ModelVerdict::Pass { "PASS" } else { "FAIL" },
+                job.id
+            );
+        }
+        Err(e) => {
+            // Not acked: the job comes back after the ack wait.
+            tracing::error!("job {}: {e:#}; left for redelivery", job.id);
+        }
+    }
+}
+
+/// Opens the job's model read-only and scans it; returns every file's sha256 and the outcome.
+fn scan_job(scanner: &Scanner, job: &Job) -> Result<(BTreeMap<String, String>, Outcome), String> {
+    if !job.path.is_absolute() {
+        return Err(format!("{}: a job's path must be absolute", job.path.display()));
+    }
+    let model = Model::open(&job.path, ReadMode::default(), scanner.folder_limits())
+        .map_err(|e| format!("{}: cannot be opened on this worker: {e}", job.path.display()))?;
+    let model = Arc::new(model);
+    let input = ScanInput {
+        origin: None,
+        sha256: job.sha256.clone(),
+        pinned_files: job.pinned_files.clone(),
+        read_mode: ReadMode::default(),
+    };
+    let outcome = scanner.scan_model(&model, &job.path, &input, &mut |_| {});
+    let files = file_digests(&model)?;
+    model.check_unchanged()?;
+    Ok((files, outcome))
+}
+
+/// Every file of a model with its sha256, by its path in the model.
+pub fn file_digests(model: &Model) -> Result<BTreeMap<String, String>, String> {
+    model.files.iter().map(|f| Ok((f.rel_path.clone(), f.sha256()?))).collect()
+}
+
+/// A worker-side failure: the job goes back for another worker, or, on its
+/// last scan, to the dead-letter subject with the reason.
+async fn retry_or_dead(
+    js: &jetstream::Context,
+    msg: &jetstream::Message,
+    job: &Job,
+    delivery: i64,
+    me: &str,
+    reason: String,
+) {
+    if delivery >= MAX_SCANS {
+        dead_letter(js, msg, job, delivery, me, reason).await;
+    } else {
+        tracing::warn!("job {} ({}): {reason}; handed back", job.id, job.name);
+        let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(2)))).await;
+    }
+}
+
+async fn dead_letter(
+    js: &jetstream::Context,
+    msg: &jetstream::Message,
+    job: &Job,
+    delivery: i64,
+    me: &str,
+    reason: String,
+) {
+    eprintln!("airlock worker {me}: job {} ({}) dead-lettered: {reason}", job.id, job.name);
+    let letter = DeadLetter { id: job.id.clone(), worker: me.to_string(), deliveries: delivery, reason };
+    let payload = serde_json::to_vec(&letter).unwrap_or_default();
+    match publish_stored(js, dead_subject(&job.id), &format!("{}-dead", job.id), payload, ACK_WAIT * 3).await {
+        Ok(()) => {
+            let _ = msg.ack_with(AckKind::Term).await;
+        }
+        Err(e) => tracing::error!("job {}: {e:#}; left for redelivery", job.id),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The watcher's side.
+
+/// `watch --dispatch`: sends claims to the workers and waits for their replies.
+pub struct Dispatcher {
+    rt: tokio::runtime::Runtime,
+    js: jetstream::Context,
+    results: stream::Stream,
+    pub digest: String,
+    stop: Arc<AtomicBool>,
+    url: String,
+}
+
+impl Dispatcher {
+    pub fn connect(url: &str, policy: &Policy, scanner: &Scanner) -> Result<Dispatcher> {
+        let stop = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+        let (js, results) = rt.block_on(async {
+            let client = connect(url, policy.nats.as_ref(), "airlock-watch").await?;
+            let js = jetstream::new(client);
+            let (_, results) = ensure_streams(&js).await?;
+            Ok::<_, anyhow::Error>((js, results))
+        })?;
+        Ok(Dispatcher { rt, js, results, digest: policy_digest(policy, scanner), stop, url: url.to_string() })
+    }
+
+    /// Publishes the claim as a job (unless a reply is already stored: a
+    /// watcher restarted after sending it) and waits for the reply. `Err` when
+    /// the watcher is told to stop first: the claim stays for the next start.
+    pub fn scan(&self, id: &str, name: &str, path: &Path, input: &ScanInput) -> Result<Reply, String> {
+        // Workers reach the model by this path on shared storage.
+        let dir = path
+            .parent()
+            .and_then(|d| std::fs::canonicalize(d).ok())
+            .ok_or_else(|| format!("{}: cannot resolve the claim folder to an absolute path", path.display()))?;
+        let job = Job {
+            id: id.to_string(),
+            name: name.to_string(),
+            path: dir.join(name),
+            sha256: input.sha256.clone(),
+            pinned_files: input.pinned_files.clone(),
+            policy_digest: self.digest.clone(),
+        };
+        self.rt.block_on(async {
+            if let Some(reply) = self.reply(id).await? {
+                return Ok(reply);
+            }
+            let payload = serde_json::to_vec(&job).map_err(|e| e.to_string())?;
+            // The claim id is the message id: a job sent twice (a retry, a
+            // restart within two minutes) is stored once.
+            let mut sent = false;
+            while !sent {
+                if self.stop.load(Ordering::Relaxed) {
+                    return Err(self.interrupted());
+                }
+                match publish_stored(&self.js, JOBS_SUBJECT.into(), id, payload.clone(), Duration::from_secs(5)).await {
+                    Ok(()) => sent = true,
+                    Err(e) => tracing::warn!("{name}: {e:#}; the job is sent again"),
+                }
+            }
+            tracing::info!("{name}: job {id} sent to the workers on {}", self.url);
+            loop {
+                if self.stop.load(Ordering::Relaxed) {
+                    return Err(self.interrupted());
+                }
+                if let Some(reply) = self.reply(id).await? {
+                    return Ok(reply);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    }
+
+    fn interrupted(&self) -> String {
+        "stopped while the workers had its job; the claim stays in scanning/ and its reply is taken at the next start"
+            .into()
+    }
+
+    /// The stored reply to a job, if there is one yet. A connection error is
+    /// not a reply: it is logged and the caller asks again.
+    async fn reply(&self, id: &str) -> Result<Option<Reply>, String> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
+        for (subject, dead) in [(results_subject(id), false), (dead_subject(id), true)] {
+            match self.results.get_last_raw_message_by_subject(&subject).await {
+                Ok(m) => {
+                    let parsed = if dead {
+                        serde_json::from_slice(&m.payload).map(Reply::Dead)
+                    } else {
+                        serde_json::from_slice(&m.payload).map(|r| Reply::Result(Box::new(r)))
+                    };
+                    return parsed.map(Some).map_err(|e| format!("the reply on {subject} cannot be read: {e}"));
+                }
+                Err(e) if e.kind() == K::NoMessageFound => {}
+                Err(e) => {
+                    tracing::warn!("asking {RESULTS_STREAM} for {subject}: {e}");
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,357 @@
+//! Scale-out on NATS JetStream: `airlock worker`s take the scans, `watch
+//! --dispatch` keeps the lifecycle. A real `nats-server -js` on loopback,
+//! with user/password auth; workers are killed, the server is restarted.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+use crate::lifecycle::Lab;
+
+const PASSWORD: &str = "correct-horse-battery";
+
+fn nats_server_bin() -> PathBuf {
+    let p = std::env::var_os("AIRLOCK_TEST_NATS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/usr/sbin/nats-server".into());
+    assert!(
+        p.exists(),
+        "{} is missing: the scale-out tests need Debian's nats-server (`cargo xtask test` installs it)",
+        p.display()
+    );
+    p
+}
+
+/// A nats-server with JetStream on a loopback port, its store in `dir`.
+struct Nats {
+    child: Option<Child>,
+    conf: PathBuf,
+    port: u16,
+    /// The seed of a second user, who logs in with an nkey.
+    nkey_seed: String,
+}
+
+impl Nats {
+    fn start(dir: &Path) -> Nats {
+        let user = nkeys::KeyPair::new_user();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let conf = dir.join("nats.conf");
+        let store = dir.join("jetstream");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\nauthorization {{ users: [ {{ user: airlock, password: \"{PASSWORD}\" }}, {{ nkey: {} }} ] }}\n",
+                store.display(),
+                user.public_key()
+            ),
+        )
+        .unwrap();
+        let mut n = Nats { child: None, conf, port, nkey_seed: user.seed().unwrap() };
+        n.spawn();
+        n
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(nats_server_bin())
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(30), "nats-server did not listen on {} in 30 s", self.port);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            c.wait().unwrap();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A child process whose stderr is collected line by line.
+struct Proc {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let err = child.stderr.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(l);
+            }
+        });
+        Proc { child, lines }
+    }
+
+    fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits (at most `limit`, a hang guard) for a line containing `needle`; returns it.
+    fn wait_for(&self, needle: &str, limit: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            assert!(start.elapsed() < limit, "no line with {needle:?} in {limit:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        (status, self.log())
+    }
+}
+
+/// The default policy with the NATS credentials (`password: None` leaves the section out).
+fn nats_policy(dir: &Path, password: Option<&str>) -> PathBuf {
+    let policy = policy_dir(dir, |t| match password {
+        Some(_) => format!("{t}\nnats:\n  user: airlock\n  password_file: nats.pass\n"),
+        None => t,
+    });
+    if let Some(p) = password {
+        std::fs::write(policy.join("nats.pass"), format!("{p}\n")).unwrap();
+    }
+    policy
+}
+
+fn worker(lab: &Lab, nats: &Nats, policy: &Path) -> Proc {
+    let mut c = lab.cmd(&["worker", "--nats", &nats.url(), "--policy", policy.to_str().unwrap()]);
+    c.env("AIRLOCK_LOG", "warn");
+    Proc::spawn(c)
+}
+
+/// Models settled: in the registry with a manifest, or rejected with a report.
+fn settled(lab: &Lab, names: &[String]) -> usize {
+    names
+        .iter()
+        .filter(|n| {
+            lab.registry().join(n).join("manifest.json").is_file()
+                || lab.rejected().join(format!("{n}.report.json")).is_file()
+        })
+        .count()
+}
+
+/// Three workers on twenty models (three real gemma copies among them): the first
+/// worker is killed with SIGKILL in the middle of a gemma scan, the server is
+/// restarted once, and still every model ends in exactly one place, once.
+#[test]
+fn workers_killed_and_a_server_restart_lose_nothing_and_scan_to_one_verdict() {
+    let lab = Lab::new();
+    let d = tmp();
+    let mut nats = Nats::start(d.path());
+    let policy = nats_policy(d.path(), Some(PASSWORD));
+
+    let mut names = Vec::new();
+    for i in 0..3 {
+        // Copied under a hidden name, then renamed: the watcher never sees half a file.
+        let name = format!("a-gemma-{i}.gguf");
+        let partial = lab.incoming().join(format!(".{name}.partial"));
+        std::fs::copy(&models().gemma, &partial).unwrap();
+        std::fs::rename(&partial, lab.incoming().join(&name)).unwrap();
+        names.push(name);
+    }
+    let evil = b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x05posix\x94\x8c\x06system\x94\x93\x94\x8c\x02id\x94\x85\x94R\x94.";
+    for i in 0..8 {
+        let name = format!("bad-{i}.gguf");
+        lab.drop_file(&name, evil);
+        names.push(name);
+    }
+    for i in 0..9 {
+        let name = format!("clean-{i}.gguf");
+        Gguf::default().write(&lab.incoming(), &name);
+        names.push(name);
+    }
+
+    let first = worker(&lab, &nats, &policy);
+    let watcher = {
+        let mut c = lab.cmd(&[
+            "watch",
+            "--settle-ms",
+            "0",
+            "--jobs",
+            "4",
+            "--dispatch",
+            &nats.url(),
+            "--policy",
+            policy.to_str().unwrap(),
+        ]);
+        c.env("AIRLOCK_LOG", "warn");
+        Proc::spawn(c)
+    };
+    // Killed the moment it starts on a real model: the scan of 253 MB is under way.
+    let line = first.wait_for("scanning a-gemma-", Duration::from_secs(300));
+    let mut first = first;
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let killed = line.split("scanning ").nth(1).unwrap().split(' ').next().unwrap().to_string();
+
+    let second = worker(&lab, &nats, &policy);
+    let third = worker(&lab, &nats, &policy);
+    // The server goes down once while work is in flight, and comes back with its streams.
+    let start = Instant::now();
+    while settled(&lab, &names) < 5 {
+        assert!(start.elapsed() < Duration::from_secs(300), "5 models did not settle in 300 s:\n{}", watcher.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    nats.restart();
+    let start = Instant::now();
+    while settled(&lab, &names) < names.len() {
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "{} of {} models settled in 600 s\nwatcher:\n{}\nworker 2:\n{}\nworker 3:\n{}",
+            settled(&lab, &names),
+            names.len(),
+            watcher.log(),
+            second.log(),
+            third.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, watch_log) = watcher.terminate();
+    assert!(status.success(), "{status:?}\n{watch_log}");
+    let (s2, log2) = second.terminate();
+    let (s3, log3) = third.terminate();
+    assert!(s2.success() && s3.success(), "{s2:?} {s3:?}\n{log2}\n{log3}");
+
+    // The killed worker's job went to another worker, as a second delivery.
+    let workers = format!("{log2}\n{log3}");
+    assert!(
+        workers.lines().any(|l| l.contains(&format!("scanning {killed} (job")) && !l.contains("delivery 1)")),
+        "{killed} was not redelivered after the kill:\n{workers}"
+    );
+    // Every model in exactly one place, with its record; nothing left in scanning/ or incoming/.
+    assert_eq!(std::fs::read_dir(lab.root.join("quarantine/scanning")).unwrap().count(), 0);
+    for n in &names {
+        let promoted = lab.registry().join(n).join("manifest.json").is_file();
+        let rejected = lab.rejected().join(n).exists();
+        assert!(!lab.incoming().join(n).exists(), "{n} is still in incoming/");
+        assert!(promoted != rejected, "{n}: promoted {promoted}, rejected {rejected}");
+        if n.starts_with("bad-") {
+            let report = lab.report(n);
+            assert!(rejected, "{n} was promoted");
+            assert_ne!(report["failed_stage"], "dispatch", "{report}");
+        } else {
+            assert!(promoted, "{n} was rejected: {}", lab.report(n));
+            let manifest = lab.manifest(n);
+            // The workers' stage results are the manifest's.
+            let stages = manifest["stages"].as_array().unwrap();
+            assert!(stages.iter().any(|s| s["stage"] == "static_scan" && s["verdict"] == "pass"), "{manifest}");
+        }
+    }
+    let (code, out) = lab.run(&["audit", "--verify"]);
+    assert_eq!(code, 0, "{out}");
+    // One verdict per model: a redelivered job was scanned again, but decided once.
+    let audit = lab.audit();
+    for n in &names {
+        let verdicts = audit
+            .iter()
+            .filter(|e| e["model"] == n.as_str() && (e["event"] == "promoted" || e["event"] == "rejected"))
+            .count();
+        assert_eq!(verdicts, 1, "{n} has {verdicts} verdicts in the audit log");
+    }
+}
+
+/// The server refuses a worker without the policy's credentials, or with a wrong
+/// password, and says so; with the password, or with an nkey, it connects.
+#[test]
+fn a_worker_without_the_credentials_is_refused_by_the_server() {
+    let lab = Lab::new();
+    let d = tmp();
+    let nats = Nats::start(d.path());
+    for (dir, password) in [("none", None), ("wrong", Some("not-the-password"))] {
+        let sub = d.path().join(dir);
+        std::fs::create_dir(&sub).unwrap();
+        let policy = nats_policy(&sub, password);
+        let out = lab.cmd(&["worker", "--nats", &nats.url(), "--policy", policy.to_str().unwrap()]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{dir}: {err}");
+        assert!(err.contains("authorization violation"), "{dir}: {err}");
+        assert!(err.contains(&nats.url()), "{dir}: {err}");
+    }
+    let policy = nats_policy(d.path(), Some(PASSWORD));
+    let w = worker(&lab, &nats, &policy);
+    w.wait_for("taking jobs from AIRLOCK_JOBS", Duration::from_secs(60));
+    let (status, log) = w.terminate();
+    assert!(status.success(), "{status:?}\n{log}");
+    // The nkey user: the seed file named by the policy.
+    let nk = d.path().join("nkey");
+    let policy = policy_dir(&nk, |t| format!("{t}\nnats:\n  nkey_file: user.nk\n"));
+    std::fs::write(policy.join("user.nk"), &nats.nkey_seed).unwrap();
+    let w = worker(&lab, &nats, &policy);
+    w.wait_for("taking jobs from AIRLOCK_JOBS", Duration::from_secs(60));
+    let (status, log) = w.terminate();
+    assert!(status.success(), "{status:?}\n{log}");
+}
+
+/// A worker that runs another policy refuses the job; after the last try the job
+/// goes to the dead-letter subject and the watcher rejects the model at
+/// `dispatch`, naming both policy digests.
+#[test]
+fn a_worker_with_another_policy_refuses_the_job_and_the_model_is_rejected_at_dispatch() {
+    let lab = Lab::new();
+    let d = tmp();
+    let nats = Nats::start(d.path());
+    let watcher_policy = nats_policy(&d.path().join("w"), Some(PASSWORD));
+    let other = policy_dir(&d.path().join("o"), |t| {
+        let changed = t.replacen("require_source: false", "require_source: true", 1);
+        assert_ne!(changed, t, "the default policy's require_source moved");
+        format!("{changed}\nnats:\n  user: airlock\n  password_file: nats.pass\n")
+    });
+    std::fs::write(other.join("nats.pass"), PASSWORD).unwrap();
+    Gguf::default().write(&lab.incoming(), "m.gguf");
+    let w = worker(&lab, &nats, &other);
+    let (code, out) = lab.run(&[
+        "watch",
+        "--once",
+        "--settle-ms",
+        "0",
+        "--dispatch",
+        &nats.url(),
+        "--policy",
+        watcher_policy.to_str().unwrap(),
+    ]);
+    let (_, wlog) = w.terminate();
+    assert_eq!(code, 0, "{out}\n{wlog}");
+    let report = lab.report("m.gguf");
+    assert_eq!(report["failed_stage"], "dispatch", "{report}");
+    let reason = report["reason"].as_str().unwrap();
+    assert!(reason.contains("no worker finished the scan") && reason.contains("runs policy"), "{reason}");
+}
