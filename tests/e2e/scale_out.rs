@@ -355,3 +355,107 @@ fn a_worker_with_another_policy_refuses_the_job_and_the_model_is_rejected_at_dis
     let reason = report["reason"].as_str().unwrap();
     assert!(reason.contains("no worker finished the scan") && reason.contains("runs policy"), "{reason}");
 }
+
+/// A forged reply is refused: one under the watcher's policy digest that
+/// reports other bytes' sha256, and one for the right bytes under another
+/// digest. A test process plays the worker: it takes the job from the queue,
+/// answers it with a real scan's outcome, and acks it. The model is rejected at
+/// `dispatch`, naming the forger.
+#[test]
+fn results_for_other_bytes_or_under_another_policy_are_refused() {
+    use async_nats::jetstream::{self, consumer::pull};
+    use futures_util::StreamExt;
+
+    for case in ["bytes", "policy"] {
+        let lab = Lab::new();
+        let d = tmp();
+        let nats = Nats::start(d.path());
+        let policy = nats_policy(d.path(), Some(PASSWORD));
+        let model = Gguf::default().write(d.path(), "m.gguf");
+        // A real outcome, a pass, for the forged reply to carry.
+        let scan = scan_json(&model, &[]);
+        assert_eq!(scan.code, 0);
+        let outcome = scan.one().clone();
+        let sha = sha256_file(&model);
+        std::fs::copy(&model, lab.incoming().join("m.gguf")).unwrap();
+        let mut watcher = Proc::spawn(lab.cmd(&[
+            "watch",
+            "--once",
+            "--settle-ms",
+            "0",
+            "--dispatch",
+            &nats.url(),
+            "--policy",
+            policy.to_str().unwrap(),
+        ]));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let client = async_nats::ConnectOptions::with_user_and_password("airlock".into(), PASSWORD.into())
+                .connect(nats.url())
+                .await
+                .unwrap();
+            let js = jetstream::new(client);
+            let start = Instant::now();
+            // The watcher creates the streams when it starts.
+            let stream = loop {
+                match js.get_stream("AIRLOCK_JOBS").await {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        assert!(start.elapsed() < Duration::from_secs(120), "no AIRLOCK_JOBS stream: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            };
+            let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+                .get_or_create_consumer(
+                    "forger",
+                    pull::Config {
+                        durable_name: Some("forger".into()),
+                        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            let msg = loop {
+                assert!(start.elapsed() < Duration::from_secs(120), "no job was published");
+                let mut batch =
+                    consumer.fetch().max_messages(1).expires(Duration::from_secs(2)).messages().await.unwrap();
+                if let Some(m) = batch.next().await {
+                    break m.unwrap();
+                }
+            };
+            let job: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+            let (digest, files) = match case {
+                "bytes" => (job["policy_digest"].clone(), serde_json::json!({ "m.gguf": "0".repeat(64) })),
+                _ => (serde_json::json!("f".repeat(64)), serde_json::json!({ "m.gguf": sha })),
+            };
+            let id = job["id"].as_str().unwrap().to_string();
+            let forged = serde_json::json!({
+                "id": id, "worker": "forger", "delivery": 1,
+                "policy_digest": digest, "files": files, "outcome": outcome,
+            });
+            js.publish(format!("airlock.results.{id}"), serde_json::to_vec(&forged).unwrap().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            msg.ack().await.unwrap();
+        });
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = watcher.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "the watcher did not finish:\n{}", watcher.log());
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "{status:?}\n{}", watcher.log());
+        assert!(!lab.registry().join("m.gguf").exists(), "{case}: the forged result promoted the model");
+        let report = lab.report("m.gguf");
+        assert_eq!(report["failed_stage"], "dispatch", "{case}: {report}");
+        let reason = report["reason"].as_str().unwrap();
+        let expected = if case == "bytes" { "scanned other bytes" } else { "under policy ffff" };
+        assert!(reason.contains("forger") && reason.contains(expected), "{case}: {reason}");
+    }
+}
