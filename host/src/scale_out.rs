@@ -10,20 +10,26 @@
 //! back after the ack wait to another worker, and after `MAX_SCANS` tries it
 //! goes to `airlock.dead.<id>` with the reason, which the watcher turns into a
 //! rejection (fail closed) that `rescan` can retry.
+//!
+//! Bytes: a job names the model by its path on storage the workers share, or
+//! (`--transfer object-store`) by objects the watcher put in a JetStream
+//! Object Store bucket; the worker streams those into a scratch folder and
+//! checks each file's size and sha256 against the job before it scans.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use async_nats::jetstream::{self, AckKind, consumer::pull, stream};
+use async_nats::jetstream::{self, AckKind, consumer::pull, object_store, stream};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::artifact::{Model, ReadMode};
+use crate::artifact::{FolderLimits, Model, ModelKind, ReadMode};
 use crate::pipeline::{Outcome, ScanInput, Scanner};
 use crate::policy::{NatsAuth, Policy};
 
@@ -40,6 +46,21 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(4);
 pub const MAX_SCANS: i64 = 3;
 /// Results are kept this long for inspection (`nats stream view AIRLOCK_RESULTS`).
 const RESULTS_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The Object Store bucket models travel in with `--transfer object-store`.
+pub const MODELS_BUCKET: &str = "airlock-models";
+/// The watcher deletes a model's objects once it has the reply; this bounds
+/// what a watcher that died first leaves behind.
+const MODELS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How the workers get a model's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transfer {
+    /// Workers read the claim folder at the same path (NFS, CephFS, a shared disk).
+    SharedPath,
+    /// The watcher puts every file in the `airlock-models` Object Store bucket;
+    /// workers stream them into a scratch folder, checked against the job's sha256s.
+    ObjectStore,
+}
 
 fn results_subject(id: &str) -> String {
     format!("airlock.results.{id}")
@@ -62,6 +83,28 @@ pub struct Job {
     pub pinned_files: Option<BTreeMap<String, String>>,
     /// `policy_digest` of the watcher's policy; a worker with another refuses the job.
     pub policy_digest: String,
+    /// Set when the bytes travel in the Object Store (`path` is then just the name).
+    #[serde(default)]
+    pub objects: Option<Objects>,
+}
+
+/// A model's files in the Object Store bucket.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Objects {
+    pub bucket: String,
+    /// A folder model (files below a folder named after the model) or one file.
+    pub folder: bool,
+    pub files: Vec<ObjectFile>,
+}
+
+/// One file of a model in the bucket, with what the watcher read in its claim.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ObjectFile {
+    /// The file's path in the model (for a single file, its name).
+    pub rel_path: String,
+    pub object: String,
+    pub size: u64,
+    pub sha256: String,
 }
 
 /// A worker's verdict on a job.
@@ -197,13 +240,33 @@ async fn publish_stored(
     }
 }
 
+/// Opens the models bucket, creating it if it is missing (file storage).
+async fn models_bucket(js: &jetstream::Context) -> Result<object_store::ObjectStore> {
+    if let Ok(b) = js.get_object_store(MODELS_BUCKET).await {
+        return Ok(b);
+    }
+    js.create_object_store(object_store::Config {
+        bucket: MODELS_BUCKET.into(),
+        description: Some("models on their way from the airlock watcher to its workers".into()),
+        max_age: MODELS_MAX_AGE,
+        storage: stream::StorageType::File,
+        num_replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .with_context(|| format!("creating the JetStream Object Store bucket {MODELS_BUCKET}"))
+}
+
 // ---------------------------------------------------------------------------
 // The worker.
 
 /// `airlock worker`: scans jobs, `jobs` at a time, until SIGTERM or SIGINT
 /// (the scans in hand are finished and their results published first).
-pub fn run_worker(url: &str, policy: &Policy, scanner: Scanner, jobs: usize) -> Result<()> {
+/// Models that come through the Object Store are written below `scratch`.
+pub fn run_worker(url: &str, policy: &Policy, scanner: Scanner, jobs: usize, scratch: &Path) -> Result<()> {
     let digest = policy_digest(policy, &scanner);
+    make_scratch(scratch)?;
+    let scratch = Arc::new(scratch.to_path_buf());
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
@@ -232,8 +295,15 @@ pub fn run_worker(url: &str, policy: &Policy, scanner: Scanner, jobs: usize) -> 
         let scanner = Arc::new(scanner);
         let mut loops = Vec::new();
         for _ in 0..jobs {
-            let (consumer, js, scanner, digest, name, stop) =
-                (consumer.clone(), js.clone(), scanner.clone(), digest.clone(), name.clone(), stop.clone());
+            let (consumer, js, scanner, digest, name, stop, scratch) = (
+                consumer.clone(),
+                js.clone(),
+                scanner.clone(),
+                digest.clone(),
+                name.clone(),
+                stop.clone(),
+                scratch.clone(),
+            );
             loops.push(tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     let next = async {
@@ -245,7 +315,7 @@ pub fn run_worker(url: &str, policy: &Policy, scanner: Scanner, jobs: usize) -> 
                         })
                     };
                     match next.await {
-                        Ok(Some(msg)) => handle(&js, msg, &scanner, &digest, &name).await,
+                        Ok(Some(msg)) => handle(&js, msg, &scanner, &digest, &name, &scratch).await,
                         Ok(None) => {}
                         Err(e) => {
                             tracing::warn!("fetching a job: {e}; retrying");
@@ -263,8 +333,38 @@ pub fn run_worker(url: &str, policy: &Policy, scanner: Scanner, jobs: usize) -> 
     })
 }
 
+/// The worker's scratch folder: a real folder (not a link), owned by this
+/// user and closed to others, so no one else can swap the bytes it scans.
+fn make_scratch(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating the scratch folder {}", dir.display()))?;
+    let meta = std::fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    anyhow::ensure!(meta.is_dir(), "the scratch folder {} is not a folder (a link?)", dir.display());
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    anyhow::ensure!(
+        meta.uid() == me && meta.mode() & 0o077 == 0,
+        "the scratch folder {} must belong to this user (uid {me}) with mode 700; it is uid {} mode {:o}",
+        dir.display(),
+        meta.uid(),
+        meta.mode() & 0o7777
+    );
+    Ok(())
+}
+
 /// One delivery of a job: scan it, store the result, then ack.
-async fn handle(js: &jetstream::Context, msg: jetstream::Message, scanner: &Arc<Scanner>, digest: &str, me: &str) {
+async fn handle(
+    js: &jetstream::Context,
+    msg: jetstream::Message,
+    scanner: &Arc<Scanner>,
+    digest: &str,
+    me: &str,
+    scratch: &Path,
+) {
     let delivery = msg.info().map(|i| i.delivered).unwrap_or(1);
     let job: Job = match serde_json::from_slice(&msg.payload) {
         Ok(j) => j,
@@ -301,10 +401,33 @@ async fn handle(js: &jetstream::Context, msg: jetstream::Message, scanner: &Arc<
             }
         })
     };
+    // Bytes from the Object Store land in a scratch folder that goes when the scan is done.
+    let local = match &job.objects {
+        None => None,
+        Some(set) => match fetch(js, &job, set, scratch, delivery, scanner.folder_limits()).await {
+            Ok(s) => {
+                let bytes: u64 = set.files.iter().map(|f| f.size).sum();
+                let n = set.files.len();
+                eprintln!(
+                    "airlock worker {me}: fetched {} ({n} file{}, {bytes} bytes) from {MODELS_BUCKET}, every sha256 as the job says",
+                    job.name,
+                    if n == 1 { "" } else { "s" }
+                );
+                Some(s)
+            }
+            Err(why) => {
+                progress.abort();
+                retry_or_dead(js, &msg, &job, delivery, me, why).await;
+                return;
+            }
+        },
+    };
     let scanned = {
         let (scanner, job) = (scanner.clone(), job.clone());
-        tokio::task::spawn_blocking(move || scan_job(&scanner, &job)).await
+        let path = local.as_ref().map_or_else(|| job.path.clone(), |s| s.model.clone());
+        tokio::task::spawn_blocking(move || scan_job(&scanner, &job, &path)).await
     };
+    drop(local);
     let outcome = match scanned {
         Ok(Ok((files, outcome))) => Ok(JobResult {
             id: job.id.clone(),
@@ -360,13 +483,14 @@ async fn handle(js: &jetstream::Context, msg: jetstream::Message, scanner: &Arc<
     }
 }
 
-/// Opens the job's model read-only and scans it; returns every file's sha256 and the outcome.
-fn scan_job(scanner: &Scanner, job: &Job) -> Result<(BTreeMap<String, String>, Outcome), String> {
-    if !job.path.is_absolute() {
-        return Err(format!("{}: a job's path must be absolute", job.path.display()));
+/// Opens the job's model (at `path`: shared storage or the scratch copy)
+/// read-only and scans it; returns every file's sha256 and the outcome.
+fn scan_job(scanner: &Scanner, job: &Job, path: &Path) -> Result<(BTreeMap<String, String>, Outcome), String> {
+    if !path.is_absolute() {
+        return Err(format!("{}: a job's path must be absolute", path.display()));
     }
-    let model = Model::open(&job.path, ReadMode::default(), scanner.folder_limits())
-        .map_err(|e| format!("{}: cannot be opened on this worker: {e}", job.path.display()))?;
+    let model = Model::open(path, ReadMode::default(), scanner.folder_limits())
+        .map_err(|e| format!("{}: cannot be opened on this worker: {e}", path.display()))?;
     let model = Arc::new(model);
     let input = ScanInput {
         origin: None,
@@ -374,10 +498,138 @@ fn scan_job(scanner: &Scanner, job: &Job) -> Result<(BTreeMap<String, String>, O
         pinned_files: job.pinned_files.clone(),
         read_mode: ReadMode::default(),
     };
-    let outcome = scanner.scan_model(&model, &job.path, &input, &mut |_| {});
+    let outcome = scanner.scan_model(&model, path, &input, &mut |_| {});
     let files = file_digests(&model)?;
     model.check_unchanged()?;
     Ok((files, outcome))
+}
+
+/// A job's copy of a model in the worker's scratch folder, removed when dropped.
+struct Scratch {
+    dir: PathBuf,
+    /// The model: `<dir>/<name>`, a file or a folder.
+    model: PathBuf,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!("removing the scratch copy {}: {e}", self.dir.display());
+        }
+    }
+}
+
+/// One normal path component (a model's name, a claim id): never `..`, `/` or empty.
+fn one_component<'a>(what: &str, s: &'a str) -> Result<&'a str, String> {
+    let mut c = Path::new(s).components();
+    match (c.next(), c.next()) {
+        (Some(Component::Normal(n)), None) if n == s => Ok(s),
+        _ => Err(format!("the job's {what} {s:?} is not a plain name")),
+    }
+}
+
+/// A path inside a model: only normal components.
+fn inside_model(rel: &str) -> Result<&Path, String> {
+    let p = Path::new(rel);
+    if rel.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(format!("the job names the file {rel:?}, which is not a path inside a model"));
+    }
+    Ok(p)
+}
+
+/// Streams a job's objects into `<scratch>/<id>.<delivery>/<name>`, checking
+/// each file's size and sha256 against the job, within the policy's folder limits.
+async fn fetch(
+    js: &jetstream::Context,
+    job: &Job,
+    set: &Objects,
+    scratch: &Path,
+    delivery: i64,
+    limits: &FolderLimits,
+) -> Result<Scratch, String> {
+    let name = one_component("model name", &job.name)?;
+    let id = one_component("id", &job.id)?;
+    if set.bucket != MODELS_BUCKET {
+        return Err(format!("the job's bytes are in the bucket {:?}; workers read only {MODELS_BUCKET}", set.bucket));
+    }
+    if set.files.is_empty() {
+        return Err("the job names no files".into());
+    }
+    if !set.folder && (set.files.len() != 1 || set.files[0].rel_path != job.name) {
+        return Err("a single-file job must name exactly its own file".into());
+    }
+    if set.files.len() > limits.max_files {
+        return Err(format!("the job names {} files; the policy allows {}", set.files.len(), limits.max_files));
+    }
+    let total = set.files.iter().try_fold(0u64, |t, f| t.checked_add(f.size));
+    if total.is_none_or(|t| t > limits.max_total_gib.saturating_mul(1 << 30)) {
+        return Err(format!("the job's files add up to more than the policy's {} GiB", limits.max_total_gib));
+    }
+    let dir = scratch.join(format!("{id}.{delivery}"));
+    // A copy left by a worker killed mid-download is not trusted: start again.
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("removing the old scratch copy {}: {e}", dir.display()));
+        }
+        _ => {}
+    }
+    std::fs::create_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let local = Scratch { model: dir.join(name), dir };
+    if set.folder {
+        std::fs::create_dir(&local.model).map_err(|e| format!("creating {}: {e}", local.model.display()))?;
+    }
+    let bucket = js
+        .get_object_store(&set.bucket)
+        .await
+        .map_err(|e| format!("opening the Object Store bucket {}: {e}", set.bucket))?;
+    for f in &set.files {
+        let dest = if set.folder { local.model.join(inside_model(&f.rel_path)?) } else { local.model.clone() };
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        }
+        download(&bucket, f, &dest)
+            .await
+            .map_err(|e| format!("{} (object {} in {}): {e}", f.rel_path, f.object, set.bucket))?;
+    }
+    Ok(local)
+}
+
+/// One object into a new file, refused unless it has the job's size and sha256.
+async fn download(bucket: &object_store::ObjectStore, f: &ObjectFile, dest: &Path) -> Result<(), String> {
+    let mut object = bucket.get(&f.object).await.map_err(|e| format!("cannot be fetched: {e}"))?;
+    if object.info.size as u64 != f.size {
+        return Err(format!("the object holds {} bytes, the job says {}", object.info.size, f.size));
+    }
+    let mut out = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dest)
+        .await
+        .map_err(|e| format!("creating {}: {e}", dest.display()))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    loop {
+        let n = object.read(&mut buf).await.map_err(|e| format!("reading the object: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+        if got > f.size {
+            return Err(format!("the object holds more than the job's {} bytes", f.size));
+        }
+        h.update(&buf[..n]);
+        out.write_all(&buf[..n]).await.map_err(|e| format!("writing {}: {e}", dest.display()))?;
+    }
+    out.flush().await.map_err(|e| format!("writing {}: {e}", dest.display()))?;
+    let sha = hex::encode(h.finalize());
+    if got != f.size || sha != f.sha256 {
+        return Err(format!(
+            "refused: the object's bytes ({got} bytes, sha256 {sha}) are not the job's ({} bytes, sha256 {})",
+            f.size, f.sha256
+        ));
+    }
+    Ok(())
 }
 
 /// Every file of a model with its sha256, by its path in the model.
@@ -433,44 +685,84 @@ pub struct Dispatcher {
     pub digest: String,
     stop: Arc<AtomicBool>,
     url: String,
+    /// The bucket models travel in, with `--transfer object-store`.
+    models: Option<object_store::ObjectStore>,
 }
 
+/// How long the watcher keeps trying to put a model in the bucket before it
+/// gives the model up to a `dispatch` rejection (which `rescan` retries).
+const PUT_DEADLINE: Duration = Duration::from_secs(60);
+
 impl Dispatcher {
-    pub fn connect(url: &str, policy: &Policy, scanner: &Scanner) -> Result<Dispatcher> {
+    pub fn connect(url: &str, policy: &Policy, scanner: &Scanner, transfer: Transfer) -> Result<Dispatcher> {
         let stop = Arc::new(AtomicBool::new(false));
         for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
             signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
         }
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-        let (js, results) = rt.block_on(async {
+        let (js, results, models) = rt.block_on(async {
             let client = connect(url, policy.nats.as_ref(), "airlock-watch").await?;
             let js = jetstream::new(client);
             let (_, results) = ensure_streams(&js).await?;
-            Ok::<_, anyhow::Error>((js, results))
+            let models = match transfer {
+                Transfer::SharedPath => None,
+                Transfer::ObjectStore => Some(models_bucket(&js).await?),
+            };
+            Ok::<_, anyhow::Error>((js, results, models))
         })?;
-        Ok(Dispatcher { rt, js, results, digest: policy_digest(policy, scanner), stop, url: url.to_string() })
+        Ok(Dispatcher { rt, js, results, digest: policy_digest(policy, scanner), stop, url: url.to_string(), models })
     }
 
     /// Publishes the claim as a job (unless a reply is already stored: a
     /// watcher restarted after sending it) and waits for the reply. `Err` when
     /// the watcher is told to stop first: the claim stays for the next start.
-    pub fn scan(&self, id: &str, name: &str, path: &Path, input: &ScanInput) -> Result<Reply, String> {
-        // Workers reach the model by this path on shared storage.
-        let dir = path
-            .parent()
-            .and_then(|d| std::fs::canonicalize(d).ok())
-            .ok_or_else(|| format!("{}: cannot resolve the claim folder to an absolute path", path.display()))?;
+    pub fn scan(&self, id: &str, name: &str, path: &Path, model: &Model, input: &ScanInput) -> Result<Reply, String> {
+        let (job_path, objects) = match &self.models {
+            // Workers reach the model by this path on shared storage.
+            None => {
+                let dir = path.parent().and_then(|d| std::fs::canonicalize(d).ok()).ok_or_else(|| {
+                    format!("{}: cannot resolve the claim folder to an absolute path", path.display())
+                })?;
+                (dir.join(name), None)
+            }
+            Some(_) => {
+                let files = model
+                    .files
+                    .iter()
+                    .map(|f| {
+                        Ok(ObjectFile {
+                            rel_path: f.rel_path.clone(),
+                            object: format!("{id}/{}", f.rel_path),
+                            size: f.size(),
+                            sha256: f.sha256()?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
+                let folder = model.kind == ModelKind::Folder;
+                (PathBuf::from(name), Some(Objects { bucket: MODELS_BUCKET.into(), folder, files }))
+            }
+        };
         let job = Job {
             id: id.to_string(),
             name: name.to_string(),
-            path: dir.join(name),
+            path: job_path,
             sha256: input.sha256.clone(),
             pinned_files: input.pinned_files.clone(),
             policy_digest: self.digest.clone(),
+            objects,
         };
         self.rt.block_on(async {
             if let Some(reply) = self.reply(id).await? {
+                self.forget_objects(&job).await;
                 return Ok(reply);
+            }
+            if let Err(why) = self.put_objects(&job, model).await? {
+                return Ok(Reply::Dead(DeadLetter {
+                    id: id.into(),
+                    worker: "the watcher".into(),
+                    deliveries: 0,
+                    reason: why,
+                }));
             }
             let payload = serde_json::to_vec(&job).map_err(|e| e.to_string())?;
             // The claim id is the message id: a job sent twice (a retry, a
@@ -491,11 +783,64 @@ impl Dispatcher {
                     return Err(self.interrupted());
                 }
                 if let Some(reply) = self.reply(id).await? {
+                    self.forget_objects(&job).await;
                     return Ok(reply);
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         })
+    }
+
+    /// Puts the model's files in the bucket (with `--transfer object-store`),
+    /// retrying through a lost connection. `Err`: stopped, the claim stays;
+    /// `Ok(Err)`: the model could not be put there in `PUT_DEADLINE`.
+    async fn put_objects(&self, job: &Job, model: &Model) -> Result<Result<(), String>, String> {
+        let (Some(bucket), Some(set)) = (&self.models, &job.objects) else { return Ok(Ok(())) };
+        for (f, file) in set.files.iter().zip(&model.files) {
+            let started = Instant::now();
+            loop {
+                if self.stop.load(Ordering::Relaxed) {
+                    return Err(self.interrupted());
+                }
+                let put = async {
+                    let mut src = tokio::fs::File::open(&file.path).await.map_err(|e| e.to_string())?;
+                    bucket.put(f.object.as_str(), &mut src).await.map_err(|e| e.to_string())
+                };
+                match put.await {
+                    Ok(info) if info.size as u64 == f.size => break,
+                    Ok(info) => {
+                        return Ok(Err(format!(
+                            "{}: {} bytes went into the Object Store, the claim holds {}",
+                            f.rel_path, info.size, f.size
+                        )));
+                    }
+                    Err(e) if started.elapsed() < PUT_DEADLINE => {
+                        tracing::warn!("putting {} in {MODELS_BUCKET}: {e}; retrying", f.object);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => {
+                        return Ok(Err(format!(
+                            "{} could not be put in the Object Store bucket {MODELS_BUCKET} on {} in {PUT_DEADLINE:?}: {e}",
+                            f.rel_path, self.url
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Deletes a job's objects once its reply is in; what cannot be deleted
+    /// now goes with the bucket's max age.
+    async fn forget_objects(&self, job: &Job) {
+        let (Some(bucket), Some(set)) = (&self.models, &job.objects) else { return };
+        for f in &set.files {
+            match bucket.delete(&f.object).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == object_store::DeleteErrorKind::NotFound => {}
+                Err(e) => tracing::warn!("deleting {} from {MODELS_BUCKET}: {e}", f.object),
+            }
+        }
     }
 
     fn interrupted(&self) -> String {

@@ -24,7 +24,7 @@ fn copy_folder(from: &Path, to: &Path) {
 }
 
 /// The real MiniLM folder, copied under `dir`.
-fn minilm(dir: &Path) -> PathBuf {
+pub(crate) fn minilm(dir: &Path) -> PathBuf {
     let to = dir.join("all-MiniLM-L6-v2");
     copy_folder(&models().minilm_folder, &to);
     to
@@ -60,7 +60,7 @@ fn write_safetensors(path: &Path, tensors: &[(String, Value, Value, &[u8])]) {
 
 /// Reshards the folder's `model.safetensors` into three shards and an index,
 /// as `save_pretrained(max_shard_size=...)` writes them. Returns the index.
-fn reshard(folder: &Path) -> Value {
+pub(crate) fn reshard(folder: &Path) -> Value {
     let (header, data) = read_safetensors(&folder.join("model.safetensors"));
     let mut names: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").collect();
     names.sort();

@@ -459,3 +459,167 @@ fn results_for_other_bytes_or_under_another_policy_are_refused() {
         assert!(reason.contains("forger") && reason.contains(expected), "{case}: {reason}");
     }
 }
+
+/// The watcher's side of `--transfer object-store`, as a command.
+fn object_store_watch(lab: &Lab, nats: &Nats, policy: &Path, once: bool) -> Proc {
+    let mut args = vec!["watch", "--settle-ms", "0", "--jobs", "2", "--transfer", "object-store"];
+    if once {
+        args.push("--once");
+    }
+    let url = nats.url();
+    args.extend(["--dispatch", &url, "--policy", policy.to_str().unwrap()]);
+    let mut c = lab.cmd(&args);
+    c.env("AIRLOCK_LOG", "warn");
+    Proc::spawn(c)
+}
+
+fn wait_exit(p: &mut Proc, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(start.elapsed() < limit, "did not finish in {limit:?}:\n{}", p.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A JetStream client logged in as the test's user.
+async fn test_client(nats: &Nats) -> async_nats::jetstream::Context {
+    let client = async_nats::ConnectOptions::with_user_and_password("airlock".into(), PASSWORD.into())
+        .connect(nats.url())
+        .await
+        .unwrap();
+    async_nats::jetstream::new(client)
+}
+
+/// The names of the objects left in the models bucket.
+fn objects_left(nats: &Nats) -> Vec<String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        use futures_util::StreamExt;
+        let js = test_client(nats).await;
+        let bucket = js.get_object_store("airlock-models").await.unwrap();
+        let mut list = bucket.list().await.unwrap();
+        let mut names = Vec::new();
+        while let Some(o) = list.next().await {
+            names.push(o.unwrap().name);
+        }
+        names
+    })
+}
+
+/// With `--transfer object-store` the job names no path a worker could read:
+/// the watcher puts the files in the bucket and the worker streams them into
+/// its scratch folder. A real GGUF, the real MiniLM folder resharded into three
+/// shards, and a truncated file each reach their usual verdict; the scratch
+/// copies and the objects are gone afterwards.
+#[test]
+fn models_travel_through_the_object_store_to_a_worker_with_no_shared_storage() {
+    let lab = Lab::new();
+    let d = tmp();
+    let nats = Nats::start(d.path());
+    let policy = nats_policy(d.path(), Some(PASSWORD));
+    let staged = d.path().join("staged");
+    std::fs::create_dir_all(&staged).unwrap();
+    let folder = crate::hf_folders::minilm(&staged);
+    crate::hf_folders::reshard(&folder);
+    std::fs::rename(&folder, lab.incoming().join("all-MiniLM-L6-v2")).unwrap();
+    std::fs::copy(&models().gemma, staged.join("gemma.gguf")).unwrap();
+    std::fs::rename(staged.join("gemma.gguf"), lab.incoming().join("gemma.gguf")).unwrap();
+    Gguf { truncate: Some(100), ..Gguf::default() }.write(&lab.incoming(), "short.gguf");
+
+    let scratch = d.path().join("scratch");
+    let mut c = lab.cmd(&[
+        "worker",
+        "--nats",
+        &nats.url(),
+        "--scratch",
+        scratch.to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+    ]);
+    c.env("AIRLOCK_LOG", "warn");
+    let w = Proc::spawn(c);
+    let mut watcher = object_store_watch(&lab, &nats, &policy, true);
+    let status = wait_exit(&mut watcher, Duration::from_secs(600));
+    let (_, wlog) = w.terminate();
+    assert!(status.success(), "{status:?}\n{}\nworker:\n{wlog}", watcher.log());
+
+    for (name, files) in [("gemma.gguf", 1), ("all-MiniLM-L6-v2", 0)] {
+        let manifest = lab.manifest(name);
+        let stages = manifest["stages"].as_array().unwrap();
+        assert!(stages.iter().any(|s| s["stage"] == "static_scan" && s["verdict"] == "pass"), "{manifest}");
+        let line = wlog
+            .lines()
+            .find(|l| l.contains(&format!("fetched {name} ")))
+            .unwrap_or_else(|| panic!("the worker did not fetch {name} from the bucket:\n{wlog}"));
+        if files == 1 {
+            assert!(line.contains("(1 file, 253113024 bytes)"), "{line}");
+        } else {
+            // The three shards, their index and the tokenizer and config files.
+            let n: usize = line.split('(').nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+            assert!(n >= 5, "{line}");
+        }
+    }
+    let (code, out) = lab.run(&["verify", "all-MiniLM-L6-v2"]);
+    assert_eq!(code, 0, "{out}");
+    let report = lab.report("short.gguf");
+    assert_eq!(report["failed_stage"], "format_gate", "{report}");
+    assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0, "scratch copies were left behind");
+    assert_eq!(objects_left(&nats), Vec::<String>::new(), "objects were left in the bucket");
+    let (code, out) = lab.run(&["audit", "--verify"]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// Bytes in the bucket that are not the ones the watcher claimed (another
+/// client overwrote the object) are refused by every worker that fetches
+/// them; the job is dead-lettered and the model rejected at `dispatch`,
+/// naming the file and both sha256s.
+#[test]
+fn an_object_that_is_not_the_claimed_bytes_is_refused_by_the_worker() {
+    use async_nats::jetstream;
+
+    let lab = Lab::new();
+    let d = tmp();
+    let nats = Nats::start(d.path());
+    let policy = nats_policy(d.path(), Some(PASSWORD));
+    let model = Gguf::default().write(&lab.incoming(), "m.gguf");
+    let sha = sha256_file(&model);
+    // No worker yet: the job waits in the queue while the test swaps the object.
+    let mut watcher = object_store_watch(&lab, &nats, &policy, true);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let js = test_client(&nats).await;
+        let start = Instant::now();
+        let job: serde_json::Value = loop {
+            assert!(start.elapsed() < Duration::from_secs(120), "no job was published:\n{}", watcher.log());
+            if let Ok(s) = js.get_stream("AIRLOCK_JOBS").await
+                && let Ok(m) = s.get_raw_message(1).await
+            {
+                break serde_json::from_slice(&m.payload).unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(job["path"], "m.gguf", "an object-store job names no path on the watcher's disk: {job}");
+        let object = job["objects"]["files"][0]["object"].as_str().unwrap().to_string();
+        assert_eq!(job["objects"]["files"][0]["sha256"], sha.as_str(), "{job}");
+        let bucket = js.get_object_store("airlock-models").await.unwrap();
+        let mut other = Gguf::default().bytes();
+        let last = other.len() - 1;
+        other[last] ^= 1;
+        bucket.put(object.as_str(), &mut other.as_slice()).await.unwrap();
+        let _: jetstream::object_store::ObjectInfo = bucket.info(object.as_str()).await.unwrap();
+    });
+    let w = worker(&lab, &nats, &policy);
+    let status = wait_exit(&mut watcher, Duration::from_secs(300));
+    let (_, wlog) = w.terminate();
+    assert!(status.success(), "{status:?}\n{}\nworker:\n{wlog}", watcher.log());
+    assert!(!lab.registry().join("m.gguf").exists(), "the swapped bytes were promoted");
+    let report = lab.report("m.gguf");
+    assert_eq!(report["failed_stage"], "dispatch", "{report}");
+    let reason = report["reason"].as_str().unwrap();
+    assert!(reason.contains("no worker finished the scan") && reason.contains("m.gguf"), "{reason}");
+    assert!(reason.contains("are not the job's") && reason.contains(&sha), "{reason}");
+    assert_eq!(objects_left(&nats), Vec::<String>::new(), "objects were left in the bucket");
+}

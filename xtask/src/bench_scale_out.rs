@@ -50,8 +50,9 @@ pub fn command() -> Result<()> {
     }
     let url = format!("nats://127.0.0.1:{port}");
     let cache = work.join("plugin-cache");
-    let run = |workers: usize| -> Result<Duration> {
-        let root = work.join(format!("root-{workers}"));
+    // `objects`: the models travel in the Object Store instead of being read at their path.
+    let run = |workers: usize, objects: bool| -> Result<Duration> {
+        let root = work.join(format!("root-{workers}-{objects}"));
         let _ = std::fs::remove_dir_all(&root);
         let cmd = |args: &[&str]| {
             let mut c = Command::new(&airlock);
@@ -73,6 +74,9 @@ pub fn command() -> Result<()> {
         if workers > 0 {
             args.extend(["--dispatch", url.as_str()]);
         }
+        if objects {
+            args.extend(["--transfer", "object-store"]);
+        }
         let took = crate::time(&mut cmd(&args))?;
         let promoted =
             std::fs::read_dir(root.join("registry"))?.filter(|e| e.as_ref().is_ok_and(|e| e.path().is_dir())).count();
@@ -82,10 +86,12 @@ pub fn command() -> Result<()> {
         Ok(took)
     };
     // A first round warms the page cache and the compiled-plugin cache.
-    run(1)?;
-    let local = run(0)?;
-    let one = run(1)?;
-    let two = run(2)?;
+    run(1, false)?;
+    let local = run(0, false)?;
+    let one = run(1, false)?;
+    let two = run(2, false)?;
+    let one_objects = run(1, true)?;
+    let two_objects = run(2, true)?;
     let per_min = |d: Duration| COPIES as f64 / d.as_secs_f64() * 60.0;
     println!("machine: {}", crate::machine());
     println!("{COPIES} copies of {} through `watch --dispatch` on loopback NATS:", gemma.display());
@@ -97,6 +103,10 @@ pub fn command() -> Result<()> {
     println!("  1 worker:  {:>6.1} s  ({:.0} models/min)", one.as_secs_f64(), per_min(one));
     println!("  2 workers: {:>6.1} s  ({:.0} models/min)", two.as_secs_f64(), per_min(two));
     println!("ratio 2 workers / 1 worker throughput: {:.2}x", one.as_secs_f64() / two.as_secs_f64());
+    println!("models through the Object Store (--transfer object-store):");
+    println!("  1 worker:  {:>6.1} s  ({:.0} models/min)", one_objects.as_secs_f64(), per_min(one_objects));
+    println!("  2 workers: {:>6.1} s  ({:.0} models/min)", two_objects.as_secs_f64(), per_min(two_objects));
+    println!("ratio 2 workers / 1 worker throughput: {:.2}x", one_objects.as_secs_f64() / two_objects.as_secs_f64());
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }

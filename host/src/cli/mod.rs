@@ -149,6 +149,11 @@ enum Command {
         /// Use --jobs at least the number of workers so they all have work.
         #[arg(long, value_name = "URL")]
         dispatch: Option<String>,
+        /// How the workers get the bytes: `shared-path` (they read the claim folder
+        /// at the same path) or `object-store` (the watcher puts each model in the
+        /// JetStream Object Store bucket airlock-models; no shared storage needed).
+        #[arg(long, value_enum, default_value = "shared-path", requires = "dispatch")]
+        transfer: crate::scale_out::Transfer,
     },
     /// Scan jobs from a NATS JetStream work queue (the other end of `watch --dispatch`).
     ///
@@ -163,6 +168,10 @@ enum Command {
         /// How many jobs this worker scans at once.
         #[arg(long, value_name = "N", default_value = "1", value_parser = clap::value_parser!(u16).range(1..=64))]
         jobs: u16,
+        /// Where models that come through the Object Store are written while
+        /// they are scanned (one folder per job, removed after it).
+        #[arg(long, value_name = "DIR")]
+        scratch: Option<PathBuf>,
     },
     /// List the promoted models.
     List {
@@ -339,31 +348,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Admit { path, origin, signatures } => {
             lifecycle::admit(&Root::new(&root), &path, origin.as_deref(), &signatures)
         }
-        Command::Watch { engine, once, settle_ms, jobs, dispatch } => {
+        Command::Watch { engine, once, settle_ms, jobs, dispatch, transfer } => {
             let r = Root::new(&root);
             r.check()?;
             let (scanner, policy) =
                 scanner(&engine, &root, Default::default(), load_policy(engine.policy.as_deref())?)?;
             let dispatcher = match &dispatch {
-                Some(url) => Some(crate::scale_out::Dispatcher::connect(url, &policy, &scanner)?),
+                Some(url) => Some(crate::scale_out::Dispatcher::connect(url, &policy, &scanner, transfer)?),
                 None => None,
             };
             let mut q = Quarantine::new(r, &scanner, &policy)?;
             if let Some(d) = &dispatcher {
                 errln!(
-                    "airlock: scans go to the workers on {} (policy {})",
+                    "airlock: scans go to the workers on {} (policy {}, bytes by {})",
                     dispatch.as_deref().unwrap_or(""),
-                    d.digest
+                    d.digest,
+                    match transfer {
+                        crate::scale_out::Transfer::SharedPath => "the shared path",
+                        crate::scale_out::Transfer::ObjectStore => "the Object Store bucket airlock-models",
+                    }
                 );
                 q = q.with_dispatch(d);
             }
             lifecycle::watch(&q, once, std::time::Duration::from_millis(settle_ms), jobs.into())
         }
-        Command::Worker { engine, nats, jobs } => {
+        Command::Worker { engine, nats, jobs, scratch } => {
             let policy = load_policy(engine.policy.as_deref())?;
             // No pins of its own: each job carries the watcher's pins for its model.
             let (scanner, policy) = scanner(&engine, &root, Default::default(), policy)?;
-            crate::scale_out::run_worker(&nats, &policy, scanner, jobs.into())?;
+            let scratch = scratch.unwrap_or_else(|| std::env::temp_dir().join("airlock-worker"));
+            crate::scale_out::run_worker(&nats, &policy, scanner, jobs.into(), &scratch)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::List { format } => lifecycle::list(&Root::new(&root), format == OutputFormat::Json),

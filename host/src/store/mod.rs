@@ -399,7 +399,7 @@ impl<'a> Quarantine<'a> {
         on_event: &mut dyn FnMut(Event),
     ) -> io::Result<Result<Outcome, String>> {
         on_event(Event::Processing(&claim.name));
-        let r = match d.scan(&claim.id, &claim.name, path, input).map_err(io::Error::other)? {
+        let mut r = match d.scan(&claim.id, &claim.name, path, model, input).map_err(io::Error::other)? {
             Reply::Dead(l) => {
                 return Ok(Err(format!(
                     "no worker finished the scan ({} deliveries, last to {}): {}",
@@ -438,6 +438,8 @@ impl<'a> Quarantine<'a> {
         for s in &r.outcome.stages {
             on_event(Event::StageDone(s));
         }
+        // The worker saw the model at its own path (shared storage, or its scratch copy).
+        r.outcome.path = path.display().to_string();
         Ok(Ok(r.outcome))
     }
 
