@@ -238,9 +238,15 @@ def fetch_templates(cache, sdist):
 
 def build_llama_tools(cache, sdist):
     """llama.cpp's llama-quantize and llama-imatrix, built with cmake (static,
-    no network features). Returns {tool: path}."""
+    no network features, not tuned to this CPU). Returns {tool: path}.
+
+    GGML_NATIVE=OFF: a native build on a CPU with AMX (Xeon Sapphire Rapids)
+    made llama-imatrix segfault on gemma in every configuration tried, while
+    the portable build (AVX2, FMA, F16C) runs; it also makes every machine
+    quantize with the same code. The folder name carries the build kind so a
+    cached native build is never reused."""
     spec = LLAMA_CPP
-    root = os.path.join(cache, "tools", f"llama.cpp-{spec['version']}")
+    root = os.path.join(cache, "tools", f"llama.cpp-{spec['version']}-portable")
     src, build = os.path.join(root, "src"), os.path.join(root, "build")
     tools = {t: os.path.join(build, "bin", t) for t in spec["tools"]}
     if os.path.exists(os.path.join(root, ".complete")):
@@ -251,7 +257,7 @@ def build_llama_tools(cache, sdist):
         sys.exit("building llama.cpp's quantize tools needs cmake (Debian package cmake), which is not installed")
     configure = ["cmake", "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
                  "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                 "-DLLAMA_BUILD_SERVER=OFF"]
+                 "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_NATIVE=OFF"]
     compile_ = ["cmake", "--build", build, "-j", str(os.cpu_count() or 2), "--target", *spec["tools"]]
     for cmd in (configure, compile_):
         run = subprocess.run(cmd, capture_output=True, text=True)
