@@ -37,19 +37,26 @@ struct Nats {
 impl Nats {
     fn start(dir: &Path) -> Nats {
         let user = nkeys::KeyPair::new_user();
+        let users =
+            format!("users: [ {{ user: airlock, password: \"{PASSWORD}\" }}, {{ nkey: {} }} ]", user.public_key());
+        Nats::start_with(dir, "", &users, user.seed().unwrap())
+    }
+
+    /// A server whose configuration starts with `head` (an `include`) and
+    /// whose `authorization` block holds `users`.
+    fn start_with(dir: &Path, head: &str, users: &str, nkey_seed: String) -> Nats {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let conf = dir.join("nats.conf");
         let store = dir.join("jetstream");
         std::fs::write(
             &conf,
             format!(
-                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\nauthorization {{ users: [ {{ user: airlock, password: \"{PASSWORD}\" }}, {{ nkey: {} }} ] }}\n",
+                "{head}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\nauthorization {{ {users} }}\n",
                 store.display(),
-                user.public_key()
             ),
         )
         .unwrap();
-        let mut n = Nats { child: None, conf, port, nkey_seed: user.seed().unwrap() };
+        let mut n = Nats { child: None, conf, port, nkey_seed };
         n.spawn();
         n
     }
@@ -622,4 +629,117 @@ fn an_object_that_is_not_the_claimed_bytes_is_refused_by_the_worker() {
     assert!(reason.contains("no worker finished the scan") && reason.contains("m.gguf"), "{reason}");
     assert!(reason.contains("are not the job's") && reason.contains(&sha), "{reason}");
     assert_eq!(objects_left(&nats), Vec::<String>::new(), "objects were left in the bucket");
+}
+
+/// A policy folder whose `nats:` section logs in as `user`.
+fn nats_policy_as(dir: &Path, user: &str, password: &str) -> PathBuf {
+    let policy = policy_dir(dir, |t| format!("{t}\nnats:\n  user: {user}\n  password_file: nats.pass\n"));
+    std::fs::write(policy.join("nats.pass"), password).unwrap();
+    policy
+}
+
+/// Whether a JetStream publish as `user` was stored (a denied subject gets no ack).
+async fn stored_as(nats: &Nats, user: &str, password: &str, subject: String, payload: Vec<u8>) -> bool {
+    let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .connect(nats.url())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    match js.publish(subject, payload.into()).await {
+        Ok(ack) => ack.await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// The permission sets in dist/nats/airlock-permissions.conf are enough for a
+/// watcher and a worker to run the lifecycle through the Object Store, and no
+/// more: a worker cannot send a job or swap a model's object, and a login
+/// without the sets (another application on the same server) cannot answer a
+/// job with a forged pass.
+#[test]
+fn the_documented_nats_permissions_run_the_lifecycle_and_keep_others_from_answering() {
+    let lab = Lab::new();
+    let d = tmp();
+    std::fs::copy(repo().join("dist/nats/airlock-permissions.conf"), d.path().join("airlock-permissions.conf"))
+        .unwrap();
+    let users = "users: [
+        { user: watch, password: \"watch-password-1\", permissions: $AIRLOCK_WATCHER }
+        { user: worker, password: \"worker-password-1\", permissions: $AIRLOCK_WORKER }
+        { user: other, password: \"other-password-1\", permissions: { publish: { allow: [\"app.>\"] }, subscribe: { allow: [\"_INBOX.>\", \"app.>\"] } } }
+    ]";
+    let nats = Nats::start_with(d.path(), "include \"airlock-permissions.conf\"", users, String::new());
+
+    let watch_policy = nats_policy_as(&d.path().join("w"), "watch", "watch-password-1");
+    let worker_policy = nats_policy_as(&d.path().join("k"), "worker", "worker-password-1");
+    let evil = b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x05posix\x94\x8c\x06system\x94\x93\x94\x8c\x02id\x94\x85\x94R\x94.";
+    lab.drop_file("bad.gguf", evil);
+    Gguf::default().write(&lab.incoming(), "clean.gguf");
+    let mut watcher = object_store_watch(&lab, &nats, &watch_policy, true);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = async_nats::ConnectOptions::with_user_and_password("watch".into(), "watch-password-1".into())
+            .connect(nats.url())
+            .await
+            .unwrap();
+        let js = async_nats::jetstream::new(client);
+        let start = Instant::now();
+        let (bad, clean): (serde_json::Value, serde_json::Value) = loop {
+            assert!(start.elapsed() < Duration::from_secs(120), "no jobs were published:\n{}", watcher.log());
+            if let Ok(s) = js.get_stream("AIRLOCK_JOBS").await
+                && let (Ok(a), Ok(b)) = (s.get_raw_message(1).await, s.get_raw_message(2).await)
+            {
+                let a: serde_json::Value = serde_json::from_slice(&a.payload).unwrap();
+                let b: serde_json::Value = serde_json::from_slice(&b.payload).unwrap();
+                break if a["name"] == "bad.gguf" { (a, b) } else { (b, a) };
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        // Another application forges a pass for the bad model: the server drops it.
+        let id = bad["id"].as_str().unwrap();
+        let outcome = scan_json(&Gguf::default().write(d.path(), "forge.gguf"), &[]).one().clone();
+        assert_eq!(outcome["verdict"], "pass");
+        let forged = serde_json::json!({
+            "id": id, "worker": "other", "delivery": 1, "policy_digest": bad["policy_digest"],
+            "files": { "bad.gguf": bad["objects"]["files"][0]["sha256"] }, "outcome": outcome,
+        });
+        let payload = serde_json::to_vec(&forged).unwrap();
+        assert!(
+            !stored_as(&nats, "other", "other-password-1", format!("airlock.results.{id}"), payload).await,
+            "a login without the airlock sets stored a result"
+        );
+        // A worker's login can neither send a job nor replace a model's bytes.
+        assert!(
+            !stored_as(&nats, "worker", "worker-password-1", "airlock.jobs".into(), clean.to_string().into_bytes())
+                .await,
+            "a worker's login sent a job"
+        );
+        let client = async_nats::ConnectOptions::with_user_and_password("worker".into(), "worker-password-1".into())
+            .connect(nats.url())
+            .await
+            .unwrap();
+        let wjs = async_nats::jetstream::new(client);
+        let bucket = wjs.get_object_store("airlock-models").await.unwrap();
+        let object = clean["objects"]["files"][0]["object"].as_str().unwrap();
+        let swapped = tokio::time::timeout(Duration::from_secs(30), bucket.put(object, &mut &b"other bytes"[..])).await;
+        assert!(!matches!(swapped, Ok(Ok(_))), "a worker's login replaced {object}");
+    });
+    let scratch = d.path().join("scratch");
+    let mut c = lab.cmd(&[
+        "worker",
+        "--nats",
+        &nats.url(),
+        "--scratch",
+        scratch.to_str().unwrap(),
+        "--policy",
+        worker_policy.to_str().unwrap(),
+    ]);
+    c.env("AIRLOCK_LOG", "warn");
+    let w = Proc::spawn(c);
+    let status = wait_exit(&mut watcher, Duration::from_secs(300));
+    let (_, wlog) = w.terminate();
+    assert!(status.success(), "{status:?}\n{}\nworker:\n{wlog}", watcher.log());
+    assert!(lab.manifest("clean.gguf")["stages"].is_array(), "clean.gguf was not promoted:\n{wlog}");
+    assert!(!lab.registry().join("bad.gguf").exists(), "the forged pass promoted bad.gguf");
+    let report = lab.report("bad.gguf");
+    assert_eq!(report["failed_stage"], "format_gate", "{report}");
 }
