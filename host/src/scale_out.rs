@@ -179,6 +179,22 @@ async fn connect(url: &str, auth: Option<&NatsAuth>, name: &str) -> Result<async
         Some(NatsAuth::UserPassword { .. }) => "with the policy's user and password",
         Some(NatsAuth::Nkey { .. }) => "with the policy's nkey",
     };
+    // The server reports a refused subject (a permissions violation) only
+    // as an asynchronous error; the request itself just times out. Logging
+    // it names the subject the login may not use.
+    let server = url.to_string();
+    let options = options.event_callback(move |event| {
+        let server = server.clone();
+        async move {
+            match event {
+                async_nats::Event::ServerError(e) => tracing::error!("the NATS server at {server} says: {e}"),
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("lost the connection to the NATS server at {server}; reconnecting")
+                }
+                _ => {}
+            }
+        }
+    });
     options.name(name).connect(url).await.with_context(|| format!("connecting to the NATS server at {url} {how}"))
 }
 
@@ -195,7 +211,10 @@ async fn ensure_streams(js: &jetstream::Context) -> Result<(stream::Stream, stre
         })
         .await
         .with_context(|| {
-            format!("creating or opening the JetStream stream {JOBS_STREAM} (is the server run with -js?)")
+            format!(
+                "creating or opening the JetStream stream {JOBS_STREAM} (is the server run with -js? may this login \
+                 use it? a worker's login with the AIRLOCK_WORKER permissions cannot create it: start the watcher first)"
+            )
         })?;
     let results = js
         .get_or_create_stream(stream::Config {

@@ -655,7 +655,7 @@ async fn stored_as(nats: &Nats, user: &str, password: &str, subject: String, pay
 /// watcher and a worker to run the lifecycle through the Object Store, and no
 /// more: a worker cannot send a job or swap a model's object, and a login
 /// without the sets (another application on the same server) cannot answer a
-/// job with a forged pass.
+/// job with a forged pass. A worker started first is told to start the watcher.
 #[test]
 fn the_documented_nats_permissions_run_the_lifecycle_and_keep_others_from_answering() {
     let lab = Lab::new();
@@ -671,6 +671,14 @@ fn the_documented_nats_permissions_run_the_lifecycle_and_keep_others_from_answer
 
     let watch_policy = nats_policy_as(&d.path().join("w"), "watch", "watch-password-1");
     let worker_policy = nats_policy_as(&d.path().join("k"), "worker", "worker-password-1");
+    // A worker started before the watcher cannot create the streams: it
+    // exits naming the refused subject and what to do.
+    let out =
+        lab.cmd(&["worker", "--nats", &nats.url(), "--policy", worker_policy.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("Permissions Violation") && err.contains("$JS.API.STREAM.CREATE.AIRLOCK_JOBS"), "{err}");
+    assert!(err.contains("start the watcher first"), "{err}");
     let evil = b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x05posix\x94\x8c\x06system\x94\x93\x94\x8c\x02id\x94\x85\x94R\x94.";
     lab.drop_file("bad.gguf", evil);
     Gguf::default().write(&lab.incoming(), "clean.gguf");
