@@ -165,6 +165,15 @@ fn worker(lab: &Lab, nats: &Nats, policy: &Path) -> Proc {
     Proc::spawn(c)
 }
 
+/// `airlock queue --format json` under `policy`'s login.
+fn queue(lab: &Lab, nats: &Nats, policy: &Path) -> serde_json::Value {
+    let (code, out) =
+        lab.run(&["queue", "--nats", &nats.url(), "--policy", policy.to_str().unwrap(), "--format", "json"]);
+    assert_eq!(code, 0, "{out}");
+    serde_json::from_str(out.lines().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no JSON in:\n{out}")))
+        .unwrap()
+}
+
 /// Models settled: in the registry with a manifest, or rejected with a report.
 fn settled(lab: &Lab, names: &[String]) -> usize {
     names
@@ -344,6 +353,10 @@ fn a_worker_with_another_policy_refuses_the_job_and_the_model_is_rejected_at_dis
     });
     std::fs::write(other.join("nats.pass"), PASSWORD).unwrap();
     Gguf::default().write(&lab.incoming(), "m.gguf");
+    // Before any watcher or worker, the server holds no queue: `airlock queue` says so.
+    let (code, out) = lab.run(&["queue", "--nats", &nats.url(), "--policy", watcher_policy.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("no stream AIRLOCK_JOBS") && out.contains("no watcher has dispatched"), "{out}");
     let w = worker(&lab, &nats, &other);
     let (code, out) = lab.run(&[
         "watch",
@@ -361,6 +374,17 @@ fn a_worker_with_another_policy_refuses_the_job_and_the_model_is_rejected_at_dis
     assert_eq!(report["failed_stage"], "dispatch", "{report}");
     let reason = report["reason"].as_str().unwrap();
     assert!(reason.contains("no worker finished the scan") && reason.contains("runs policy"), "{reason}");
+    // The dead letter stays on the server, and `airlock queue` lists it with its reason.
+    let q = queue(&lab, &nats, &watcher_policy);
+    assert_eq!((q["jobs"].as_u64(), q["results"].as_u64()), (Some(0), Some(0)), "{q}");
+    assert_eq!(q["workers_seen"], true, "{q}");
+    let dead = q["dead_letters"].as_array().unwrap();
+    assert_eq!(dead.len(), 1, "{q}");
+    assert_eq!((dead[0]["deliveries"].as_i64(), dead[0]["name"].as_str()), (Some(3), Some("m.gguf")), "{q}");
+    assert!(dead[0]["reason"].as_str().unwrap().contains("runs policy"), "{q}");
+    let (code, text) = lab.run(&["queue", "--nats", &nats.url(), "--policy", watcher_policy.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("dead letters        1") && text.contains("runs policy"), "{text}");
 }
 
 /// A forged reply is refused: one under the watcher's policy digest that
@@ -618,6 +642,18 @@ fn an_object_that_is_not_the_claimed_bytes_is_refused_by_the_worker() {
         bucket.put(object.as_str(), &mut other.as_slice()).await.unwrap();
         let _: jetstream::object_store::ObjectInfo = bucket.info(object.as_str()).await.unwrap();
     });
+    // The job waits with its object in the bucket; `airlock queue` shows both.
+    let q = queue(&lab, &nats, &policy);
+    assert_eq!(
+        (q["jobs"].as_u64(), q["waiting"].as_u64(), q["being_scanned"].as_u64()),
+        (Some(1), Some(1), Some(0)),
+        "{q}"
+    );
+    assert_eq!(q["workers_seen"], false, "{q}");
+    assert_eq!(q["listed_jobs"][0]["name"], "m.gguf", "{q}");
+    assert_eq!(q["listed_jobs"][0]["transfer"], "object-store", "{q}");
+    assert_eq!(q["objects"]["objects"].as_u64(), Some(1), "{q}");
+    assert_eq!(q["objects"]["bytes"].as_u64(), Some(Gguf::default().bytes().len() as u64), "{q}");
     let w = worker(&lab, &nats, &policy);
     let status = wait_exit(&mut watcher, Duration::from_secs(300));
     let (_, wlog) = w.terminate();

@@ -260,3 +260,48 @@ pub fn audit(root: &Root, verify: bool) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `airlock queue`: the scale-out queue, as text or one JSON object.
+pub fn print_queue(s: &crate::scale_out::QueueStatus, json: bool) -> Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string(s)?).map_err(super::stdout_error)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut text = format!("queue on {}\n", s.server);
+    text += &format!("jobs waiting        {}\n", s.waiting);
+    text += &format!("jobs being scanned  {}", s.being_scanned);
+    if s.redelivered > 0 {
+        text += &format!(" ({} redelivered)", s.redelivered);
+    }
+    text += "\n";
+    if s.workers_seen {
+        text += &format!("idle worker slots   {}\n", s.idle_worker_slots);
+    } else {
+        text += "idle worker slots   0 (no worker has connected to this queue yet)\n";
+    }
+    for j in &s.listed_jobs {
+        text += &format!("  job {}  {}  ({})\n", j.id, j.name, j.transfer);
+    }
+    if s.jobs > s.listed_jobs.len() as u64 {
+        text += &format!("  ... and {} more\n", s.jobs - s.listed_jobs.len() as u64);
+    }
+    text += &format!("results stored      {} (kept 30 days)\n", s.results);
+    text += &format!("dead letters        {}\n", s.dead_letters.len());
+    for d in &s.dead_letters {
+        text += &format!("  job {} {} after {} deliveries ({}): {}\n", d.id, d.name, d.deliveries, d.worker, d.reason);
+    }
+    match &s.objects {
+        Some(o) => {
+            text += &format!(
+                "models in transit   {} objects, {} bytes in {}",
+                o.objects,
+                o.bytes,
+                crate::scale_out::MODELS_BUCKET
+            )
+        }
+        None => text += "models in transit   none (no Object Store bucket: shared-path transfer)",
+    }
+    writeln!(out, "{text}").map_err(super::stdout_error)?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -173,6 +173,23 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         scratch: Option<PathBuf>,
     },
+    /// Show the scale-out queue on a NATS server: jobs waiting and being
+    /// scanned, idle worker slots, results, dead letters, models in transit.
+    ///
+    /// Read-only. Logs in with the policy's `nats:` credentials (the
+    /// watcher's login may read all of it). Exits 2 if the server cannot be
+    /// reached or no watcher has dispatched to it yet.
+    Queue {
+        /// The NATS server, nats://HOST:PORT.
+        #[arg(long, value_name = "URL")]
+        nats: String,
+        /// Folder holding the policy.yaml with the `nats:` credentials. Default:
+        /// /etc/airlock if it has a policy.yaml, else no credentials.
+        #[arg(long, env = "AIRLOCK_POLICY", value_name = "DIR")]
+        policy: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutputFormat,
+    },
     /// List the promoted models.
     List {
         #[arg(long, value_enum, default_value = "text")]
@@ -379,6 +396,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let scratch = scratch.unwrap_or_else(|| std::env::temp_dir().join("airlock-worker"));
             crate::scale_out::run_worker(&nats, &policy, scanner, jobs.into(), &scratch)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Queue { nats, policy, format } => {
+            let policy = load_policy(policy.as_deref())?;
+            let status = crate::scale_out::queue_status(&nats, &policy)?;
+            lifecycle::print_queue(&status, format == OutputFormat::Json)
         }
         Command::List { format } => lifecycle::list(&Root::new(&root), format == OutputFormat::Json),
         Command::Show { name } => lifecycle::show(&Root::new(&root), &name),
