@@ -767,6 +767,15 @@ fn the_documented_nats_permissions_run_the_lifecycle_and_keep_others_from_answer
         let swapped = tokio::time::timeout(Duration::from_secs(30), bucket.put(object, &mut &b"other bytes"[..])).await;
         assert!(!matches!(swapped, Ok(Ok(_))), "a worker's login replaced {object}");
     });
+    // `airlock queue` lists the waiting jobs under the watcher's login; a
+    // worker's login may not read them and is told so.
+    let q = queue(&lab, &nats, &watch_policy);
+    let mut names: Vec<_> = q["listed_jobs"].as_array().unwrap().iter().map(|j| j["name"].to_string()).collect();
+    names.sort();
+    assert_eq!(names, ["\"bad.gguf\"", "\"clean.gguf\""], "{q}");
+    let (code, out) = lab.run(&["queue", "--nats", &nats.url(), "--policy", worker_policy.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("$JS.API.STREAM.MSG.GET.AIRLOCK_JOBS") && out.contains("the watcher's may"), "{out}");
     let scratch = d.path().join("scratch");
     let mut c = lab.cmd(&[
         "worker",
