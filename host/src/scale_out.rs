@@ -994,31 +994,29 @@ pub fn queue_status(url: &str, policy: &Policy) -> Result<QueueStatus> {
             Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {}
             Err(e) => return Err(anyhow::Error::new(e).context(format!("reading the consumer {CONSUMER}"))),
         }
-        // A work queue deletes acked jobs, so the stream holds exactly the open ones.
-        let (first, last) = (jobs_info.state.first_sequence, jobs_info.state.last_sequence);
-        if jobs > 0 {
-            for seq in first..=last {
-                if status.listed_jobs.len() as u64 >= LISTED_JOBS {
-                    break;
+        // A work queue deletes acked jobs, so the stream holds exactly the
+        // open ones. Asking for the next job from a sequence on skips the
+        // gaps acked jobs leave (one request per job listed).
+        let mut seq = jobs_info.state.first_sequence;
+        while jobs > 0 && (status.listed_jobs.len() as u64) < LISTED_JOBS {
+            let m = match jobs_stream.get_first_raw_message_by_subject(JOBS_SUBJECT, seq).await {
+                Ok(m) => m,
+                // No job from `seq` on: the rest were acked since the state was read.
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => break,
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "reading job {seq} in {JOBS_STREAM} (may this login read the stream? the watcher's may)"
+                    )));
                 }
-                let m = match jobs_stream.get_raw_message(seq).await {
-                    Ok(m) => m,
-                    // Acked (or deleted) since the stream's state was read.
-                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => continue,
-                    Err(e) => {
-                        return Err(anyhow::Error::new(e).context(format!(
-                            "reading job {seq} in {JOBS_STREAM} (may this login read the stream? the watcher's may)"
-                        )));
-                    }
-                };
-                match serde_json::from_slice::<Job>(&m.payload) {
-                    Ok(j) => status.listed_jobs.push(QueuedJob {
-                        id: j.id,
-                        name: j.name,
-                        transfer: if j.objects.is_some() { "object-store" } else { "shared-path" },
-                    }),
-                    Err(e) => tracing::warn!("job {seq} in {JOBS_STREAM} cannot be read: {e}"),
-                }
+            };
+            seq = m.sequence + 1;
+            match serde_json::from_slice::<Job>(&m.payload) {
+                Ok(j) => status.listed_jobs.push(QueuedJob {
+                    id: j.id,
+                    name: j.name,
+                    transfer: if j.objects.is_some() { "object-store" } else { "shared-path" },
+                }),
+                Err(e) => tracing::warn!("job {} in {JOBS_STREAM} cannot be read: {e}", m.sequence),
             }
         }
 
