@@ -9,7 +9,9 @@
 //! stream. A worker that dies mid-scan stops sending progress, the job comes
 //! back after the ack wait to another worker, and after `MAX_SCANS` tries it
 //! goes to `airlock.dead.<id>` with the reason, which the watcher turns into a
-//! rejection (fail closed) that `rescan` can retry.
+//! rejection (fail closed) that `rescan` can retry. A worker that hands a job
+//! back says why on `airlock.dead.<id>_handed_back`, so the dead letter names
+//! the cause even when the delivery that files it is not the one that refused.
 //!
 //! Bytes: a job names the model by its path on storage the workers share, or
 //! (`--transfer object-store`) by objects the watcher put in a JetStream
@@ -42,7 +44,10 @@ pub const CONSUMER: &str = "airlock-workers";
 const ACK_WAIT: Duration = Duration::from_secs(20);
 /// How often a worker tells the server it is still on a job.
 const PROGRESS_EVERY: Duration = Duration::from_secs(4);
-/// Scans tried for one job; the delivery after the last goes to the dead-letter subject.
+/// Scans tried for one job; any later delivery only files the dead letter.
+/// The consumer itself does not cap deliveries: a delivery can be lost (to a
+/// worker killed with a pull request pending), and a capped consumer that lost
+/// its last one would hold the job forever with no letter for the watcher.
 pub const MAX_SCANS: i64 = 3;
 /// Results are kept this long for inspection (`nats stream view AIRLOCK_RESULTS`).
 const RESULTS_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -69,6 +74,15 @@ fn results_subject(id: &str) -> String {
 fn dead_subject(id: &str) -> String {
     format!("airlock.dead.{id}")
 }
+
+/// Where a worker that hands a job back says why (one token, so the
+/// `airlock.dead.*` subject filter and permission cover it). Job ids are
+/// digits and dashes: no job's dead subject ends like this.
+fn handed_back_subject(id: &str) -> String {
+    format!("airlock.dead.{id}{HANDED_BACK}")
+}
+
+const HANDED_BACK: &str = "_handed_back";
 
 /// One model to scan: a path on storage the watcher and the workers share.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -121,7 +135,8 @@ pub struct JobResult {
     pub outcome: Outcome,
 }
 
-/// A job no worker could finish, and why.
+/// A job no worker could finish, and why. The same shape, on
+/// `handed_back_subject`, records the last hand-back of a job still in play.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DeadLetter {
     pub id: String,
@@ -299,18 +314,17 @@ pub fn run_worker(url: &str, policy: &Policy, scanner: Scanner, jobs: usize, scr
         let client = connect(url, policy.nats.as_ref(), &format!("airlock-worker {name}")).await?;
         let js = jetstream::new(client);
         let (jobs_stream, _) = ensure_streams(&js).await?;
+        // Create or update: a consumer made by an older airlock (which capped
+        // deliveries at MAX_SCANS + 1) gets the uncapped config.
         let consumer: jetstream::consumer::Consumer<pull::Config> = jobs_stream
-            .get_or_create_consumer(
-                CONSUMER,
-                pull::Config {
-                    durable_name: Some(CONSUMER.into()),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: ACK_WAIT,
-                    // One delivery more than the scans: it only files the dead letter.
-                    max_deliver: MAX_SCANS + 1,
-                    ..Default::default()
-                },
-            )
+            .create_consumer(pull::Config {
+                durable_name: Some(CONSUMER.into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                // Uncapped: deliveries past MAX_SCANS only file the dead letter (see MAX_SCANS).
+                max_deliver: -1,
+                ..Default::default()
+            })
             .await
             .with_context(|| format!("creating or opening the consumer {CONSUMER} on {JOBS_STREAM}"))?;
         eprintln!("airlock worker {name}: taking jobs from {JOBS_STREAM} on {url}, {jobs} at a time (policy {digest})");
@@ -398,9 +412,19 @@ async fn handle(
         }
     };
     if delivery > MAX_SCANS {
-        let reason = format!(
-            "{MAX_SCANS} scans of this job did not finish: the workers died or lost the server mid-scan (last seen by {me})"
+        let mut reason = format!(
+            "{} deliveries of this job ended without a verdict: workers died, lost the server, handed it back, or a \
+             delivery was lost in transit (this one reached {me})",
+            delivery - 1
         );
+        match last_hand_back(js, &job.id).await {
+            Ok(Some(h)) => reason.push_str(&format!(
+                "; the last hand-back, delivery {} to worker {}, said: {}",
+                h.deliveries, h.worker, h.reason
+            )),
+            Ok(None) => reason.push_str("; no worker handed it back with a reason"),
+            Err(e) => reason.push_str(&format!("; the hand-backs could not be read: {e}")),
+        }
         dead_letter(js, &msg, &job, delivery, me, reason).await;
         return;
     }
@@ -673,7 +697,33 @@ async fn retry_or_dead(
         dead_letter(js, msg, job, delivery, me, reason).await;
     } else {
         tracing::warn!("job {} ({}): {reason}; handed back", job.id, job.name);
+        // Said before the nak, so the next delivery can find it. A note that
+        // cannot be stored costs only the reason, never the job.
+        let note = DeadLetter {
+            id: job.id.clone(),
+            name: job.name.clone(),
+            worker: me.to_string(),
+            deliveries: delivery,
+            reason,
+        };
+        let payload = serde_json::to_vec(&note).unwrap_or_default();
+        let id = format!("{}-handed-back-{delivery}", job.id);
+        if let Err(e) = publish_stored(js, handed_back_subject(&job.id), &id, payload, Duration::from_secs(5)).await {
+            tracing::warn!("job {}: the reason for handing it back is not stored: {e:#}", job.id);
+        }
         let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(2)))).await;
+    }
+}
+
+/// The last hand-back note stored for a job, if any.
+async fn last_hand_back(js: &jetstream::Context, id: &str) -> Result<Option<DeadLetter>> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
+    let results = js.get_stream(RESULTS_STREAM).await.with_context(|| format!("opening {RESULTS_STREAM}"))?;
+    let subject = handed_back_subject(id);
+    match results.get_last_raw_message_by_subject(&subject).await {
+        Ok(m) => Ok(Some(serde_json::from_slice(&m.payload).with_context(|| format!("reading {subject}"))?)),
+        Err(e) if e.kind() == K::NoMessageFound => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("reading {subject}: {e}")),
     }
 }
 
@@ -1033,7 +1083,7 @@ pub fn queue_status(url: &str, policy: &Policy) -> Result<QueueStatus> {
             let (subject, count) = s.with_context(|| format!("reading {RESULTS_STREAM}'s subjects"))?;
             if subject.starts_with("airlock.results.") {
                 status.results += count as u64;
-            } else if subject.starts_with("airlock.dead.") {
+            } else if subject.starts_with("airlock.dead.") && !subject.ends_with(HANDED_BACK) {
                 dead.push(subject);
             }
         }
