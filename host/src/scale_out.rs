@@ -754,6 +754,7 @@ async fn dead_letter(
 pub struct Dispatcher {
     rt: tokio::runtime::Runtime,
     js: jetstream::Context,
+    jobs: stream::Stream,
     results: stream::Stream,
     pub digest: String,
     stop: Arc<AtomicBool>,
@@ -766,6 +767,13 @@ pub struct Dispatcher {
 /// gives the model up to a `dispatch` rejection (which `rescan` retries).
 const PUT_DEADLINE: Duration = Duration::from_secs(60);
 
+/// A job with no reply this long gets a warning that says what the queue
+/// looks like (no worker connected, none asking, one holding it), so a
+/// watcher with no workers does not look like a hung one; then every
+/// `WAITING_NOTICE_EVERY`.
+const WAITING_NOTICE: Duration = Duration::from_secs(30);
+const WAITING_NOTICE_EVERY: Duration = Duration::from_secs(300);
+
 impl Dispatcher {
     pub fn connect(url: &str, policy: &Policy, scanner: &Scanner, transfer: Transfer) -> Result<Dispatcher> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -773,17 +781,18 @@ impl Dispatcher {
             signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
         }
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-        let (js, results, models) = rt.block_on(async {
+        let (js, jobs, results, models) = rt.block_on(async {
             let client = connect(url, policy.nats.as_ref(), "airlock-watch").await?;
             let js = jetstream::new(client);
-            let (_, results) = ensure_streams(&js).await?;
+            let (jobs, results) = ensure_streams(&js).await?;
             let models = match transfer {
                 Transfer::SharedPath => None,
                 Transfer::ObjectStore => Some(models_bucket(&js).await?),
             };
-            Ok::<_, anyhow::Error>((js, results, models))
+            Ok::<_, anyhow::Error>((js, jobs, results, models))
         })?;
-        Ok(Dispatcher { rt, js, results, digest: policy_digest(policy, scanner), stop, url: url.to_string(), models })
+        let digest = policy_digest(policy, scanner);
+        Ok(Dispatcher { rt, js, jobs, results, digest, stop, url: url.to_string(), models })
     }
 
     /// Publishes the claim as a job (unless a reply is already stored: a
@@ -852,6 +861,8 @@ impl Dispatcher {
                 }
             }
             tracing::info!("{name}: job {id} sent to the workers on {}", self.url);
+            let sent_at = Instant::now();
+            let mut notice_at = WAITING_NOTICE;
             loop {
                 if self.stop.load(Ordering::Relaxed) {
                     return Err(self.interrupted());
@@ -859,6 +870,15 @@ impl Dispatcher {
                 if let Some(reply) = self.reply(id).await? {
                     self.forget_objects(&job).await;
                     return Ok(reply);
+                }
+                if sent_at.elapsed() >= notice_at {
+                    tracing::warn!(
+                        "{name}: no reply to job {id} after {} s; {} (`airlock queue --nats {}` shows the queue)",
+                        sent_at.elapsed().as_secs(),
+                        self.workers_now().await,
+                        self.url
+                    );
+                    notice_at += WAITING_NOTICE_EVERY;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -914,6 +934,25 @@ impl Dispatcher {
                 Err(e) if e.kind() == object_store::DeleteErrorKind::NotFound => {}
                 Err(e) => tracing::warn!("deleting {} from {MODELS_BUCKET}: {e}", f.object),
             }
+        }
+    }
+
+    /// The workers as the jobs consumer sees them, for a waiting notice.
+    async fn workers_now(&self) -> String {
+        use async_nats::jetstream::context::ConsumerInfoErrorKind;
+        match self.jobs.consumer_info(CONSUMER).await {
+            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
+                "no worker has connected to this server's queue yet (start `airlock worker`)".into()
+            }
+            Err(e) => format!("the queue's consumer cannot be read: {e}"),
+            Ok(c) => format!(
+                "{} job(s) waiting, {} held by workers ({} redelivered), {} idle worker slot(s){}",
+                c.num_pending,
+                c.num_ack_pending,
+                c.num_redelivered,
+                c.num_waiting,
+                if c.num_waiting == 0 && c.num_ack_pending == 0 { ": no worker is asking for jobs now" } else { "" }
+            ),
         }
     }
 

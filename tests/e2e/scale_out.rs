@@ -147,6 +147,16 @@ impl Proc {
     }
 }
 
+/// A test that fails mid-way leaves no worker or watcher running behind it.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// The default policy with the NATS credentials (`password: None` leaves the section out).
 fn nats_policy(dir: &Path, password: Option<&str>) -> PathBuf {
     let policy = policy_dir(dir, |t| match password {
@@ -743,6 +753,14 @@ fn an_object_that_is_not_the_claimed_bytes_is_refused_by_the_worker() {
     assert_eq!(q["listed_jobs"][0]["transfer"], "object-store", "{q}");
     assert_eq!(q["objects"]["objects"].as_u64(), Some(1), "{q}");
     assert_eq!(q["objects"]["bytes"].as_u64(), Some(Gguf::default().bytes().len() as u64), "{q}");
+    // A watcher with no workers says so after 30 s rather than waiting in silence.
+    let notice = watcher.wait_for("no reply to job", Duration::from_secs(120));
+    assert!(
+        notice.contains("m.gguf")
+            && notice.contains("no worker has connected to this server's queue yet")
+            && notice.contains("airlock queue --nats"),
+        "{notice}"
+    );
     let w = worker(&lab, &nats, &policy);
     let status = wait_exit(&mut watcher, Duration::from_secs(300));
     let (_, wlog) = w.terminate();
