@@ -347,6 +347,54 @@ fn a_worker_without_the_credentials_is_refused_by_the_server() {
     assert!(status.success(), "{status:?}\n{log}");
 }
 
+/// The jobs consumer of an older airlock capped deliveries at MAX_SCANS + 1, so a
+/// lost last delivery stranded its job; a worker started on that server lifts the cap.
+#[test]
+fn a_worker_lifts_the_delivery_cap_an_older_airlock_left_on_the_consumer() {
+    use async_nats::jetstream::consumer::{AckPolicy, pull};
+
+    let lab = Lab::new();
+    let d = tmp();
+    let nats = Nats::start(d.path());
+    let policy = nats_policy(d.path(), Some(PASSWORD));
+    let w = worker(&lab, &nats, &policy);
+    w.wait_for("taking jobs from AIRLOCK_JOBS", Duration::from_secs(60));
+    assert!(w.terminate().0.success());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let max_deliver = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            let js = test_client(&nats).await;
+            js.get_stream("AIRLOCK_JOBS")
+                .await
+                .unwrap()
+                .consumer_info("airlock-workers")
+                .await
+                .unwrap()
+                .config
+                .max_deliver
+        })
+    };
+    assert_eq!(max_deliver(&rt), -1);
+    // The consumer as airlock 0.2.0 made it.
+    rt.block_on(async {
+        let js = test_client(&nats).await;
+        let stream = js.get_stream("AIRLOCK_JOBS").await.unwrap();
+        let old = pull::Config {
+            durable_name: Some("airlock-workers".into()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(20),
+            max_deliver: 4,
+            ..Default::default()
+        };
+        let _: async_nats::jetstream::consumer::Consumer<pull::Config> = stream.create_consumer(old).await.unwrap();
+    });
+    assert_eq!(max_deliver(&rt), 4);
+    let w = worker(&lab, &nats, &policy);
+    w.wait_for("taking jobs from AIRLOCK_JOBS", Duration::from_secs(60));
+    assert_eq!(max_deliver(&rt), -1, "the worker left the old cap:\n{}", w.log());
+    assert!(w.terminate().0.success());
+}
+
 /// A worker that runs another policy refuses the job; after the last try the job
 /// goes to the dead-letter subject and the watcher rejects the model at
 /// `dispatch`, naming both policy digests.
