@@ -696,7 +696,6 @@ async fn retry_or_dead(
     if delivery >= MAX_SCANS {
         dead_letter(js, msg, job, delivery, me, reason).await;
     } else {
-        tracing::warn!("job {} ({}): {reason}; handed back", job.id, job.name);
         // Said before the nak, so the next delivery can find it. A note that
         // cannot be stored costs only the reason, never the job.
         let note = DeadLetter {
@@ -704,7 +703,7 @@ async fn retry_or_dead(
             name: job.name.clone(),
             worker: me.to_string(),
             deliveries: delivery,
-            reason,
+            reason: reason.clone(),
         };
         let payload = serde_json::to_vec(&note).unwrap_or_default();
         let id = format!("{}-handed-back-{delivery}", job.id);
@@ -712,6 +711,8 @@ async fn retry_or_dead(
             tracing::warn!("job {}: the reason for handing it back is not stored: {e:#}", job.id);
         }
         let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(2)))).await;
+        // Logged once done: the line means the reason is stored and the job is back.
+        tracing::warn!("job {} ({}): {reason}; handed back", job.id, job.name);
     }
 }
 
