@@ -716,16 +716,24 @@ async fn retry_or_dead(
     }
 }
 
+/// The payload of the last message on `subject`, or `None` when there is none yet.
+async fn last_payload(
+    stream: &stream::Stream,
+    subject: &str,
+) -> Result<Option<bytes::Bytes>, stream::LastRawMessageError> {
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(m) => Ok(Some(m.payload)),
+        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// The last hand-back note stored for a job, if any.
 async fn last_hand_back(js: &jetstream::Context, id: &str) -> Result<Option<DeadLetter>> {
-    use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
     let results = js.get_stream(RESULTS_STREAM).await.with_context(|| format!("opening {RESULTS_STREAM}"))?;
     let subject = handed_back_subject(id);
-    match results.get_last_raw_message_by_subject(&subject).await {
-        Ok(m) => Ok(Some(serde_json::from_slice(&m.payload).with_context(|| format!("reading {subject}"))?)),
-        Err(e) if e.kind() == K::NoMessageFound => Ok(None),
-        Err(e) => Err(anyhow::anyhow!("reading {subject}: {e}")),
-    }
+    let payload = last_payload(&results, &subject).await.with_context(|| format!("reading {subject}"))?;
+    payload.map(|p| serde_json::from_slice(&p).with_context(|| format!("reading {subject}"))).transpose()
 }
 
 async fn dead_letter(
@@ -965,18 +973,17 @@ impl Dispatcher {
     /// The stored reply to a job, if there is one yet. A connection error is
     /// not a reply: it is logged and the caller asks again.
     async fn reply(&self, id: &str) -> Result<Option<Reply>, String> {
-        use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
         for (subject, dead) in [(results_subject(id), false), (dead_subject(id), true)] {
-            match self.results.get_last_raw_message_by_subject(&subject).await {
-                Ok(m) => {
+            match last_payload(&self.results, &subject).await {
+                Ok(Some(payload)) => {
                     let parsed = if dead {
-                        serde_json::from_slice(&m.payload).map(Reply::Dead)
+                        serde_json::from_slice(&payload).map(Reply::Dead)
                     } else {
-                        serde_json::from_slice(&m.payload).map(|r| Reply::Result(Box::new(r)))
+                        serde_json::from_slice(&payload).map(|r| Reply::Result(Box::new(r)))
                     };
                     return parsed.map(Some).map_err(|e| format!("the reply on {subject} cannot be read: {e}"));
                 }
-                Err(e) if e.kind() == K::NoMessageFound => {}
+                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!("asking {RESULTS_STREAM} for {subject}: {e}");
                     return Ok(None);

@@ -443,6 +443,21 @@ fn a_worker_with_another_policy_refuses_the_job_and_the_model_is_rejected_at_dis
     assert!(text.contains("dead letters        1") && text.contains("runs policy"), "{text}");
 }
 
+/// `watch --once --dispatch` under `policy`, in the background.
+fn dispatch_once(lab: &Lab, nats: &Nats, policy: &Path) -> Proc {
+    let url = nats.url();
+    Proc::spawn(lab.cmd(&[
+        "watch",
+        "--once",
+        "--settle-ms",
+        "0",
+        "--dispatch",
+        &url,
+        "--policy",
+        policy.to_str().unwrap(),
+    ]))
+}
+
 /// A policy that differs from the default in one verdict-deciding setting, with the NATS login.
 fn other_policy(dir: &Path) -> PathBuf {
     let other = policy_dir(dir, |t| {
@@ -473,16 +488,7 @@ fn lost_deliveries_after_a_hand_back_still_end_in_a_dead_letter_with_its_reason(
     let other = other_policy(&d.path().join("o"));
     Gguf::default().write(&lab.incoming(), "m.gguf");
     let mut first = worker(&lab, &nats, &other);
-    let mut watcher = Proc::spawn(lab.cmd(&[
-        "watch",
-        "--once",
-        "--settle-ms",
-        "0",
-        "--dispatch",
-        &nats.url(),
-        "--policy",
-        watcher_policy.to_str().unwrap(),
-    ]));
+    let mut watcher = dispatch_once(&lab, &nats, &watcher_policy);
     // Killed right after its second hand-back: the job is back in 2 s, not before.
     let start = Instant::now();
     while first.lines.lock().unwrap().iter().filter(|l| l.contains("handed back")).count() < 2 {
@@ -556,16 +562,7 @@ fn results_for_other_bytes_or_under_another_policy_are_refused() {
         let outcome = scan.one().clone();
         let sha = sha256_file(&model);
         std::fs::copy(&model, lab.incoming().join("m.gguf")).unwrap();
-        let mut watcher = Proc::spawn(lab.cmd(&[
-            "watch",
-            "--once",
-            "--settle-ms",
-            "0",
-            "--dispatch",
-            &nats.url(),
-            "--policy",
-            policy.to_str().unwrap(),
-        ]));
+        let mut watcher = dispatch_once(&lab, &nats, &policy);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let client = async_nats::ConnectOptions::with_user_and_password("airlock".into(), PASSWORD.into())
