@@ -36,7 +36,10 @@ use crate::pipeline::{Outcome, ScanInput, Scanner};
 use crate::policy::{NatsAuth, Policy};
 
 pub const JOBS_STREAM: &str = "AIRLOCK_JOBS";
-pub const JOBS_SUBJECT: &str = "airlock.jobs";
+/// Each job is published on `airlock.jobs.<claim id>`, so a restarted
+/// watcher can ask the stream whether its job is still there (queued or held
+/// by a worker) instead of sending it a second time.
+const JOBS_SUBJECTS: &str = "airlock.jobs.*";
 pub const RESULTS_STREAM: &str = "AIRLOCK_RESULTS";
 /// The durable pull consumer every worker shares.
 pub const CONSUMER: &str = "airlock-workers";
@@ -65,6 +68,10 @@ pub enum Transfer {
     /// The watcher puts every file in the `airlock-models` Object Store bucket;
     /// workers stream them into a scratch folder, checked against the job's sha256s.
     ObjectStore,
+}
+
+fn job_subject(id: &str) -> String {
+    format!("airlock.jobs.{id}")
 }
 
 fn results_subject(id: &str) -> String {
@@ -221,7 +228,7 @@ async fn ensure_streams(js: &jetstream::Context) -> Result<(stream::Stream, stre
     let jobs = js
         .get_or_create_stream(stream::Config {
             name: JOBS_STREAM.into(),
-            subjects: vec![JOBS_SUBJECT.into()],
+            subjects: vec![JOBS_SUBJECTS.into()],
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             duplicate_window: Duration::from_secs(120),
@@ -246,6 +253,23 @@ async fn ensure_streams(js: &jetstream::Context) -> Result<(stream::Stream, stre
         .await
         .with_context(|| format!("creating or opening the JetStream stream {RESULTS_STREAM}"))?;
     Ok((jobs, results))
+}
+
+/// A jobs stream made by an earlier airlock took every job on the one
+/// subject `airlock.jobs`; jobs now go on `airlock.jobs.<claim id>`. The
+/// watcher (whose login may update streams) adds the subject; jobs already in
+/// the stream stay there and workers still take them.
+async fn take_jobs_by_claim(js: &jetstream::Context, jobs: &mut stream::Stream) -> Result<()> {
+    let info = jobs.get_info().await.with_context(|| format!("reading the stream {JOBS_STREAM}'s configuration"))?;
+    if info.config.subjects.iter().any(|s| s == JOBS_SUBJECTS) {
+        return Ok(());
+    }
+    let mut config = info.config;
+    tracing::warn!("the stream {JOBS_STREAM} takes jobs on {:?}; adding {JOBS_SUBJECTS}", config.subjects);
+    config.subjects.push(JOBS_SUBJECTS.into());
+    js.update_stream(&config).await.with_context(|| format!("adding the subject {JOBS_SUBJECTS} to {JOBS_STREAM}"))?;
+    *jobs = js.get_stream(JOBS_STREAM).await.with_context(|| format!("opening {JOBS_STREAM}"))?;
+    Ok(())
 }
 
 /// Publishes and waits for the stream's acknowledgement, retrying through a
@@ -406,7 +430,7 @@ async fn handle(
         Ok(j) => j,
         Err(e) => {
             // Not from a watcher: there is no claim to answer, so it is dropped, loudly.
-            tracing::error!("a message on {JOBS_SUBJECT} is not a job ({e}); dropped");
+            tracing::error!("a message on {} is not a job ({e}); dropped", msg.subject);
             let _ = msg.ack_with(AckKind::Term).await;
             return;
         }
@@ -793,7 +817,8 @@ impl Dispatcher {
         let (js, jobs, results, models) = rt.block_on(async {
             let client = connect(url, policy.nats.as_ref(), "airlock-watch").await?;
             let js = jetstream::new(client);
-            let (jobs, results) = ensure_streams(&js).await?;
+            let (mut jobs, results) = ensure_streams(&js).await?;
+            take_jobs_by_claim(&js, &mut jobs).await?;
             let models = match transfer {
                 Transfer::SharedPath => None,
                 Transfer::ObjectStore => Some(models_bucket(&js).await?),
@@ -847,29 +872,29 @@ impl Dispatcher {
                 self.forget_objects(&job).await;
                 return Ok(reply);
             }
-            if let Err(why) = self.put_objects(&job, model).await? {
-                return Ok(Reply::Dead(DeadLetter {
-                    id: id.into(),
-                    name: name.into(),
-                    worker: "the watcher".into(),
-                    deliveries: 0,
-                    reason: why,
-                }));
-            }
-            let payload = serde_json::to_vec(&job).map_err(|e| e.to_string())?;
-            // The claim id is the message id: a job sent twice (a retry, a
-            // restart within two minutes) is stored once.
-            let mut sent = false;
-            while !sent {
-                if self.stop.load(Ordering::Relaxed) {
-                    return Err(self.interrupted());
+            // A watcher restarted while its job was queued or held by a worker
+            // waits for that job. Sending it again would have it scanned twice
+            // (once the message-id window of two minutes is past), and the copy
+            // a worker takes after the verdict finds no claim and ends as a
+            // misleading dead letter.
+            if self.job_queued(id).await? {
+                tracing::info!(
+                    "{name}: job {id} is still in the queue on {} (sent before this watcher restarted); waiting for its reply",
+                    self.url
+                );
+            } else {
+                // Not in the queue: never sent, or acked since the first look
+                // at the replies (a worker stores the reply before it acks, so
+                // the reply is there now).
+                if let Some(reply) = self.reply(id).await? {
+                    self.forget_objects(&job).await;
+                    return Ok(reply);
                 }
-                match publish_stored(&self.js, JOBS_SUBJECT.into(), id, payload.clone(), Duration::from_secs(5)).await {
-                    Ok(()) => sent = true,
-                    Err(e) => tracing::warn!("{name}: {e:#}; the job is sent again"),
+                if let Some(dead) = self.send(&job, model).await? {
+                    return Ok(Reply::Dead(dead));
                 }
+                tracing::info!("{name}: job {id} sent to the workers on {}", self.url);
             }
-            tracing::info!("{name}: job {id} sent to the workers on {}", self.url);
             let sent_at = Instant::now();
             let mut notice_at = WAITING_NOTICE;
             loop {
@@ -892,6 +917,54 @@ impl Dispatcher {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         })
+    }
+
+    /// Puts the model in the bucket (with `--transfer object-store`) and
+    /// publishes the job, retrying until the stream has it. `Ok(Some)`: the
+    /// model could not be put in the bucket; `Err`: stopped, the claim stays.
+    async fn send(&self, job: &Job, model: &Model) -> Result<Option<DeadLetter>, String> {
+        if let Err(why) = self.put_objects(job, model).await? {
+            return Ok(Some(DeadLetter {
+                id: job.id.clone(),
+                name: job.name.clone(),
+                worker: "the watcher".into(),
+                deliveries: 0,
+                reason: why,
+            }));
+        }
+        let payload = serde_json::to_vec(job).map_err(|e| e.to_string())?;
+        loop {
+            // The claim id is the message id, so a retry within two minutes of
+            // a publish that did land is stored once; after that, the look
+            // at the queue below keeps it from being sent twice.
+            match publish_stored(&self.js, job_subject(&job.id), &job.id, payload.clone(), Duration::from_secs(5)).await
+            {
+                Ok(()) => return Ok(None),
+                Err(e) => tracing::warn!("{}: {e:#}; the job is sent again unless the server has it", job.name),
+            }
+            if self.job_queued(&job.id).await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Whether the jobs stream holds this claim's job (waiting, or held by a
+    /// worker: a work queue drops a job only when it is acked). Asks again
+    /// through a lost connection; `Err`: stopped.
+    async fn job_queued(&self, id: &str) -> Result<bool, String> {
+        let subject = job_subject(id);
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return Err(self.interrupted());
+            }
+            match last_payload(&self.jobs, &subject).await {
+                Ok(found) => return Ok(found.is_some()),
+                Err(e) => {
+                    tracing::warn!("asking {JOBS_STREAM} for {subject}: {e}; asking again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
     }
 
     /// Puts the model's files in the bucket (with `--transfer object-store`),
@@ -1096,7 +1169,9 @@ pub fn queue_status(url: &str, policy: &Policy) -> Result<QueueStatus> {
         // gaps acked jobs leave (one request per job listed).
         let mut seq = jobs_info.state.first_sequence;
         while jobs > 0 && (status.listed_jobs.len() as u64) < LISTED_JOBS {
-            let m = match jobs_stream.get_first_raw_message_by_subject(JOBS_SUBJECT, seq).await {
+            // Every subject: the stream holds only jobs, and one an older airlock sent on
+            // `airlock.jobs` is listed too.
+            let m = match jobs_stream.get_first_raw_message_by_subject(">", seq).await {
                 Ok(m) => m,
                 // No job from `seq` on: the rest were acked since the state was read.
                 Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => break,

@@ -458,6 +458,77 @@ fn dispatch_once(lab: &Lab, nats: &Nats, policy: &Path) -> Proc {
     ]))
 }
 
+/// A watcher stopped while its job waits in the queue, and started again after
+/// the server's message-id window (two minutes by default) has passed, waits
+/// for that job instead of sending it again: one job in the queue, one scan,
+/// one verdict and no stray dead letter. The test makes the jobs stream itself,
+/// as an older airlock made it (every job on `airlock.jobs`), with a one-second
+/// window, so "after the window" takes a second; the watcher adds the
+/// per-claim subjects.
+#[test]
+fn a_restarted_watcher_waits_for_its_queued_job_and_does_not_send_it_again() {
+    let lab = Lab::new();
+    let d = tmp();
+    let nats = Nats::start(d.path());
+    let policy = nats_policy(d.path(), Some(PASSWORD));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        use async_nats::jetstream::stream;
+        test_client(&nats)
+            .await
+            .create_stream(stream::Config {
+                name: "AIRLOCK_JOBS".into(),
+                subjects: vec!["airlock.jobs".into()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                duplicate_window: Duration::from_secs(1),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    });
+    Gguf::default().write(&lab.incoming(), "m.gguf");
+    let url = nats.url();
+    let watch = || {
+        let mut c =
+            lab.cmd(&["watch", "--once", "--settle-ms", "0", "--dispatch", &url, "--policy", policy.to_str().unwrap()]);
+        // The job's "sent" and "still in the queue" lines are info.
+        c.env("AIRLOCK_LOG", "info");
+        Proc::spawn(c)
+    };
+
+    // No worker yet: the job waits; the watcher is stopped and the claim stays.
+    let first = watch();
+    first.wait_for("m.gguf: job", Duration::from_secs(120));
+    let (_, first_log) = first.terminate();
+    assert!(first_log.contains("takes jobs on [\"airlock.jobs\"]; adding airlock.jobs.*"), "{first_log}");
+    assert_eq!(std::fs::read_dir(lab.root.join("quarantine/scanning")).unwrap().count(), 1, "{first_log}");
+    assert_eq!(queue(&lab, &nats, &policy)["jobs"], 1, "{first_log}");
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let mut second = watch();
+    let line = second.wait_for("m.gguf: job", Duration::from_secs(120));
+    assert!(line.contains("is still in the queue"), "{}", second.log());
+    assert_eq!(queue(&lab, &nats, &policy)["jobs"], 1, "{}", second.log());
+
+    let w = worker(&lab, &nats, &policy);
+    let status = wait_exit(&mut second, Duration::from_secs(300));
+    assert!(status.success(), "{status:?}\n{}\nworker:\n{}", second.log(), w.log());
+    assert!(lab.registry().join("m.gguf/manifest.json").is_file(), "{}", second.log());
+    // Past the worker's 2 s pull and 2 s hand-back delay: a second copy would
+    // have reached it by now.
+    std::thread::sleep(Duration::from_secs(5));
+    let (_, wlog) = w.terminate();
+    assert_eq!(wlog.matches("scanning m.gguf").count(), 1, "{wlog}");
+    let q = queue(&lab, &nats, &policy);
+    assert_eq!(q["jobs"], 0, "{q}\n{wlog}");
+    assert_eq!(q["dead_letters"], serde_json::json!([]), "{q}\n{wlog}");
+    let verdicts = lab.audit().iter().filter(|e| e["model"] == "m.gguf" && e["event"] == "promoted").count();
+    assert_eq!(verdicts, 1);
+    let (code, out) = lab.run(&["audit", "--verify"]);
+    assert_eq!(code, 0, "{out}");
+}
+
 /// A policy that differs from the default in one verdict-deciding setting, with the NATS login.
 fn other_policy(dir: &Path) -> PathBuf {
     let other = policy_dir(dir, |t| {
@@ -905,8 +976,14 @@ fn the_documented_nats_permissions_run_the_lifecycle_and_keep_others_from_answer
         );
         // A worker's login can neither send a job nor replace a model's bytes.
         assert!(
-            !stored_as(&nats, "worker", "worker-password-1", "airlock.jobs".into(), clean.to_string().into_bytes())
-                .await,
+            !stored_as(
+                &nats,
+                "worker",
+                "worker-password-1",
+                format!("airlock.jobs.{}", clean["id"].as_str().unwrap()),
+                clean.to_string().into_bytes()
+            )
+            .await,
             "a worker's login sent a job"
         );
         let client = async_nats::ConnectOptions::with_user_and_password("worker".into(), "worker-password-1".into())
