@@ -529,6 +529,47 @@ fn a_restarted_watcher_waits_for_its_queued_job_and_does_not_send_it_again() {
     assert_eq!(code, 0, "{out}");
 }
 
+/// A worker stopped with SIGTERM in the middle of a scan finishes it, stores the
+/// result and exits 0: the model is promoted from that one scan, and the job is
+/// neither handed back nor delivered again.
+#[test]
+fn a_worker_stopped_with_sigterm_finishes_the_scan_in_hand() {
+    let lab = Lab::new();
+    let d = tmp();
+    let nats = Nats::start(d.path());
+    let policy = nats_policy(d.path(), Some(PASSWORD));
+    // Copied under a hidden name, then renamed: the watcher never sees half a file.
+    let partial = lab.incoming().join(".gemma.gguf.partial");
+    std::fs::copy(&models().gemma, &partial).unwrap();
+    std::fs::rename(&partial, lab.incoming().join("gemma.gguf")).unwrap();
+
+    let mut w = worker(&lab, &nats, &policy);
+    let mut watch = dispatch_once(&lab, &nats, &policy);
+    w.wait_for("scanning gemma.gguf", Duration::from_secs(300));
+    unsafe { libc::kill(w.child.id() as i32, libc::SIGTERM) };
+    // The verdict line follows the scan: not there yet, so the signal came mid-scan.
+    let at_signal = w.log();
+    assert!(!at_signal.contains("gemma.gguf PASS"), "the scan ended before the signal:\n{at_signal}");
+    let status = wait_exit(&mut w, Duration::from_secs(300));
+    std::thread::sleep(Duration::from_millis(100));
+    let wlog = w.log();
+    assert!(status.success(), "{status:?}\n{wlog}");
+    let verdict = wlog.find("gemma.gguf PASS").unwrap_or_else(|| panic!("no verdict:\n{wlog}"));
+    let stopped = wlog.find(": stopped").unwrap_or_else(|| panic!("no stop line:\n{wlog}"));
+    assert!(verdict < stopped, "{wlog}");
+    assert_eq!(wlog.matches("scanning gemma.gguf").count(), 1, "{wlog}");
+    assert!(!wlog.contains("handed back"), "{wlog}");
+
+    let status = wait_exit(&mut watch, Duration::from_secs(300));
+    assert!(status.success(), "{status:?}\n{}", watch.log());
+    assert!(lab.registry().join("gemma.gguf/manifest.json").is_file(), "{}", watch.log());
+    let q = queue(&lab, &nats, &policy);
+    assert_eq!(q["jobs"], 0, "{q}");
+    assert_eq!(q["dead_letters"], serde_json::json!([]), "{q}");
+    let (code, out) = lab.run(&["audit", "--verify"]);
+    assert_eq!(code, 0, "{out}");
+}
+
 /// A policy that differs from the default in one verdict-deciding setting, with the NATS login.
 fn other_policy(dir: &Path) -> PathBuf {
     let other = policy_dir(dir, |t| {
