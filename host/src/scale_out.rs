@@ -223,10 +223,28 @@ async fn connect(url: &str, auth: Option<&NatsAuth>, name: &str) -> Result<async
     options.name(name).connect(url).await.with_context(|| format!("connecting to the NATS server at {url} {how}"))
 }
 
+/// Opens the stream, or creates it if it is missing. A worker and a watcher
+/// started together (both units at boot) can both find it missing; the
+/// server then refuses the slower create with "subjects overlap with an
+/// existing stream", though the configurations are the same. The second try
+/// opens the stream the other one made; a real conflict fails again.
+async fn open_or_create_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, jetstream::context::CreateStreamError> {
+    match js.get_or_create_stream(config.clone()).await {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            tracing::info!("creating the stream {}: {e}; opening it again", config.name);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            js.get_or_create_stream(config).await
+        }
+    }
+}
+
 /// Creates the two streams if they are missing (file storage: they outlive a server restart).
 async fn ensure_streams(js: &jetstream::Context) -> Result<(stream::Stream, stream::Stream)> {
-    let jobs = js
-        .get_or_create_stream(stream::Config {
+    let jobs = open_or_create_stream(js, stream::Config {
             name: JOBS_STREAM.into(),
             subjects: vec![JOBS_SUBJECTS.into()],
             retention: stream::RetentionPolicy::WorkQueue,
@@ -241,17 +259,19 @@ async fn ensure_streams(js: &jetstream::Context) -> Result<(stream::Stream, stre
                  use it? a worker's login with the AIRLOCK_WORKER permissions cannot create it: start the watcher first)"
             )
         })?;
-    let results = js
-        .get_or_create_stream(stream::Config {
+    let results = open_or_create_stream(
+        js,
+        stream::Config {
             name: RESULTS_STREAM.into(),
             subjects: vec!["airlock.results.*".into(), "airlock.dead.*".into()],
             storage: stream::StorageType::File,
             max_age: RESULTS_MAX_AGE,
             duplicate_window: Duration::from_secs(120),
             ..Default::default()
-        })
-        .await
-        .with_context(|| format!("creating or opening the JetStream stream {RESULTS_STREAM}"))?;
+        },
+    )
+    .await
+    .with_context(|| format!("creating or opening the JetStream stream {RESULTS_STREAM}"))?;
     Ok((jobs, results))
 }
 
