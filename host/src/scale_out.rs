@@ -279,16 +279,15 @@ async fn ensure_streams(js: &jetstream::Context) -> Result<(stream::Stream, stre
 /// subject `airlock.jobs`; jobs now go on `airlock.jobs.<claim id>`. The
 /// watcher (whose login may update streams) adds the subject; jobs already in
 /// the stream stay there and workers still take them.
-async fn take_jobs_by_claim(js: &jetstream::Context, jobs: &mut stream::Stream) -> Result<()> {
-    let info = jobs.get_info().await.with_context(|| format!("reading the stream {JOBS_STREAM}'s configuration"))?;
-    if info.config.subjects.iter().any(|s| s == JOBS_SUBJECTS) {
+async fn take_jobs_by_claim(js: &jetstream::Context, jobs: &stream::Stream) -> Result<()> {
+    // The configuration as ensure_streams just read or made it.
+    let mut config = jobs.cached_info().config.clone();
+    if config.subjects.iter().any(|s| s == JOBS_SUBJECTS) {
         return Ok(());
     }
-    let mut config = info.config;
     tracing::warn!("the stream {JOBS_STREAM} takes jobs on {:?}; adding {JOBS_SUBJECTS}", config.subjects);
     config.subjects.push(JOBS_SUBJECTS.into());
     js.update_stream(&config).await.with_context(|| format!("adding the subject {JOBS_SUBJECTS} to {JOBS_STREAM}"))?;
-    *jobs = js.get_stream(JOBS_STREAM).await.with_context(|| format!("opening {JOBS_STREAM}"))?;
     Ok(())
 }
 
@@ -837,8 +836,8 @@ impl Dispatcher {
         let (js, jobs, results, models) = rt.block_on(async {
             let client = connect(url, policy.nats.as_ref(), "airlock-watch").await?;
             let js = jetstream::new(client);
-            let (mut jobs, results) = ensure_streams(&js).await?;
-            take_jobs_by_claim(&js, &mut jobs).await?;
+            let (jobs, results) = ensure_streams(&js).await?;
+            take_jobs_by_claim(&js, &jobs).await?;
             let models = match transfer {
                 Transfer::SharedPath => None,
                 Transfer::ObjectStore => Some(models_bucket(&js).await?),

@@ -184,6 +184,14 @@ fn queue(lab: &Lab, nats: &Nats, policy: &Path) -> serde_json::Value {
         .unwrap()
 }
 
+/// The real gemma in incoming/ as `name`: copied under a hidden name, then
+/// renamed, so the watcher never sees half a file.
+fn drop_gemma(lab: &Lab, name: &str) {
+    let partial = lab.incoming().join(format!(".{name}.partial"));
+    std::fs::copy(&models().gemma, &partial).unwrap();
+    std::fs::rename(&partial, lab.incoming().join(name)).unwrap();
+}
+
 /// Models settled: in the registry with a manifest, or rejected with a report.
 fn settled(lab: &Lab, names: &[String]) -> usize {
     names
@@ -207,11 +215,8 @@ fn workers_killed_and_a_server_restart_lose_nothing_and_scan_to_one_verdict() {
 
     let mut names = Vec::new();
     for i in 0..3 {
-        // Copied under a hidden name, then renamed: the watcher never sees half a file.
         let name = format!("a-gemma-{i}.gguf");
-        let partial = lab.incoming().join(format!(".{name}.partial"));
-        std::fs::copy(&models().gemma, &partial).unwrap();
-        std::fs::rename(&partial, lab.incoming().join(&name)).unwrap();
+        drop_gemma(&lab, &name);
         names.push(name);
     }
     let evil = b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x05posix\x94\x8c\x06system\x94\x93\x94\x8c\x02id\x94\x85\x94R\x94.";
@@ -471,19 +476,15 @@ fn a_worker_with_another_policy_refuses_the_job_and_the_model_is_rejected_at_dis
     assert!(text.contains("dead letters        1") && text.contains("runs policy"), "{text}");
 }
 
+/// `watch --once --dispatch` under `policy`.
+fn dispatch_once_cmd(lab: &Lab, nats: &Nats, policy: &Path) -> Command {
+    let url = nats.url();
+    lab.cmd(&["watch", "--once", "--settle-ms", "0", "--dispatch", &url, "--policy", policy.to_str().unwrap()])
+}
+
 /// `watch --once --dispatch` under `policy`, in the background.
 fn dispatch_once(lab: &Lab, nats: &Nats, policy: &Path) -> Proc {
-    let url = nats.url();
-    Proc::spawn(lab.cmd(&[
-        "watch",
-        "--once",
-        "--settle-ms",
-        "0",
-        "--dispatch",
-        &url,
-        "--policy",
-        policy.to_str().unwrap(),
-    ]))
+    Proc::spawn(dispatch_once_cmd(lab, nats, policy))
 }
 
 /// A watcher stopped while its job waits in the queue, and started again after
@@ -516,10 +517,8 @@ fn a_restarted_watcher_waits_for_its_queued_job_and_does_not_send_it_again() {
             .unwrap();
     });
     Gguf::default().write(&lab.incoming(), "m.gguf");
-    let url = nats.url();
     let watch = || {
-        let mut c =
-            lab.cmd(&["watch", "--once", "--settle-ms", "0", "--dispatch", &url, "--policy", policy.to_str().unwrap()]);
+        let mut c = dispatch_once_cmd(&lab, &nats, &policy);
         // The job's "sent" and "still in the queue" lines are info.
         c.env("AIRLOCK_LOG", "info");
         Proc::spawn(c)
@@ -566,10 +565,7 @@ fn a_worker_stopped_with_sigterm_finishes_the_scan_in_hand() {
     let d = tmp();
     let nats = Nats::start(d.path());
     let policy = nats_policy(d.path(), Some(PASSWORD));
-    // Copied under a hidden name, then renamed: the watcher never sees half a file.
-    let partial = lab.incoming().join(".gemma.gguf.partial");
-    std::fs::copy(&models().gemma, &partial).unwrap();
-    std::fs::rename(&partial, lab.incoming().join("gemma.gguf")).unwrap();
+    drop_gemma(&lab, "gemma.gguf");
 
     let mut w = worker(&lab, &nats, &policy);
     let mut watch = dispatch_once(&lab, &nats, &policy);
