@@ -47,6 +47,9 @@ pub const CONSUMER: &str = "airlock-workers";
 const ACK_WAIT: Duration = Duration::from_secs(20);
 /// How often a worker tells the server it is still on a job.
 const PROGRESS_EVERY: Duration = Duration::from_secs(4);
+/// How long a worker tries to store why it hands a job back: well inside
+/// ACK_WAIT, so the job is not redelivered while the note is on its way.
+const NOTE_DEADLINE: Duration = Duration::from_secs(10);
 /// Scans tried for one job; any later delivery only files the dead letter.
 /// The consumer itself does not cap deliveries: a delivery can be lost (to a
 /// worker killed with a pull request pending), and a capped consumer that lost
@@ -82,11 +85,13 @@ fn dead_subject(id: &str) -> String {
     format!("airlock.dead.{id}")
 }
 
-/// Where a worker that hands a job back says why (one token, so the
-/// `airlock.dead.*` subject filter and permission cover it). Job ids are
-/// digits and dashes: no job's dead subject ends like this.
-fn handed_back_subject(id: &str) -> String {
-    format!("airlock.dead.{id}{HANDED_BACK}")
+/// Where a worker that hands delivery `delivery` of a job back says why (one
+/// token, so the `airlock.dead.*` subject filter and permission cover it). Job
+/// ids are digits and dashes: no job's dead subject holds this. One subject per
+/// delivery: the dead letter quotes the latest note by its delivery number, not
+/// by which message the server reports last on a shared subject.
+fn handed_back_subject(id: &str, delivery: i64) -> String {
+    format!("airlock.dead.{id}{HANDED_BACK}_{delivery}")
 }
 
 const HANDED_BACK: &str = "_handed_back";
@@ -143,7 +148,7 @@ pub struct JobResult {
 }
 
 /// A job no worker could finish, and why. The same shape, on
-/// `handed_back_subject`, records the last hand-back of a job still in play.
+/// `handed_back_subject`, records a hand-back of a job still in play.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DeadLetter {
     pub id: String,
@@ -750,12 +755,14 @@ async fn retry_or_dead(
         };
         let payload = serde_json::to_vec(&note).unwrap_or_default();
         let id = format!("{}-handed-back-{delivery}", job.id);
-        if let Err(e) = publish_stored(js, handed_back_subject(&job.id), &id, payload, Duration::from_secs(5)).await {
-            tracing::warn!("job {}: the reason for handing it back is not stored: {e:#}", job.id);
+        // A loaded server may be slow to answer; the job is ours until the ack wait.
+        let subject = handed_back_subject(&job.id, delivery);
+        if let Err(e) = publish_stored(js, subject, &id, payload, NOTE_DEADLINE).await {
+            tracing::warn!("job {} delivery {delivery}: the reason for handing it back is not stored: {e:#}", job.id);
         }
         let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(2)))).await;
-        // Logged once done: the line means the reason is stored and the job is back.
-        tracing::warn!("job {} ({}): {reason}; handed back", job.id, job.name);
+        // Logged once done: the line means the reason is stored (unless warned above) and the job is back.
+        tracing::warn!("job {} ({}) delivery {delivery}: {reason}; handed back", job.id, job.name);
     }
 }
 
@@ -771,12 +778,20 @@ async fn last_payload(
     }
 }
 
-/// The last hand-back note stored for a job, if any.
+/// The hand-back note of the latest delivery that stored one, if any. Notes
+/// are written for deliveries below MAX_SCANS only (the last scan files the
+/// dead letter itself), so this asks for those, newest first. (An earlier
+/// airlock kept them all on one subject; a job dead-lettered across the
+/// upgrade is still rejected, its letter just lacks the quote.)
 async fn last_hand_back(js: &jetstream::Context, id: &str) -> Result<Option<DeadLetter>> {
     let results = js.get_stream(RESULTS_STREAM).await.with_context(|| format!("opening {RESULTS_STREAM}"))?;
-    let subject = handed_back_subject(id);
-    let payload = last_payload(&results, &subject).await.with_context(|| format!("reading {subject}"))?;
-    payload.map(|p| serde_json::from_slice(&p).with_context(|| format!("reading {subject}"))).transpose()
+    for subject in (1..MAX_SCANS).rev().map(|d| handed_back_subject(id, d)) {
+        let payload = last_payload(&results, &subject).await.with_context(|| format!("reading {subject}"))?;
+        if let Some(p) = payload {
+            return serde_json::from_slice(&p).map(Some).with_context(|| format!("reading {subject}"));
+        }
+    }
+    Ok(None)
 }
 
 async fn dead_letter(
@@ -1224,7 +1239,7 @@ pub fn queue_status(url: &str, policy: &Policy) -> Result<QueueStatus> {
             let (subject, count) = s.with_context(|| format!("reading {RESULTS_STREAM}'s subjects"))?;
             if subject.starts_with("airlock.results.") {
                 status.results += count as u64;
-            } else if subject.starts_with("airlock.dead.") && !subject.ends_with(HANDED_BACK) {
+            } else if subject.starts_with("airlock.dead.") && !subject.contains(HANDED_BACK) {
                 dead.push(subject);
             }
         }

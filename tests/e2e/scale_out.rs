@@ -635,6 +635,14 @@ fn lost_deliveries_after_a_hand_back_still_end_in_a_dead_letter_with_its_reason(
     first.child.wait().unwrap();
     let first_log = first.log();
     assert!(first_log.contains("runs policy"), "{first_log}");
+    // The dead letter must quote the latest hand-back whose note was stored.
+    let noted = (1..=2)
+        .rev()
+        .find(|d| {
+            first_log.contains(&format!("delivery {d}: worker"))
+                && !first_log.contains(&format!("delivery {d}: the reason for handing it back is not stored"))
+        })
+        .unwrap_or_else(|| panic!("the first worker stored no hand-back note:\n{first_log}"));
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let taken = rt.block_on(async {
@@ -664,9 +672,9 @@ fn lost_deliveries_after_a_hand_back_still_end_in_a_dead_letter_with_its_reason(
     let reason = report["reason"].as_str().unwrap();
     assert!(
         reason.contains("deliveries of this job ended without a verdict")
-            && reason.contains("the last hand-back, delivery 2")
+            && reason.contains(&format!("the last hand-back, delivery {noted} to worker"))
             && reason.contains("runs policy"),
-        "{reason}\n{second_log}"
+        "{reason}\nfirst worker:\n{first_log}\nsecond worker:\n{second_log}"
     );
     // One dead letter, filed past the deliveries the test took; the hand-back note is not listed as one.
     let q = queue(&lab, &nats, &watcher_policy);
