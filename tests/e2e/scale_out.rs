@@ -175,6 +175,13 @@ fn worker(lab: &Lab, nats: &Nats, policy: &Path) -> Proc {
     Proc::spawn(c)
 }
 
+/// Waits until worker `w` takes jobs, then stops it with SIGTERM: it must exit 0.
+fn stop_when_taking_jobs(w: Proc) {
+    w.wait_for("taking jobs from AIRLOCK_JOBS", Duration::from_secs(60));
+    let (status, log) = w.terminate();
+    assert!(status.success(), "{status:?}\n{log}");
+}
+
 /// `airlock queue --format json` under `policy`'s login.
 fn queue(lab: &Lab, nats: &Nats, policy: &Path) -> serde_json::Value {
     let (code, out) =
@@ -338,18 +345,12 @@ fn a_worker_without_the_credentials_is_refused_by_the_server() {
         assert!(err.contains(&nats.url()), "{dir}: {err}");
     }
     let policy = nats_policy(d.path(), Some(PASSWORD));
-    let w = worker(&lab, &nats, &policy);
-    w.wait_for("taking jobs from AIRLOCK_JOBS", Duration::from_secs(60));
-    let (status, log) = w.terminate();
-    assert!(status.success(), "{status:?}\n{log}");
+    stop_when_taking_jobs(worker(&lab, &nats, &policy));
     // The nkey user: the seed file named by the policy.
     let nk = d.path().join("nkey");
     let policy = policy_dir(&nk, |t| format!("{t}\nnats:\n  nkey_file: user.nk\n"));
     std::fs::write(policy.join("user.nk"), &nats.nkey_seed).unwrap();
-    let w = worker(&lab, &nats, &policy);
-    w.wait_for("taking jobs from AIRLOCK_JOBS", Duration::from_secs(60));
-    let (status, log) = w.terminate();
-    assert!(status.success(), "{status:?}\n{log}");
+    stop_when_taking_jobs(worker(&lab, &nats, &policy));
 }
 
 /// Workers and a watcher started at the same moment on a new server all find
@@ -371,13 +372,7 @@ fn workers_and_a_watcher_started_together_on_a_new_server_all_open_the_streams()
     let logs = || workers.iter().map(|w| w.log()).collect::<Vec<_>>().join("\n");
     assert!(status.success(), "{status:?}\n{}\nworkers:\n{}", watch.log(), logs());
     assert!(lab.registry().join("m.gguf/manifest.json").is_file(), "{}", watch.log());
-    for w in &workers {
-        w.wait_for("taking jobs from AIRLOCK_JOBS", Duration::from_secs(60));
-    }
-    for w in workers {
-        let (status, log) = w.terminate();
-        assert!(status.success(), "{status:?}\n{log}");
-    }
+    workers.into_iter().for_each(stop_when_taking_jobs);
 }
 
 /// The jobs consumer of an older airlock capped deliveries at MAX_SCANS + 1, so a
@@ -390,9 +385,7 @@ fn a_worker_lifts_the_delivery_cap_an_older_airlock_left_on_the_consumer() {
     let d = tmp();
     let nats = Nats::start(d.path());
     let policy = nats_policy(d.path(), Some(PASSWORD));
-    let w = worker(&lab, &nats, &policy);
-    w.wait_for("taking jobs from AIRLOCK_JOBS", Duration::from_secs(60));
-    assert!(w.terminate().0.success());
+    stop_when_taking_jobs(worker(&lab, &nats, &policy));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let max_deliver = |rt: &tokio::runtime::Runtime| {
         rt.block_on(async {
