@@ -19,12 +19,14 @@
 #[cfg(target_arch = "wasm32")]
 mod kquant;
 mod moments;
+mod part;
 
 use airlock_sdk::quant::Quant;
 use airlock_sdk::tensor::{bf16_to_f32, block_layout, f16_to_f32};
 use airlock_sdk::{ChunkReader, Dtype, File, Finding, Model, Report, Severity, Stage, StageInfo, TensorInfo, context};
 use moments::Moments;
-use serde::Deserialize;
+use part::{Noted, PartStats};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 #[derive(Deserialize)]
@@ -55,6 +57,8 @@ const MIN_SCALE_ENTROPY: f64 = 0.25;
 const MIN_ROLE: usize = 5;
 
 /// What the quant-block analysis saw in one tensor.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct BlockStats {
     blocks: u64,
     zero_scale: u64,
@@ -62,6 +66,7 @@ pub(crate) struct BlockStats {
     repeated: u64,
     /// Histogram of the top byte of `d` (sign, exponent, leading mantissa bits).
     /// A fixed-size array: indexed by a byte, so the hot loop needs no bounds check.
+    #[serde(with = "part::sparse_hist::boxed")]
     scale_hist: Box<[u64; 256]>,
 }
 
@@ -88,6 +93,8 @@ impl BlockStats {
     }
 }
 
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TensorStats {
     location: String,
     name: String,
@@ -369,120 +376,269 @@ impl Stage for Weights {
             Ok(c) => c,
             Err(e) => return Report::fail(e),
         };
-        let mut gates = Vec::new();
-        let mut notes = Vec::new();
-        let mut stats = Vec::new();
-        let mut bytes = 0u64;
-        let mut timing: std::collections::BTreeMap<String, f64> = Default::default();
-        for file in model.files() {
-            for t in file.tensors() {
-                let location = format!("{}: {}", file.path(), t.name);
-                let started = std::time::Instant::now();
-                let outcome = analyse(&file, &t);
-                *timing.entry(t.dtype_name.clone()).or_default() += started.elapsed().as_secs_f64() * 1e3;
-                match outcome {
-                    Ok(Outcome::Analysed(s)) => {
-                        bytes += t.length;
-                        stats.push(*s);
-                    }
-                    Ok(Outcome::NonFinite { index, what }) => {
-                        let (rule, unit) = if what == "value" {
-                            ("weights.non-finite", "element")
-                        } else {
-                            ("weights.scale-non-finite", "block")
-                        };
-                        gates.push(
-                            Finding::new(
-                                rule,
-                                Severity::Critical,
-                                format!("{} {what} at {unit} {index} is NaN or Inf", t.dtype_name),
-                            )
-                            .at(location)
-                            .offset(t.offset),
-                        );
-                    }
-                    Ok(Outcome::NotAnalysed(why)) => {
-                        notes.push(Finding::new("weights.not-analysed", Severity::Info, why).at(location));
-                    }
-                    Err(e) if e.starts_with("structure: ") => {
-                        gates.push(
-                            Finding::new("weights.structure", Severity::Critical, &e["structure: ".len()..])
-                                .at(location),
-                        );
-                    }
-                    Err(e) => return Report::fail(format!("{location}: cannot read: {e}")),
-                }
-            }
+        // Each file is read on its own and the parts are joined, the way a scan
+        // split over workers would join shards: one code path for both.
+        match model.files().iter().map(read_file).collect::<Result<Vec<_>, _>>() {
+            Ok(parts) => verdict(PartStats::join(parts), &config),
+            Err(e) => Report::fail(e),
         }
-        let anomalies = score_tensors(&stats);
-        let score = anomalies.score() + 0.0; // a sum of nothing is -0.0
-        let details = json!({
-            "score": score,
-            "ms_by_type": timing,
-            "static_fail_score": config.static_fail_score,
-            // Bounded so the report stays far below the host's 1 MiB cap on any model.
-            "tensors_listed": stats.len().min(MAX_LISTED),
-            "tensors": stats.iter().take(MAX_LISTED).map(|s| (s.name.clone(), json!({
-                "mean": s.m.mean(),
-                "std": s.m.std(),
-                "kurtosis": s.m.kurtosis(),
-                "outlier_ratio": s.m.outlier_ratio(),
-                "sparsity": s.m.sparsity(),
-                "zero_scales": s.q.as_ref().map(|q| q.zero_scale),
-                "saturated": s.q.as_ref().map(|q| q.saturated as f64 / s.m.n.max(1) as f64),
-                "repeated_blocks": s.q.as_ref().map(|q| q.repeated),
-                "scale_entropy": s.q.as_ref().map(BlockStats::scale_entropy),
-            }))).collect::<serde_json::Map<_, _>>(),
-        });
-        let counts = {
-            let crit = anomalies.0.iter().filter(|f| f.severity == Severity::Critical).count();
-            let warn = anomalies.0.iter().filter(|f| matches!(f.severity, Severity::High | Severity::Medium)).count();
-            let info = anomalies.0.len() - crit - warn;
-            if anomalies.0.is_empty() {
-                "no anomalies".to_string()
-            } else {
-                format!("{crit} critical, {warn} warning, {info} info")
-            }
-        };
-        let coverage = format!(
-            "{} tensors, {:.0} MB analysed{}",
-            stats.len(),
-            bytes as f64 / 1e6,
-            if notes.is_empty() { String::new() } else { format!(", {} of unanalysed types", notes.len()) }
-        );
-        let summary = format!("score={score:.2}, {counts} ({coverage})");
-        // Many tensors of an unanalysed type become one finding per type, so the report stays small.
-        if notes.len() > 50 {
-            let mut per_type: std::collections::BTreeMap<String, usize> = Default::default();
-            for n in &notes {
-                *per_type.entry(n.message.clone()).or_default() += 1;
-            }
-            notes = per_type
-                .into_iter()
-                .map(|(why, count)| {
-                    Finding::new("weights.not-analysed", Severity::Info, format!("{count} tensors: {why}"))
-                })
-                .collect();
-        }
-        let findings: Vec<Finding> = gates.iter().cloned().chain(anomalies.0).chain(notes).collect();
-        if let Some(first) = gates.first() {
-            let reason = format!(
-                "{} gate(s): {}: {}; {summary}",
-                gates.len(),
-                first.location.as_deref().unwrap_or("?"),
-                first.message
-            );
-            return Report::fail(reason).findings(findings).score(score as f32).details(details).cap_findings(500);
-        }
-        if score > config.static_fail_score {
-            return Report::fail(format!("{summary}: above static_fail_score {}", config.static_fail_score))
-                .findings(findings)
-                .cap_findings(500)
-                .score(score as f32)
-                .details(details);
-        }
-        Report::pass(summary).findings(findings).score(score as f32).details(details).cap_findings(500)
     }
 }
 
+/// Reads and analyses every tensor of one file: the part of the work that
+/// needs the bytes. Fails only when a tensor cannot be read.
+fn read_file(file: &File) -> Result<PartStats, String> {
+    let mut part = PartStats::default();
+    for t in file.tensors() {
+        let location = format!("{}: {}", file.path(), t.name);
+        let started = std::time::Instant::now();
+        let outcome = analyse(file, &t);
+        *part.ms_by_type.entry(t.dtype_name.clone()).or_default() += started.elapsed().as_secs_f64() * 1e3;
+        let noted = |rule: &str, message: String| Noted {
+            rule: rule.into(),
+            message,
+            location: location.clone(),
+            offset: None,
+        };
+        match outcome {
+            Ok(Outcome::Analysed(s)) => {
+                part.bytes += t.length;
+                part.tensors.push(*s);
+            }
+            Ok(Outcome::NonFinite { index, what }) => {
+                let (rule, unit) = if what == "value" {
+                    ("weights.non-finite", "element")
+                } else {
+                    ("weights.scale-non-finite", "block")
+                };
+                let message = format!("{} {what} at {unit} {index} is NaN or Inf", t.dtype_name);
+                part.gates.push(Noted { offset: Some(t.offset), ..noted(rule, message) });
+            }
+            Ok(Outcome::NotAnalysed(why)) => part.notes.push(noted("weights.not-analysed", why)),
+            Err(e) if e.starts_with("structure: ") => {
+                part.gates.push(noted("weights.structure", e["structure: ".len()..].to_string()));
+            }
+            Err(e) => return Err(format!("{location}: cannot read: {e}")),
+        }
+    }
+    Ok(part)
+}
+
+impl Noted {
+    fn finding(&self, severity: Severity) -> Finding {
+        let f = Finding::new(&self.rule, severity, &self.message).at(&self.location);
+        match self.offset {
+            Some(o) => f.offset(o),
+            None => f,
+        }
+    }
+}
+
+/// The stage's report from everything read: the gates, the cross-tensor
+/// scores and the summary. A whole-model scan is one part; the parts of a
+/// split scan, joined in file order, give the same report.
+fn verdict(part: PartStats, config: &Config) -> Report {
+    let PartStats { tensors: stats, gates, notes, bytes, ms_by_type } = part;
+    let gates: Vec<Finding> = gates.iter().map(|g| g.finding(Severity::Critical)).collect();
+    let mut notes: Vec<Finding> = notes.iter().map(|n| n.finding(Severity::Info)).collect();
+    let anomalies = score_tensors(&stats);
+    let score = anomalies.score() + 0.0; // a sum of nothing is -0.0
+    let details = json!({
+        "score": score,
+        "ms_by_type": ms_by_type,
+        "static_fail_score": config.static_fail_score,
+        // Bounded so the report stays far below the host's 1 MiB cap on any model.
+        "tensors_listed": stats.len().min(MAX_LISTED),
+        "tensors": stats.iter().take(MAX_LISTED).map(|s| (s.name.clone(), json!({
+            "mean": s.m.mean(),
+            "std": s.m.std(),
+            "kurtosis": s.m.kurtosis(),
+            "outlier_ratio": s.m.outlier_ratio(),
+            "sparsity": s.m.sparsity(),
+            "zero_scales": s.q.as_ref().map(|q| q.zero_scale),
+            "saturated": s.q.as_ref().map(|q| q.saturated as f64 / s.m.n.max(1) as f64),
+            "repeated_blocks": s.q.as_ref().map(|q| q.repeated),
+            "scale_entropy": s.q.as_ref().map(BlockStats::scale_entropy),
+        }))).collect::<serde_json::Map<_, _>>(),
+    });
+    let counts = {
+        let crit = anomalies.0.iter().filter(|f| f.severity == Severity::Critical).count();
+        let warn = anomalies.0.iter().filter(|f| matches!(f.severity, Severity::High | Severity::Medium)).count();
+        let info = anomalies.0.len() - crit - warn;
+        if anomalies.0.is_empty() {
+            "no anomalies".to_string()
+        } else {
+            format!("{crit} critical, {warn} warning, {info} info")
+        }
+    };
+    let coverage = format!(
+        "{} tensors, {:.0} MB analysed{}",
+        stats.len(),
+        bytes as f64 / 1e6,
+        if notes.is_empty() { String::new() } else { format!(", {} of unanalysed types", notes.len()) }
+    );
+    let summary = format!("score={score:.2}, {counts} ({coverage})");
+    // Many tensors of an unanalysed type become one finding per type, so the report stays small.
+    if notes.len() > 50 {
+        let mut per_type: std::collections::BTreeMap<String, usize> = Default::default();
+        for n in &notes {
+            *per_type.entry(n.message.clone()).or_default() += 1;
+        }
+        notes = per_type
+            .into_iter()
+            .map(|(why, count)| Finding::new("weights.not-analysed", Severity::Info, format!("{count} tensors: {why}")))
+            .collect();
+    }
+    let findings: Vec<Finding> = gates.iter().cloned().chain(anomalies.0).chain(notes).collect();
+    if let Some(first) = gates.first() {
+        let reason = format!(
+            "{} gate(s): {}: {}; {summary}",
+            gates.len(),
+            first.location.as_deref().unwrap_or("?"),
+            first.message
+        );
+        return Report::fail(reason).findings(findings).score(score as f32).details(details).cap_findings(500);
+    }
+    if score > config.static_fail_score {
+        return Report::fail(format!("{summary}: above static_fail_score {}", config.static_fail_score))
+            .findings(findings)
+            .cap_findings(500)
+            .score(score as f32)
+            .details(details);
+    }
+    Report::pass(summary).findings(findings).score(score as f32).details(details).cap_findings(500)
+}
+
 airlock_sdk::export_stage!(Weights);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: Config = Config { static_fail_score: 0.5 };
+
+    /// A deterministic, roughly normal tensor (a sum of four uniforms from an
+    /// LCG); `planted` cubes and scales it, so both σ and the tails change.
+    fn tensor(file: &str, name: &str, seed: u64, planted: bool) -> TensorStats {
+        let mut x = seed;
+        let mut uniform = || {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let xs: Vec<f32> = (0..8192)
+            .map(|_| uniform() + uniform() + uniform() + uniform())
+            .map(|x| if planted { 40.0 * x * x * x } else { x })
+            .collect();
+        let mut m = Moments::default();
+        m.add(&xs);
+        // Block statistics as a quantised tensor would leave them, so their histogram travels too.
+        let mut q = BlockStats::default();
+        for i in 0..256u32 {
+            q.note_scale(0x3c00 + (i * 7 + seed as u32) % 97 * 256, i % 50 == 0);
+        }
+        q.saturated = seed % 5;
+        q.repeated = seed % 3;
+        let location = format!("{file}: {name}");
+        TensorStats { location, name: name.into(), role: role(name), elems: xs.len() as u64, m, q: Some(q) }
+    }
+
+    /// A 12-layer model in three shards: layers 0-4, 5-9 and 10-11. The last
+    /// shard holds two layers, fewer than MIN_ROLE. `planted` replaces layer
+    /// 11's attn_q with heavy-tailed values at another scale, as a tampered layer would.
+    fn shards(planted: bool) -> Vec<PartStats> {
+        let mut parts: Vec<PartStats> = (0..3).map(|_| PartStats::default()).collect();
+        for layer in 0..12u64 {
+            let shard = (layer / 5) as usize;
+            let file = format!("model-{:05}-of-00003.safetensors", shard + 1);
+            for (r, role) in ["attn_q", "ffn_up"].iter().enumerate() {
+                let plant = planted && layer == 11 && *role == "attn_q";
+                let t = tensor(&file, &format!("blk.{layer}.{role}.weight"), layer * 2 + r as u64 + 1, plant);
+                parts[shard].bytes += t.elems * 2;
+                parts[shard].tensors.push(t);
+            }
+        }
+        parts[0].notes.push(Noted {
+            rule: "weights.not-analysed".into(),
+            message: "type I64 is not analysed".into(),
+            location: "model-00001-of-00003.safetensors: position_ids".into(),
+            offset: None,
+        });
+        parts[0].ms_by_type.insert("F16".into(), 1.5);
+        parts[2].ms_by_type.insert("F16".into(), 0.25);
+        parts
+    }
+
+    /// What a worker would send and the join would read back: the part as JSON.
+    fn through_json(part: &PartStats) -> PartStats {
+        serde_json::from_str(&serde_json::to_string(part).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn shards_scanned_apart_and_joined_give_the_whole_model_report() {
+        for planted in [false, true] {
+            // The whole model read in one pass: every tensor in file order.
+            let mut whole = PartStats::default();
+            for p in shards(planted) {
+                whole.tensors.extend(p.tensors);
+                whole.notes.extend(p.notes);
+                whole.bytes += p.bytes;
+                for (k, ms) in p.ms_by_type {
+                    *whole.ms_by_type.entry(k).or_default() += ms;
+                }
+            }
+            let whole = verdict(whole, &CONFIG);
+            let joined = verdict(PartStats::join(shards(planted).iter().map(through_json).collect()), &CONFIG);
+            assert_eq!(format!("{joined:?}"), format!("{whole:?}"), "planted: {planted}");
+            assert_eq!(joined.is_fail(), planted, "{}", joined.summary);
+        }
+        let joined = verdict(PartStats::join(shards(true).iter().map(through_json).collect()), &CONFIG);
+        let outlier = joined.findings.iter().find(|f| f.rule == "weights.role-outlier").expect("an outlier finding");
+        assert_eq!(outlier.severity, Severity::Critical);
+        assert_eq!(outlier.location.as_deref(), Some("model-00003-of-00003.safetensors: blk.11.attn_q.weight"));
+    }
+
+    /// Why a sharded model cannot be scanned shard by shard with the verdicts
+    /// merged: the shard holding the planted layer has too few layers of each
+    /// role for a z-score, so alone it passes.
+    #[test]
+    fn a_shard_alone_passes_a_planted_layer_that_the_join_rejects() {
+        let mut parts = shards(true);
+        let last = parts.pop().expect("three shards");
+        let alone = verdict(last, &CONFIG);
+        assert!(!alone.is_fail(), "{}", alone.summary);
+        assert!(alone.findings.iter().all(|f| f.rule != "weights.role-outlier"));
+    }
+
+    #[test]
+    fn part_statistics_survive_json_bit_for_bit() {
+        for part in shards(true) {
+            let back = through_json(&part);
+            assert_eq!(back.tensors.len(), part.tensors.len());
+            for (a, b) in part.tensors.iter().zip(&back.tensors) {
+                assert_eq!(a.m.s.map(f64::to_bits), b.m.s.map(f64::to_bits), "{}", a.name);
+                assert_eq!((a.m.n, a.m.zeros, a.m.amp), (b.m.n, b.m.zeros, b.m.amp));
+                let (qa, qb) = (a.q.as_ref().unwrap(), b.q.as_ref().unwrap());
+                assert_eq!(qa.scale_hist, qb.scale_hist);
+                assert_eq!(
+                    (qa.blocks, qa.zero_scale, qa.saturated, qa.repeated),
+                    (qb.blocks, qb.zero_scale, qb.saturated, qb.repeated)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_histogram_with_a_repeated_or_impossible_bucket_is_refused() {
+        let part = serde_json::to_value(&shards(false)[0]).unwrap();
+        let amp = &part["tensors"][0]["m"]["amp"];
+        assert!(amp.as_array().is_some_and(|a| !a.is_empty() && a.len() < 256), "sparse: {amp}");
+        for bad in
+            [serde_json::json!([[3, 1], [3, 2]]), serde_json::json!([[5, 1], [4, 1]]), serde_json::json!([[256, 1]])]
+        {
+            let mut p = part.clone();
+            p["tensors"][0]["m"]["amp"] = bad.clone();
+            let err = serde_json::from_value::<PartStats>(p).err().unwrap_or_else(|| panic!("{bad} was taken"));
+            assert!(err.to_string().contains("bucket") || err.to_string().contains("256"), "{bad}: {err}");
+        }
+    }
+}

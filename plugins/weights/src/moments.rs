@@ -8,6 +8,7 @@
 //! thousand elements and are then folded into f64.
 
 use airlock_sdk::quant::Quant;
+use serde::{Deserialize, Serialize};
 
 /// f16 to f32 without branches, for finite values (callers reject Inf/NaN
 /// scales first): the f16 bits moved into an f32, rescaled by 2^112. Exact
@@ -22,12 +23,15 @@ pub fn fast_f16(bits: u16) -> f32 {
 /// Elements per amplitude group.
 pub const GROUP: usize = 32;
 
-#[derive(Clone)]
+/// Serialisable so a scan of one shard can hand its sums to the join (`crate::part`).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Moments {
     pub n: u64,
     pub s: [f64; 4],
     pub zeros: u64,
     /// Groups by the biased f32 exponent of their largest |x| (0 for an all-zero group).
+    #[serde(with = "crate::part::sparse_hist")]
     pub amp: [u32; 256],
 }
 
