@@ -48,6 +48,29 @@ pub mod __private {
     }
     pub use wit::__export_stage_world;
     pub use wit::Guest;
+
+    /// The `split-stage` world: the same imports, mapped onto `wit`'s types so
+    /// a split stage's `run` takes the same `Model`, plus the `split` export.
+    pub mod wit_split {
+        wit_bindgen::generate!({
+            path: "../wit/stage.wit",
+            world: "split-stage",
+            pub_export_macro: true,
+            export_macro_name: "__export_split_stage_world",
+            default_bindings_module: "airlock_sdk::__private::wit_split",
+            with: {
+                "airlock:stage/types@0.2.0": crate::__private::wit::airlock::stage::types,
+                "airlock:stage/artifact@0.2.0": crate::__private::wit::airlock::stage::artifact,
+                "airlock:stage/context@0.2.0": crate::__private::wit::airlock::stage::context,
+                "airlock:stage/log@0.2.0": crate::__private::wit::airlock::stage::log,
+                "airlock:stage/sidecars@0.2.0": crate::__private::wit::airlock::stage::sidecars,
+                "airlock:stage/inference@0.2.0": crate::__private::wit::airlock::stage::inference,
+            },
+        });
+    }
+    pub use wit_split::__export_split_stage_world;
+    pub use wit_split::Guest as SplitStageGuest;
+    pub use wit_split::exports::airlock::stage::split::Guest as SplitGuest;
 }
 
 use __private::wit::airlock::stage as w;
@@ -84,6 +107,44 @@ macro_rules! export_stage {
             }
         }
         $crate::__private::__export_stage_world!(__AirlockStageExport with_types_in $crate::__private::wit);
+    };
+}
+
+/// A stage that may be split over the files of a model: the host can call
+/// `part` on each shard (on different machines) and `join` on what they
+/// returned, instead of `run` on the whole model. `join` must then give the
+/// report `run` gives. The host still calls `run` when it does not split.
+pub trait Split: Stage {
+    /// Reads the files `model` shows and returns, as JSON, what `join` needs.
+    fn part(model: &Model) -> Result<String, String>;
+    /// The report from every part's output, in the model's file order.
+    fn join(parts: Vec<String>) -> Report;
+}
+
+/// Exports a type implementing [`Split`] (and so [`Stage`]) as this
+/// component's stage, with the `split` export that consents to being split.
+#[macro_export]
+macro_rules! export_split_stage {
+    ($stage:ty) => {
+        #[doc(hidden)]
+        struct __AirlockStageExport;
+        impl $crate::__private::SplitStageGuest for __AirlockStageExport {
+            fn describe() -> $crate::StageInfo {
+                <$stage as $crate::Stage>::describe()
+            }
+            fn run(model: &$crate::Model) -> $crate::Report {
+                <$stage as $crate::Stage>::run(model)
+            }
+        }
+        impl $crate::__private::SplitGuest for __AirlockStageExport {
+            fn part(model: &$crate::Model) -> Result<String, String> {
+                <$stage as $crate::Split>::part(model)
+            }
+            fn join(parts: Vec<String>) -> $crate::Report {
+                <$stage as $crate::Split>::join(parts)
+            }
+        }
+        $crate::__private::__export_split_stage_world!(__AirlockStageExport with_types_in $crate::__private::wit_split);
     };
 }
 

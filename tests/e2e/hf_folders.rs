@@ -31,7 +31,7 @@ pub(crate) fn minilm(dir: &Path) -> PathBuf {
 }
 
 /// A safetensors file's header and data.
-fn read_safetensors(path: &Path) -> (serde_json::Map<String, Value>, Vec<u8>) {
+pub(crate) fn read_safetensors(path: &Path) -> (serde_json::Map<String, Value>, Vec<u8>) {
     let bytes = std::fs::read(path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();

@@ -22,6 +22,7 @@ mod sarif;
 mod scale_out;
 mod serve;
 mod source_policy;
+mod split;
 mod static_scan;
 mod tensor_guard_example;
 mod weights;

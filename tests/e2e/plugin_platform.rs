@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::harness::*;
 
-fn airlock_cmd(root: &Path, args: &[&str]) -> (i32, String, String) {
+pub(crate) fn airlock_cmd(root: &Path, args: &[&str]) -> (i32, String, String) {
     let out = airlock(root).args(args).output().unwrap();
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (out.status.code().expect("killed by a signal"), text(&out.stdout), text(&out.stderr))
@@ -107,6 +107,7 @@ fn inspect_shows_world_imports_exports_and_describe() {
     assert_eq!(v["sha256"], sha256_file(&wasm).as_str());
     assert_eq!(v["size"], std::fs::metadata(&wasm).unwrap().len());
     assert_eq!(v["world"], "airlock:stage/stage@0.2.0");
+    assert_eq!(v["splits"], false);
     assert_eq!(v["describe"]["name"], "provenance");
     assert_eq!(v["grants"], serde_json::json!(["sidecars"]));
     let imports: Vec<&str> = v["imports"].as_array().unwrap().iter().map(|i| i.as_str().unwrap()).collect();

@@ -53,6 +53,11 @@ fn import_role(import: &str) -> String {
     }
 }
 
+/// `split-stage` for a plugin that exports `split`, `stage` otherwise.
+fn world_name(plugin: &Plugin) -> &'static str {
+    if plugin.splits() { "split-stage" } else { "stage" }
+}
+
 pub fn inspect(path: &Path, json: bool) -> Result<ExitCode> {
     let (bytes, plugin) = match load(path, "")? {
         Ok(loaded) => loaded,
@@ -64,7 +69,8 @@ pub fn inspect(path: &Path, json: bool) -> Result<ExitCode> {
             "path": path.display().to_string(),
             "size": bytes.len(),
             "sha256": sha256_hex(&bytes),
-            "world": format!("{WIT_PACKAGE}/stage@{}", world_version(&plugin)),
+            "world": format!("{WIT_PACKAGE}/{}@{}", world_name(&plugin), world_version(&plugin)),
+            "splits": plugin.splits(),
             "wit_version": world_version(&plugin),
             "describe": plugin.info,
             "imports": plugin.imports,
@@ -77,9 +83,22 @@ pub fn inspect(path: &Path, json: bool) -> Result<ExitCode> {
     outln!("file:     {}", path.display());
     outln!("size:     {} bytes", bytes.len());
     outln!("sha256:   {}", sha256_hex(&bytes));
-    outln!("world:    {WIT_PACKAGE}/stage@{} (this host serves {WIT_PACKAGE} {})", world_version(&plugin), served());
+    outln!(
+        "world:    {WIT_PACKAGE}/{}@{} (this host serves {WIT_PACKAGE} {})",
+        world_name(&plugin),
+        world_version(&plugin),
+        served()
+    );
     outln!("stage:    {} {} — {}", plugin.info.name, plugin.info.version, plugin.info.description);
     outln!("grants:   {}", if grants.is_empty() { "none needed".into() } else { grants.join(", ") });
+    outln!(
+        "split:    {}",
+        if plugin.splits() {
+            "yes: exports split, so a sharded model's files can be read in parts and joined"
+        } else {
+            "no: always runs on the whole model"
+        }
+    );
     outln!("imports:");
     for i in &plugin.imports {
         outln!("  {i:<40} {}", import_role(i));

@@ -37,6 +37,25 @@ mod bindings {
     });
 }
 
+/// The `split-stage` world: a stage that also exports `split`. Its imports are
+/// the `stage` world's, so they map onto `bindings` and are served by the same code.
+#[allow(missing_docs)]
+mod bindings_split {
+    wasmtime::component::bindgen!({
+        path: "../wit/stage.wit",
+        world: "split-stage",
+        imports: { default: trappable },
+        with: {
+            "airlock:stage/types": super::bindings::airlock::stage::types,
+            "airlock:stage/artifact": super::bindings::airlock::stage::artifact,
+            "airlock:stage/context": super::bindings::airlock::stage::context,
+            "airlock:stage/log": super::bindings::airlock::stage::log,
+            "airlock:stage/sidecars": super::bindings::airlock::stage::sidecars,
+            "airlock:stage/inference": super::bindings::airlock::stage::inference,
+        },
+    });
+}
+
 /// The 0.1 world, for plugins built against the older minor. 0.2 only added
 /// functions, so `host.rs` serves 0.1 by calling the 0.2 functions; its value
 /// types are the same shapes under other Rust names, converted through serde.
@@ -164,7 +183,19 @@ pub struct Plugin {
     /// The component's exports, as `name: kind`.
     pub exports: Vec<String>,
     pre: Pre,
+    /// Set when the plugin exports `split`: its consent to be run per shard and joined.
+    split: Option<bindings_split::SplitStagePre<HostState>>,
 }
+
+impl Plugin {
+    /// True when the plugin exports `airlock:stage/split`.
+    pub fn splits(&self) -> bool {
+        self.split.is_some()
+    }
+}
+
+/// The interface a stage exports to consent to being split.
+const SPLIT_EXPORT: &str = "airlock:stage/split@";
 
 /// A pre-instantiated plugin of one of the served minors.
 enum Pre {
@@ -389,12 +420,29 @@ impl Runtime {
             LoadError::Link(format!("not an {WIT_PACKAGE}@{}.{} stage: {e:#}", wit_version.0, wit_version.1))
         };
         let pre = self.linker.instantiate_pre(&component).map_err(link)?;
+        // A plugin that exports `split` but not in the shape this host calls is
+        // refused, not run whole: it claims a consent the host cannot honour.
+        let split = match exports.iter().find(|e| e.starts_with(SPLIT_EXPORT)) {
+            None => None,
+            Some(e) if wit_version != WIT_VERSION => {
+                return Err(LoadError::Link(format!(
+                    "exports {e} but is an {WIT_PACKAGE}@{}.{} stage; split needs @{}.{}",
+                    wit_version.0, wit_version.1, WIT_VERSION.0, WIT_VERSION.1
+                )));
+            }
+            Some(e) => Some(bindings_split::SplitStagePre::new(pre.clone()).map_err(|err| {
+                LoadError::Link(format!(
+                    "exports {e}, but not as {WIT_PACKAGE}@{}.{} defines it: {err:#}",
+                    wit_version.0, wit_version.1
+                ))
+            })?),
+        };
         let pre = match wit_version {
             (0, 1) => Pre::V0_1(bindings_v0_1::StagePre::new(pre).map_err(link)?),
             _ => Pre::V0_2(bindings::StagePre::new(pre).map_err(link)?),
         };
         let info = self.describe(&pre).map_err(LoadError::Link)?;
-        Ok(Plugin { sha256, imports, info, wit_version, exports, pre })
+        Ok(Plugin { sha256, imports, info, wit_version, exports, pre, split })
     }
 
     /// Calls `describe()` in a fresh, limited instance.
@@ -449,6 +497,73 @@ impl Runtime {
         }
         RunOutput { result, log, output: output.text(), elapsed: start.elapsed(), inference }
     }
+}
+
+/// The outcome of a `part` run: the part's statistics as JSON, or why there are none.
+pub struct PartOutput {
+    pub result: Result<String, String>,
+    pub log: Vec<String>,
+    pub output: String,
+    pub elapsed: Duration,
+}
+
+impl Runtime {
+    /// Runs a split plugin's `part` over the files `model` holds (a shard, or
+    /// any subset of a model's files). The output is capped at
+    /// `limits.max_value_bytes`, like any value the host copies.
+    pub fn run_part(&self, plugin: &Plugin, model: Arc<Model>, ctx: Arc<RunContext>, limits: Limits) -> PartOutput {
+        let start = Instant::now();
+        let (mut store, output) = self.store(model, ctx, limits.clone());
+        let result = match &plugin.split {
+            None => Err(not_split(plugin)),
+            Some(pre) => {
+                let called = pre.instantiate(&mut store).and_then(|inst| {
+                    let handle = store.data_mut().model_resource()?;
+                    inst.airlock_stage_split().call_part(&mut store, handle)
+                });
+                match called {
+                    Err(e) => Err(explain(&store, &limits, &output, e)),
+                    Ok(Err(e)) => Err(format!("part() failed: {e}")),
+                    Ok(Ok(json)) if json.len() > limits.max_value_bytes => Err(format!(
+                        "part() returned {} bytes of statistics, above the {}-byte cap",
+                        json.len(),
+                        limits.max_value_bytes
+                    )),
+                    Ok(Ok(json)) => Ok(json),
+                }
+            }
+        };
+        let log = store.data_mut().take_log();
+        PartOutput { result, log, output: output.text(), elapsed: start.elapsed() }
+    }
+
+    /// Runs a split plugin's `join` over every part's output, in file order.
+    /// `model` is what its context sees (the join reads no bytes, but it may ask the name).
+    pub fn run_join(
+        &self,
+        plugin: &Plugin,
+        parts: Vec<String>,
+        model: Arc<Model>,
+        ctx: Arc<RunContext>,
+        limits: Limits,
+    ) -> RunOutput {
+        let start = Instant::now();
+        let (mut store, output) = self.store(model, ctx, limits.clone());
+        let result = match &plugin.split {
+            None => Err(not_split(plugin)),
+            Some(pre) => pre
+                .instantiate(&mut store)
+                .and_then(|inst| inst.airlock_stage_split().call_join(&mut store, &parts))
+                .map_err(|e| explain(&store, &limits, &output, e))
+                .and_then(|report| convert(report, &limits)),
+        };
+        let log = store.data_mut().take_log();
+        RunOutput { result, log, output: output.text(), elapsed: start.elapsed(), inference: None }
+    }
+}
+
+fn not_split(plugin: &Plugin) -> String {
+    format!("plugin {} does not export {SPLIT_EXPORT}{}.{}.0", plugin.info.name, WIT_VERSION.0, WIT_VERSION.1)
 }
 
 /// A component item's kind, for `plugin inspect`.

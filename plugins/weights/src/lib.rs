@@ -23,7 +23,9 @@ mod part;
 
 use airlock_sdk::quant::Quant;
 use airlock_sdk::tensor::{bf16_to_f32, block_layout, f16_to_f32};
-use airlock_sdk::{ChunkReader, Dtype, File, Finding, Model, Report, Severity, Stage, StageInfo, TensorInfo, context};
+use airlock_sdk::{
+    ChunkReader, Dtype, File, Finding, Model, Report, Severity, Split, Stage, StageInfo, TensorInfo, context,
+};
 use moments::Moments;
 use part::{Noted, PartStats};
 use serde::{Deserialize, Serialize};
@@ -377,12 +379,42 @@ impl Stage for Weights {
             Err(e) => return Report::fail(e),
         };
         // Each file is read on its own and the parts are joined, the way a scan
-        // split over workers would join shards: one code path for both.
+        // split over workers joins shards: one code path for both.
         match model.files().iter().map(read_file).collect::<Result<Vec<_>, _>>() {
             Ok(parts) => verdict(PartStats::join(parts), &config),
             Err(e) => Report::fail(e),
         }
     }
+}
+
+impl Split for Weights {
+    fn part(model: &Model) -> Result<String, String> {
+        let parts = model.files().iter().map(read_file).collect::<Result<Vec<_>, _>>()?;
+        serde_json::to_string(&PartStats::join(parts)).map_err(|e| format!("cannot write the part's statistics: {e}"))
+    }
+
+    fn join(parts: Vec<String>) -> Report {
+        let config: Config = match context::config() {
+            Ok(c) => c,
+            Err(e) => return Report::fail(e),
+        };
+        match parts_from_json(&parts) {
+            Ok(parts) => verdict(PartStats::join(parts), &config),
+            Err(e) => Report::fail(e),
+        }
+    }
+}
+
+/// The parts as `part` wrote them; one that does not parse fails the join, naming it.
+fn parts_from_json(parts: &[String]) -> Result<Vec<PartStats>, String> {
+    if parts.is_empty() {
+        return Err("the join was given no parts".into());
+    }
+    parts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| serde_json::from_str(p).map_err(|e| format!("part {} of {}: {e}", i + 1, parts.len())))
+        .collect()
 }
 
 /// Reads and analyses every tensor of one file: the part of the work that
@@ -509,7 +541,7 @@ fn verdict(part: PartStats, config: &Config) -> Report {
     Report::pass(summary).findings(findings).score(score as f32).details(details).cap_findings(500)
 }
 
-airlock_sdk::export_stage!(Weights);
+airlock_sdk::export_split_stage!(Weights);
 
 #[cfg(test)]
 mod tests {
