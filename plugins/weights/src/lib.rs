@@ -374,35 +374,36 @@ impl Stage for Weights {
     }
 
     fn run(model: &Model) -> Report {
-        let config: Config = match context::config() {
-            Ok(c) => c,
-            Err(e) => return Report::fail(e),
-        };
-        // Each file is read on its own and the parts are joined, the way a scan
-        // split over workers joins shards: one code path for both.
-        match model.files().iter().map(read_file).collect::<Result<Vec<_>, _>>() {
-            Ok(parts) => verdict(PartStats::join(parts), &config),
-            Err(e) => Report::fail(e),
-        }
+        decide(|| read_model(model))
     }
 }
 
 impl Split for Weights {
     fn part(model: &Model) -> Result<String, String> {
-        let parts = model.files().iter().map(read_file).collect::<Result<Vec<_>, _>>()?;
-        serde_json::to_string(&PartStats::join(parts)).map_err(|e| format!("cannot write the part's statistics: {e}"))
+        serde_json::to_string(&read_model(model)?).map_err(|e| format!("cannot write the part's statistics: {e}"))
     }
 
     fn join(parts: Vec<String>) -> Report {
-        let config: Config = match context::config() {
-            Ok(c) => c,
-            Err(e) => return Report::fail(e),
-        };
-        match parts_from_json(&parts) {
-            Ok(parts) => verdict(PartStats::join(parts), &config),
-            Err(e) => Report::fail(e),
-        }
+        decide(|| parts_from_json(&parts).map(PartStats::join))
     }
+}
+
+/// The report from the statistics `read` gathers, once the config is known to be valid.
+fn decide(read: impl FnOnce() -> Result<PartStats, String>) -> Report {
+    let config: Config = match context::config() {
+        Ok(c) => c,
+        Err(e) => return Report::fail(e),
+    };
+    match read() {
+        Ok(part) => verdict(part, &config),
+        Err(e) => Report::fail(e),
+    }
+}
+
+/// Every file of `model`, each read on its own and joined, the way a scan
+/// split over workers joins shards: one code path for both.
+fn read_model(model: &Model) -> Result<PartStats, String> {
+    model.files().iter().map(read_file).collect::<Result<Vec<_>, _>>().map(PartStats::join)
 }
 
 /// The parts as `part` wrote them; one that does not parse fails the join, naming it.
