@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::artifact::{FolderLimits, Model, ModelKind, ReadMode};
+use crate::artifact::{FolderLimits, Format, Model, ModelKind, ReadMode};
 use crate::pipeline::{Outcome, ScanInput, Scanner};
 use crate::policy::{NatsAuth, Policy};
 
@@ -112,6 +112,65 @@ pub struct Job {
     /// Set when the bytes travel in the Object Store (`path` is then just the name).
     #[serde(default)]
     pub objects: Option<Objects>,
+    /// Set for the jobs of a split scan: one part per weight shard, then the join.
+    #[serde(default)]
+    pub split: Option<SplitJob>,
+}
+
+/// A sharded folder is scanned as one job per weight shard, each running
+/// `part` of the static-scan plugins that consent to be split, and one join
+/// job: the whole scan, with those plugins joined from the parts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitJob {
+    Part {
+        /// 1-based, of `of`: the shard's place in the model's file order.
+        part: usize,
+        of: usize,
+        /// The shard's files, by their paths in the model.
+        files: Vec<String>,
+        plugins: Vec<SplitPlugin>,
+    },
+    Join {
+        plugins: Vec<SplitPlugin>,
+        /// The part results the watcher checked, in shard order.
+        parts: Vec<PartRef>,
+    },
+}
+
+/// A static-scan plugin run in parts: its position in the stage's chain, and its label.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitPlugin {
+    pub index: usize,
+    pub label: String,
+}
+
+/// A part result as the watcher accepted it: its job, and the sha256 of the
+/// stored message, so the join reads exactly what was checked.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PartRef {
+    pub id: String,
+    /// Where it is in the results stream.
+    pub sequence: u64,
+    pub sha256: String,
+}
+
+/// A worker's parts of one shard.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PartResult {
+    pub id: String,
+    pub worker: String,
+    pub delivery: i64,
+    pub policy_digest: String,
+    /// The shard's files with their sha256 as the worker read them.
+    pub files: BTreeMap<String, String>,
+    /// One per plugin of the job, in its order: the part, or why there is none.
+    pub parts: Vec<Result<String, String>>,
+}
+
+/// The job id of part `n` of a claim: one subject token, no `_` (see `handed_back_subject`).
+fn part_id(claim: &str, n: usize) -> String {
+    format!("{claim}-part{n}")
 }
 
 /// A model's files in the Object Store bucket.
@@ -164,6 +223,8 @@ pub struct DeadLetter {
 pub enum Reply {
     Result(Box<JobResult>),
     Dead(DeadLetter),
+    /// The watcher refused a part of a split scan (the reason names it).
+    Refused(String),
 }
 
 /// A digest of everything that decides a verdict: the policy as parsed (the
@@ -484,7 +545,7 @@ async fn handle(
         retry_or_dead(js, &msg, &job, delivery, me, reason).await;
         return;
     }
-    eprintln!("airlock worker {me}: scanning {} (job {}, delivery {delivery})", job.name, job.id);
+    eprintln!("airlock worker {me}: scanning {} (job {}, delivery {delivery})", job.what(), job.id);
     let msg = Arc::new(msg);
     let progress = {
         let msg = msg.clone();
@@ -495,6 +556,18 @@ async fn handle(
             }
         })
     };
+    // A join reads the parts the watcher checked before it fetches any bytes.
+    let joined = match &job.split {
+        Some(SplitJob::Join { plugins, parts }) => match read_parts(js, plugins, parts, digest).await {
+            Ok(j) => Some(j),
+            Err(why) => {
+                progress.abort();
+                retry_or_dead(js, &msg, &job, delivery, me, why).await;
+                return;
+            }
+        },
+        _ => None,
+    };
     // Bytes from the Object Store land in a scratch folder that goes when the scan is done.
     let local = match &job.objects {
         None => None,
@@ -504,7 +577,7 @@ async fn handle(
                 let n = set.files.len();
                 eprintln!(
                     "airlock worker {me}: fetched {} ({n} file{}, {bytes} bytes) from {MODELS_BUCKET}, every sha256 as the job says",
-                    job.name,
+                    job.what(),
                     if n == 1 { "" } else { "s" }
                 );
                 Some(s)
@@ -517,39 +590,38 @@ async fn handle(
         },
     };
     let scanned = {
-        let (scanner, job) = (scanner.clone(), job.clone());
+        let (scanner, job, who) =
+            (scanner.clone(), job.clone(), Done { me: me.into(), delivery, digest: digest.into() });
         let path = local.as_ref().map_or_else(|| job.path.clone(), |s| s.model.clone());
-        tokio::task::spawn_blocking(move || scan_job(&scanner, &job, &path)).await
+        tokio::task::spawn_blocking(move || work(&scanner, &job, &path, joined, who)).await
     };
     drop(local);
-    let outcome = match scanned {
-        Ok(Ok((files, outcome))) => Ok(JobResult {
-            id: job.id.clone(),
-            worker: me.to_string(),
-            delivery,
-            policy_digest: digest.to_string(),
-            files,
-            outcome,
-        }),
-        Ok(Err(why)) => Err(why),
-        Err(e) => Err(format!("the scan panicked on worker {me}: {e}")),
-    };
-    let result = match outcome {
-        Ok(r) => r,
-        Err(why) => {
+    let (payload, said) = match scanned {
+        Ok(Ok(done)) => done,
+        Ok(Err(why)) => {
             progress.abort();
             retry_or_dead(js, &msg, &job, delivery, me, why).await;
             return;
         }
-    };
-    let payload = match serde_json::to_vec(&result) {
-        Ok(p) => p,
         Err(e) => {
             progress.abort();
-            retry_or_dead(js, &msg, &job, delivery, me, format!("the result cannot be encoded: {e}")).await;
+            retry_or_dead(js, &msg, &job, delivery, me, format!("the scan panicked on worker {me}: {e}")).await;
             return;
         }
     };
+    // Said plainly, not left to the server's refusal of the publish (which
+    // would only bring the job back to fail the same way).
+    let max = js.client().server_info().max_payload;
+    if max > 0 && payload.len() > max {
+        progress.abort();
+        let why = format!(
+            "the result is {} bytes; the NATS server takes at most {max} per message (max_payload in its config)",
+            payload.len()
+        );
+        retry_or_dead(js, &msg, &job, delivery, me, why).await;
+        return;
+    }
+    let size = payload.len();
     // Stored first, acked second: a worker killed in between leaves the job to be
     // scanned again, never a job acked without a verdict.
     let stored =
@@ -563,12 +635,7 @@ async fn handle(
                     job.id
                 );
             }
-            eprintln!(
-                "airlock worker {me}: {} {} (job {})",
-                job.name,
-                if result.outcome.verdict == crate::pipeline::ModelVerdict::Pass { "PASS" } else { "FAIL" },
-                job.id
-            );
+            eprintln!("airlock worker {me}: {} {said} (job {}, result {} bytes)", job.what(), job.id, size);
         }
         Err(e) => {
             // Not acked: the job comes back after the ack wait.
@@ -577,25 +644,190 @@ async fn handle(
     }
 }
 
-/// Opens the job's model (at `path`: shared storage or the scratch copy)
-/// read-only and scans it; returns every file's sha256 and the outcome.
-fn scan_job(scanner: &Scanner, job: &Job, path: &Path) -> Result<(BTreeMap<String, String>, Outcome), String> {
-    if !path.is_absolute() {
-        return Err(format!("{}: a job's path must be absolute", path.display()));
+impl Job {
+    /// The model, or which part of it, for log lines.
+    fn what(&self) -> String {
+        match &self.split {
+            Some(SplitJob::Part { part, of, .. }) => format!("part {part} of {of} of {}", self.name),
+            _ => self.name.clone(),
+        }
     }
-    let model = Model::open(path, ReadMode::default(), scanner.folder_limits())
-        .map_err(|e| format!("{}: cannot be opened on this worker: {e}", path.display()))?;
-    let model = Arc::new(model);
+}
+
+/// Who did a job, for its result.
+struct Done {
+    me: String,
+    delivery: i64,
+    digest: String,
+}
+
+/// Does a job (a whole scan, a part or a join) and encodes its result; also
+/// says what it found, for the log line.
+fn work(
+    scanner: &Scanner,
+    job: &Job,
+    path: &Path,
+    joined: Option<Joined>,
+    who: Done,
+) -> Result<(Vec<u8>, String), String> {
+    let (payload, said) = match &job.split {
+        Some(SplitJob::Part { files, plugins, .. }) => {
+            let (files, parts) = part_job(scanner, path, files, plugins)?;
+            let refused = parts.iter().filter(|p| p.is_err()).count();
+            let said = if refused == 0 { "done".to_string() } else { format!("done, {refused} plugin(s) refused") };
+            let r = PartResult {
+                id: job.id.clone(),
+                worker: who.me,
+                delivery: who.delivery,
+                policy_digest: who.digest,
+                files,
+                parts,
+            };
+            (serde_json::to_vec(&r), said)
+        }
+        _ => {
+            let joined = joined.unwrap_or_default();
+            let (files, mut outcome) = scan_job(scanner, job, path, &joined.parts)?;
+            // The parts must be of the bytes this worker joined them over.
+            for (f, (sha, worker)) in &joined.files {
+                if files.get(f) != Some(sha) {
+                    return Err(format!(
+                        "{f}: worker {worker} made its part from sha256 {sha}, this worker reads {:?}",
+                        files.get(f)
+                    ));
+                }
+            }
+            for s in outcome.stages.iter_mut().filter(|s| s.log.first().is_some_and(|l| l.starts_with("joined from"))) {
+                s.log.insert(1, format!("parts by {}", joined.workers.join(", ")));
+            }
+            let pass = outcome.verdict == crate::pipeline::ModelVerdict::Pass;
+            let r = JobResult {
+                id: job.id.clone(),
+                worker: who.me,
+                delivery: who.delivery,
+                policy_digest: who.digest,
+                files,
+                outcome,
+            };
+            (serde_json::to_vec(&r), if pass { "PASS" } else { "FAIL" }.to_string())
+        }
+    };
+    Ok((payload.map_err(|e| format!("the result cannot be encoded: {e}"))?, said))
+}
+
+/// Opens the job's model (at `path`: shared storage or the scratch copy)
+/// read-only and scans it, the plugins in `joined` joined from their parts;
+/// returns every file's sha256 and the outcome.
+fn scan_job(
+    scanner: &Scanner,
+    job: &Job,
+    path: &Path,
+    joined: &BTreeMap<usize, Vec<String>>,
+) -> Result<(BTreeMap<String, String>, Outcome), String> {
+    let model = open_job_model(scanner, path)?;
     let input = ScanInput {
         origin: None,
         sha256: job.sha256.clone(),
         pinned_files: job.pinned_files.clone(),
         read_mode: ReadMode::default(),
     };
-    let outcome = scanner.scan_model(&model, path, &input, &mut |_| {});
+    let outcome = scanner.scan_model_joined(&model, path, &input, joined, &mut |_| {});
     let files = file_digests(&model)?;
     model.check_unchanged()?;
     Ok((files, outcome))
+}
+
+fn open_job_model(scanner: &Scanner, path: &Path) -> Result<Arc<Model>, String> {
+    if !path.is_absolute() {
+        return Err(format!("{}: a job's path must be absolute", path.display()));
+    }
+    let model = Model::open(path, ReadMode::default(), scanner.folder_limits())
+        .map_err(|e| format!("{}: cannot be opened on this worker: {e}", path.display()))?;
+    Ok(Arc::new(model))
+}
+
+/// Runs `part` of each job plugin over the shard's files of the model at
+/// `path`; returns the shard's sha256s and one part (or refusal) per plugin.
+type Parts = (BTreeMap<String, String>, Vec<Result<String, String>>);
+fn part_job(scanner: &Scanner, path: &Path, files: &[String], plugins: &[SplitPlugin]) -> Result<Parts, String> {
+    let mine = scanner.split_plugins();
+    if let Some(p) = plugins.iter().find(|p| !mine.contains(&(p.index, p.label.clone()))) {
+        return Err(format!(
+            "the job asks for parts of {} (static-scan plugin {}), which does not consent to be split on this worker",
+            p.label,
+            p.index + 1
+        ));
+    }
+    let model = open_job_model(scanner, path)?;
+    let shard = Arc::new(Model {
+        name: model.name.clone(),
+        kind: model.kind,
+        root: model.root.clone(),
+        files: model.files.iter().filter(|f| files.contains(&f.rel_path)).cloned().collect(),
+        surroundings: Vec::new(),
+    });
+    if shard.files.len() != files.len() || files.is_empty() {
+        return Err(format!("the job's shard {files:?} is not a set of files the model holds"));
+    }
+    let indices: Vec<usize> = plugins.iter().map(|p| p.index).collect();
+    let parts = scanner.scan_part(&shard, path, &ScanInput::default(), &indices);
+    let digests = file_digests(&shard)?;
+    model.check_unchanged()?;
+    Ok((digests, parts))
+}
+
+/// A join's inputs: each split plugin's parts in shard order, each shard
+/// file's sha256 with the worker that read it, and those workers.
+#[derive(Default)]
+struct Joined {
+    parts: BTreeMap<usize, Vec<String>>,
+    files: BTreeMap<String, (String, String)>,
+    workers: Vec<String>,
+}
+
+/// Reads the part results a join job names, exactly as the watcher checked
+/// them (by stream sequence and sha256), under this worker's policy.
+async fn read_parts(
+    js: &jetstream::Context,
+    plugins: &[SplitPlugin],
+    refs: &[PartRef],
+    digest: &str,
+) -> Result<Joined, String> {
+    let results = js.get_stream(RESULTS_STREAM).await.map_err(|e| format!("opening {RESULTS_STREAM}: {e}"))?;
+    let mut joined = Joined::default();
+    for (n, r) in refs.iter().enumerate() {
+        let what = format!("part {} of {} (job {})", n + 1, refs.len(), r.id);
+        let m = results.get_raw_message(r.sequence).await.map_err(|e| {
+            format!("{what}: its result (message {} in {RESULTS_STREAM}) cannot be read: {e}", r.sequence)
+        })?;
+        let sha = hex::encode(sha2::Sha256::digest(&m.payload));
+        if m.subject.as_str() != results_subject(&r.id) || sha != r.sha256 {
+            return Err(format!(
+                "{what}: message {} in {RESULTS_STREAM} is {} with sha256 {sha}, not the result the watcher checked (sha256 {})",
+                r.sequence, m.subject, r.sha256
+            ));
+        }
+        let p: PartResult = serde_json::from_slice(&m.payload).map_err(|e| format!("{what}: cannot be read: {e}"))?;
+        if p.policy_digest != digest || p.parts.len() != plugins.len() {
+            return Err(format!(
+                "{what}: made under policy {} with {} parts, this join is under {digest} with {}",
+                p.policy_digest,
+                p.parts.len(),
+                plugins.len()
+            ));
+        }
+        for (plugin, part) in plugins.iter().zip(p.parts) {
+            let part = part.map_err(|e| format!("{what}: {e}"))?;
+            joined.parts.entry(plugin.index).or_default().push(part);
+        }
+        for (f, sha) in p.files {
+            joined.files.insert(f, (sha, p.worker.clone()));
+        }
+        if !joined.workers.contains(&p.worker) {
+            joined.workers.push(p.worker);
+        }
+    }
+    Ok(joined)
 }
 
 /// A job's copy of a model in the worker's scratch folder, removed when dropped.
@@ -828,6 +1060,8 @@ pub struct Dispatcher {
     url: String,
     /// The bucket models travel in, with `--transfer object-store`.
     models: Option<object_store::ObjectStore>,
+    /// The static scan's plugins that consent to be split.
+    split: Vec<SplitPlugin>,
 }
 
 /// How long the watcher keeps trying to put a model in the bucket before it
@@ -860,12 +1094,16 @@ impl Dispatcher {
             Ok::<_, anyhow::Error>((js, jobs, results, models))
         })?;
         let digest = policy_digest(policy, scanner);
-        Ok(Dispatcher { rt, js, jobs, results, digest, stop, url: url.to_string(), models })
+        let split = scanner.split_plugins().into_iter().map(|(index, label)| SplitPlugin { index, label }).collect();
+        Ok(Dispatcher { rt, js, jobs, results, digest, stop, url: url.to_string(), models, split })
     }
 
     /// Publishes the claim as a job (unless a reply is already stored: a
-    /// watcher restarted after sending it) and waits for the reply. `Err` when
-    /// the watcher is told to stop first: the claim stays for the next start.
+    /// watcher restarted after sending it) and waits for the reply. A sharded
+    /// folder, when the static scan has plugins that consent, goes first as
+    /// one part job per weight shard; the watcher checks every part, then
+    /// sends the claim's job as the join over them. `Err` when the watcher is
+    /// told to stop first: the claim stays for the next start.
     pub fn scan(&self, id: &str, name: &str, path: &Path, model: &Model, input: &ScanInput) -> Result<Reply, String> {
         let (job_path, objects) = match &self.models {
             // Workers reach the model by this path on shared storage.
@@ -892,7 +1130,7 @@ impl Dispatcher {
                 (PathBuf::from(name), Some(Objects { bucket: MODELS_BUCKET.into(), folder, files }))
             }
         };
-        let job = Job {
+        let mut job = Job {
             id: id.to_string(),
             name: name.to_string(),
             path: job_path,
@@ -900,57 +1138,205 @@ impl Dispatcher {
             pinned_files: input.pinned_files.clone(),
             policy_digest: self.digest.clone(),
             objects,
+            split: None,
         };
+        let shards = self.shards(model);
         self.rt.block_on(async {
-            if let Some(reply) = self.reply(id).await? {
-                self.forget_objects(&job).await;
-                return Ok(reply);
+            // A reply already in (a watcher restarted after it came) ends it,
+            // split or not: the parts were checked before the join was sent.
+            let started = match self.reply(id).await? {
+                Some(reply) => Some(reply),
+                None if shards.len() > 1 => match self.parts(&job, model, &shards).await? {
+                    Ok(parts) => {
+                        job.split = Some(SplitJob::Join { plugins: self.split.clone(), parts });
+                        self.start(&job, model).await?.map(|r| r.into_reply()).transpose()?
+                    }
+                    Err(refused) => Some(refused),
+                },
+                None => self.start(&job, model).await?.map(|r| r.into_reply()).transpose()?,
+            };
+            let reply = match started {
+                Some(r) => r,
+                None => self.wait(&job).await?.into_reply()?,
+            };
+            self.forget_objects(&job).await;
+            Ok(reply)
+        })
+    }
+
+    /// The weight shards of a model this watcher splits, one file each in
+    /// model order; empty when it is scanned whole: a single file, a folder
+    /// with one weight file, or a static scan with no plugin that consents.
+    fn shards(&self, model: &Model) -> Vec<String> {
+        if self.split.is_empty() || model.kind != ModelKind::Folder {
+            return Vec::new();
+        }
+        let shards: Vec<String> = model
+            .files
+            .iter()
+            .filter(|f| matches!(f.format, Format::Safetensors | Format::Gguf))
+            .map(|f| f.rel_path.clone())
+            .collect();
+        if shards.len() > 1 { shards } else { Vec::new() }
+    }
+
+    /// Sends one part job per shard (those not already sent or answered),
+    /// then waits for each and checks it: the same policy, the bytes the claim
+    /// holds, a part from every plugin. `Ok(Ok)`: the parts, for the join;
+    /// `Ok(Err)`: the refusal that rejects the claim at `dispatch`.
+    async fn parts(&self, job: &Job, model: &Model, shards: &[String]) -> Result<Result<Vec<PartRef>, Reply>, String> {
+        let of = shards.len();
+        let jobs: Vec<Job> = shards
+            .iter()
+            .enumerate()
+            .map(|(n, file)| Job {
+                id: part_id(&job.id, n + 1),
+                sha256: None,
+                pinned_files: None,
+                objects: job.objects.as_ref().map(|o| Objects {
+                    files: o.files.iter().filter(|f| &f.rel_path == file).cloned().collect(),
+                    ..o.clone()
+                }),
+                split: Some(SplitJob::Part { part: n + 1, of, files: vec![file.clone()], plugins: self.split.clone() }),
+                ..job.clone()
+            })
+            .collect();
+        let mut started = Vec::new();
+        for j in &jobs {
+            started.push(self.start(j, model).await?);
+        }
+        let checked = self.check_parts(&jobs, shards, model, started).await?;
+        if checked.is_err() {
+            self.withdraw(&jobs).await;
+        }
+        Ok(checked)
+    }
+
+    /// Waits for each part job's reply and checks it (see [`Dispatcher::parts`]).
+    async fn check_parts(
+        &self,
+        jobs: &[Job],
+        shards: &[String],
+        model: &Model,
+        started: Vec<Option<Stored>>,
+    ) -> Result<Result<Vec<PartRef>, Reply>, String> {
+        let ours = file_digests(model)?;
+        let mut refs = Vec::new();
+        for ((j, file), started) in jobs.iter().zip(shards).zip(started) {
+            let what = format!("{} ({file})", j.what());
+            let (payload, sequence) = match started {
+                Some(r) => r,
+                None => self.wait(j).await?,
             }
-            // A watcher restarted while its job was queued or held by a worker
-            // waits for that job. Sending it again would have it scanned twice
-            // (once the message-id window of two minutes is past), and the copy
-            // a worker takes after the verdict finds no claim and ends as a
-            // misleading dead letter.
-            if self.job_queued(id).await? {
-                tracing::info!(
-                    "{name}: job {id} is still in the queue on {} (sent before this watcher restarted); waiting for its reply",
+            .into_payload();
+            let payload = match payload {
+                Ok(p) => p,
+                Err(l) => {
+                    return Ok(Err(Reply::Refused(format!(
+                        "{what}: no worker finished it ({} deliveries, last to {}): {}",
+                        l.deliveries, l.worker, l.reason
+                    ))));
+                }
+            };
+            let p: PartResult = match serde_json::from_slice(&payload) {
+                Ok(p) => p,
+                Err(e) => return Ok(Err(Reply::Refused(format!("{what}: its result cannot be read: {e}")))),
+            };
+            let refused = |why: String| {
+                Ok(Err(Reply::Refused(format!("{what}: the result from worker {} was refused: {why}", p.worker))))
+            };
+            if p.id != j.id || p.policy_digest != self.digest {
+                return refused(format!(
+                    "it is for job {} under policy {}, the job is {} under policy {}",
+                    p.id, p.policy_digest, j.id, self.digest
+                ));
+            }
+            let claimed: BTreeMap<String, String> =
+                ours.iter().filter(|(f, _)| *f == file).map(|(f, s)| (f.clone(), s.clone())).collect();
+            if p.files != claimed {
+                return refused(format!(
+                    "the worker scanned other bytes ({:?}; the claim holds {:?})",
+                    p.files, claimed
+                ));
+            }
+            if p.parts.len() != self.split.len() {
+                return refused(format!("it holds {} parts for {} plugins", p.parts.len(), self.split.len()));
+            }
+            if let Some(Err(why)) = p.parts.iter().find(|r| r.is_err()) {
+                return refused(why.clone());
+            }
+            refs.push(PartRef { id: j.id.clone(), sequence, sha256: hex::encode(sha2::Sha256::digest(&payload)) });
+        }
+        Ok(Ok(refs))
+    }
+
+    /// Takes back the part jobs of a refused split scan that no worker has
+    /// answered, so none is scanned for nothing. Best effort: a part scanned
+    /// anyway only leaves a result no one reads.
+    async fn withdraw(&self, jobs: &[Job]) {
+        for j in jobs {
+            if let Err(e) = self.jobs.purge().filter(job_subject(&j.id)).await {
+                tracing::warn!("{}: taking job {} back from {JOBS_STREAM}: {e}", j.what(), j.id);
+            }
+        }
+    }
+
+    /// Sends a job unless its reply or the job itself is already there (a
+    /// watcher restarted after sending it). `Some`: the reply, already in.
+    async fn start(&self, job: &Job, model: &Model) -> Result<Option<Stored>, String> {
+        if let Some(r) = self.stored(&job.id).await? {
+            return Ok(Some(r));
+        }
+        // A watcher restarted while its job was queued or held by a worker
+        // waits for that job. Sending it again would have it scanned twice
+        // (once the message-id window of two minutes is past), and the copy
+        // a worker takes after the verdict finds no claim and ends as a
+        // misleading dead letter.
+        if self.job_queued(&job.id).await? {
+            tracing::info!(
+                "{}: job {} is still in the queue on {} (sent before this watcher restarted); waiting for its reply",
+                job.what(),
+                job.id,
+                self.url
+            );
+            return Ok(None);
+        }
+        // Not in the queue: never sent, or acked since the first look at the
+        // replies (a worker stores the reply before it acks, so it is there now).
+        if let Some(r) = self.stored(&job.id).await? {
+            return Ok(Some(r));
+        }
+        if let Some(dead) = self.send(job, model).await? {
+            return Ok(Some(Stored::Dead(dead)));
+        }
+        tracing::info!("{}: job {} sent to the workers on {}", job.what(), job.id, self.url);
+        Ok(None)
+    }
+
+    /// Waits for a sent job's reply, saying now and then what the queue looks like.
+    async fn wait(&self, job: &Job) -> Result<Stored, String> {
+        let sent_at = Instant::now();
+        let mut notice_at = WAITING_NOTICE;
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return Err(self.interrupted());
+            }
+            if let Some(r) = self.stored(&job.id).await? {
+                return Ok(r);
+            }
+            if sent_at.elapsed() >= notice_at {
+                tracing::warn!(
+                    "{}: no reply to job {} after {} s; {} (`airlock queue --nats {}` shows the queue)",
+                    job.what(),
+                    job.id,
+                    sent_at.elapsed().as_secs(),
+                    self.workers_now().await,
                     self.url
                 );
-            } else {
-                // Not in the queue: never sent, or acked since the first look
-                // at the replies (a worker stores the reply before it acks, so
-                // the reply is there now).
-                if let Some(reply) = self.reply(id).await? {
-                    self.forget_objects(&job).await;
-                    return Ok(reply);
-                }
-                if let Some(dead) = self.send(&job, model).await? {
-                    return Ok(Reply::Dead(dead));
-                }
-                tracing::info!("{name}: job {id} sent to the workers on {}", self.url);
+                notice_at += WAITING_NOTICE_EVERY;
             }
-            let sent_at = Instant::now();
-            let mut notice_at = WAITING_NOTICE;
-            loop {
-                if self.stop.load(Ordering::Relaxed) {
-                    return Err(self.interrupted());
-                }
-                if let Some(reply) = self.reply(id).await? {
-                    self.forget_objects(&job).await;
-                    return Ok(reply);
-                }
-                if sent_at.elapsed() >= notice_at {
-                    tracing::warn!(
-                        "{name}: no reply to job {id} after {} s; {} (`airlock queue --nats {}` shows the queue)",
-                        sent_at.elapsed().as_secs(),
-                        self.workers_now().await,
-                        self.url
-                    );
-                    notice_at += WAITING_NOTICE_EVERY;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        })
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Puts the model in the bucket (with `--transfer object-store`) and
@@ -1006,7 +1392,14 @@ impl Dispatcher {
     /// `Ok(Err)`: the model could not be put there in `PUT_DEADLINE`.
     async fn put_objects(&self, job: &Job, model: &Model) -> Result<Result<(), String>, String> {
         let (Some(bucket), Some(set)) = (&self.models, &job.objects) else { return Ok(Ok(())) };
-        for (f, file) in set.files.iter().zip(&model.files) {
+        for f in &set.files {
+            let Some(file) = model.files.iter().find(|m| m.rel_path == f.rel_path) else {
+                return Ok(Err(format!("{}: the job names a file the claim does not hold", f.rel_path)));
+            };
+            // Put once for a split scan: a shard's part job put it before the join.
+            if self.in_bucket(bucket, f).await {
+                continue;
+            }
             let started = Instant::now();
             loop {
                 if self.stop.load(Ordering::Relaxed) {
@@ -1038,6 +1431,18 @@ impl Dispatcher {
             }
         }
         Ok(Ok(()))
+    }
+
+    /// Whether the bucket already holds this file's bytes (by size and the
+    /// Object Store's own SHA-256). A worker checks what it fetches anyway.
+    async fn in_bucket(&self, bucket: &object_store::ObjectStore, f: &ObjectFile) -> bool {
+        use base64::Engine;
+        let Ok(sha) = hex::decode(&f.sha256) else { return false };
+        let want = format!("SHA-256={}", base64::engine::general_purpose::URL_SAFE.encode(sha));
+        match bucket.info(&f.object).await {
+            Ok(info) => !info.deleted && info.size as u64 == f.size && info.digest.as_deref() == Some(want.as_str()),
+            Err(_) => false,
+        }
     }
 
     /// Deletes a job's objects once its reply is in; what cannot be deleted
@@ -1077,27 +1482,61 @@ impl Dispatcher {
             .into()
     }
 
-    /// The stored reply to a job, if there is one yet. A connection error is
-    /// not a reply: it is logged and the caller asks again.
-    async fn reply(&self, id: &str) -> Result<Option<Reply>, String> {
-        for (subject, dead) in [(results_subject(id), false), (dead_subject(id), true)] {
-            match last_payload(&self.results, &subject).await {
-                Ok(Some(payload)) => {
-                    let parsed = if dead {
-                        serde_json::from_slice(&payload).map(Reply::Dead)
-                    } else {
-                        serde_json::from_slice(&payload).map(|r| Reply::Result(Box::new(r)))
-                    };
-                    return parsed.map(Some).map_err(|e| format!("the reply on {subject} cannot be read: {e}"));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!("asking {RESULTS_STREAM} for {subject}: {e}");
-                    return Ok(None);
-                }
+    /// The stored reply to a job, if there is one yet: a result (its payload
+    /// and stream sequence) or a dead letter. A connection error is not a
+    /// reply: it is logged and the caller asks again.
+    async fn stored(&self, id: &str) -> Result<Option<Stored>, String> {
+        let subject = results_subject(id);
+        match self.results.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => return Ok(Some(Stored::Result(m.payload, m.sequence))),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
+            Err(e) => {
+                tracing::warn!("asking {RESULTS_STREAM} for {subject}: {e}");
+                return Ok(None);
             }
         }
-        Ok(None)
+        let subject = dead_subject(id);
+        match last_payload(&self.results, &subject).await {
+            Ok(Some(payload)) => serde_json::from_slice(&payload)
+                .map(|l| Some(Stored::Dead(l)))
+                .map_err(|e| format!("the reply on {subject} cannot be read: {e}")),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                tracing::warn!("asking {RESULTS_STREAM} for {subject}: {e}");
+                Ok(None)
+            }
+        }
+    }
+
+    /// The stored reply to a claim's (whole or join) job, if there is one yet.
+    async fn reply(&self, id: &str) -> Result<Option<Reply>, String> {
+        self.stored(id).await?.map(Stored::into_reply).transpose()
+    }
+}
+
+/// A reply as stored: a result not yet read, with its stream sequence, or a dead letter.
+enum Stored {
+    Result(bytes::Bytes, u64),
+    Dead(DeadLetter),
+}
+
+impl Stored {
+    /// As the reply to a whole (or join) job.
+    fn into_reply(self) -> Result<Reply, String> {
+        match self {
+            Stored::Dead(l) => Ok(Reply::Dead(l)),
+            Stored::Result(p, _) => serde_json::from_slice(&p)
+                .map(|r| Reply::Result(Box::new(r)))
+                .map_err(|e| format!("the result cannot be read: {e}")),
+        }
+    }
+
+    /// The result's payload and sequence, or the dead letter.
+    fn into_payload(self) -> (Result<bytes::Bytes, DeadLetter>, u64) {
+        match self {
+            Stored::Result(p, seq) => (Ok(p), seq),
+            Stored::Dead(l) => (Err(l), 0),
+        }
     }
 }
 

@@ -480,6 +480,27 @@ fn dispatch_once(lab: &Lab, nats: &Nats, policy: &Path) -> Proc {
     Proc::spawn(dispatch_once_cmd(lab, nats, policy))
 }
 
+/// Makes the jobs stream before any watcher, on `subjects`, with a one-second
+/// message-id window, so a test can step past the window in a second.
+fn jobs_stream_with_a_short_window(nats: &Nats, subjects: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        use async_nats::jetstream::stream;
+        test_client(nats)
+            .await
+            .create_stream(stream::Config {
+                name: "AIRLOCK_JOBS".into(),
+                subjects: vec![subjects.into()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                duplicate_window: Duration::from_secs(1),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    });
+}
+
 /// A watcher stopped while its job waits in the queue, and started again after
 /// the server's message-id window (two minutes by default) has passed, waits
 /// for that job instead of sending it again: one job in the queue, one scan,
@@ -493,22 +514,7 @@ fn a_restarted_watcher_waits_for_its_queued_job_and_does_not_send_it_again() {
     let d = tmp();
     let nats = Nats::start(d.path());
     let policy = nats_policy(d.path(), Some(PASSWORD));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        use async_nats::jetstream::stream;
-        test_client(&nats)
-            .await
-            .create_stream(stream::Config {
-                name: "AIRLOCK_JOBS".into(),
-                subjects: vec!["airlock.jobs".into()],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                duplicate_window: Duration::from_secs(1),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    });
+    jobs_stream_with_a_short_window(&nats, "airlock.jobs");
     Gguf::default().write(&lab.incoming(), "m.gguf");
     let watch = || {
         let mut c = dispatch_once_cmd(&lab, &nats, &policy);
@@ -682,11 +688,43 @@ fn lost_deliveries_after_a_hand_back_still_end_in_a_dead_letter_with_its_reason(
 /// digest. A test process plays the worker: it takes the job from the queue,
 /// answers it with a real scan's outcome, and acks it. The model is rejected at
 /// `dispatch`, naming the forger.
-#[test]
-fn results_for_other_bytes_or_under_another_policy_are_refused() {
+/// Takes the first job the watcher publishes, as a consumer of its own
+/// (the test plays a worker), once the watcher has made the stream.
+async fn take_a_job_as_forger(js: &async_nats::jetstream::Context) -> async_nats::jetstream::Message {
     use async_nats::jetstream::{self, consumer::pull};
     use futures_util::StreamExt;
+    let start = Instant::now();
+    let stream = loop {
+        match js.get_stream("AIRLOCK_JOBS").await {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(start.elapsed() < Duration::from_secs(120), "no AIRLOCK_JOBS stream: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+        .get_or_create_consumer(
+            "forger",
+            pull::Config {
+                durable_name: Some("forger".into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    loop {
+        assert!(start.elapsed() < Duration::from_secs(120), "no job was published");
+        let mut batch = consumer.fetch().max_messages(1).expires(Duration::from_secs(2)).messages().await.unwrap();
+        if let Some(m) = batch.next().await {
+            break m.unwrap();
+        }
+    }
+}
 
+#[test]
+fn results_for_other_bytes_or_under_another_policy_are_refused() {
     for case in ["bytes", "policy"] {
         let lab = Lab::new();
         let d = tmp();
@@ -702,41 +740,8 @@ fn results_for_other_bytes_or_under_another_policy_are_refused() {
         let mut watcher = dispatch_once(&lab, &nats, &policy);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let client = async_nats::ConnectOptions::with_user_and_password("airlock".into(), PASSWORD.into())
-                .connect(nats.url())
-                .await
-                .unwrap();
-            let js = jetstream::new(client);
-            let start = Instant::now();
-            // The watcher creates the streams when it starts.
-            let stream = loop {
-                match js.get_stream("AIRLOCK_JOBS").await {
-                    Ok(s) => break s,
-                    Err(e) => {
-                        assert!(start.elapsed() < Duration::from_secs(120), "no AIRLOCK_JOBS stream: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            };
-            let consumer: jetstream::consumer::Consumer<pull::Config> = stream
-                .get_or_create_consumer(
-                    "forger",
-                    pull::Config {
-                        durable_name: Some("forger".into()),
-                        ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
-            let msg = loop {
-                assert!(start.elapsed() < Duration::from_secs(120), "no job was published");
-                let mut batch =
-                    consumer.fetch().max_messages(1).expires(Duration::from_secs(2)).messages().await.unwrap();
-                if let Some(m) = batch.next().await {
-                    break m.unwrap();
-                }
-            };
+            let js = test_client(&nats).await;
+            let msg = take_a_job_as_forger(&js).await;
             let job: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
             let (digest, files) = match case {
                 "bytes" => (job["policy_digest"].clone(), serde_json::json!({ "m.gguf": "0".repeat(64) })),
@@ -873,6 +878,11 @@ fn models_travel_through_the_object_store_to_a_worker_with_no_shared_storage() {
             let n: usize = line.split('(').nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
             assert!(n >= 5, "{line}");
         }
+    }
+    // The folder went as one part job per shard, each fetching only its shard, then the join.
+    for part in 1..=3 {
+        let fetched = format!("fetched part {part} of 3 of all-MiniLM-L6-v2 (1 file, ");
+        assert!(wlog.contains(&fetched), "{fetched:?}:\n{wlog}");
     }
     let (code, out) = lab.run(&["verify", "all-MiniLM-L6-v2"]);
     assert_eq!(code, 0, "{out}");
@@ -1090,4 +1100,257 @@ fn the_documented_nats_permissions_run_the_lifecycle_and_keep_others_from_answer
     assert!(!lab.registry().join("bad.gguf").exists(), "the forged pass promoted bad.gguf");
     let report = lab.report("bad.gguf");
     assert_eq!(report["failed_stage"], "format_gate", "{report}");
+}
+
+/// The `builtin:weights` result among a manifest's or report's stages.
+fn weights_stage(stages: &serde_json::Value) -> &serde_json::Value {
+    stages.as_array().unwrap().iter().find(|s| s["plugin"] == "builtin:weights").unwrap_or_else(|| panic!("{stages}"))
+}
+
+/// A sharded folder goes to the workers as one part job per weight shard and
+/// a join: the real MiniLM in three shards is promoted, and the same folder
+/// with its top layer planted in the last shard (which scanned alone passes)
+/// is rejected at the static scan with every planted matrix named, the
+/// verdict a whole scan on one machine gives. Each part is scanned once. The
+/// bytes go through the Object Store, and watcher and workers log in with the
+/// documented permission sets.
+#[test]
+fn a_sharded_folder_is_scanned_in_parts_by_the_workers_and_joined() {
+    let lab = Lab::new();
+    let d = tmp();
+    std::fs::copy(repo().join("dist/nats/airlock-permissions.conf"), d.path().join("airlock-permissions.conf"))
+        .unwrap();
+    let users = "users: [
+        { user: watch, password: \"watch-password-2\", permissions: $AIRLOCK_WATCHER }
+        { user: worker, password: \"worker-password-2\", permissions: $AIRLOCK_WORKER }
+    ]";
+    let nats = Nats::start_with(d.path(), "include \"airlock-permissions.conf\"", users, String::new());
+    let watch_policy = nats_policy_as(&d.path().join("w"), "watch", "watch-password-2");
+    let worker_policy = nats_policy_as(&d.path().join("k"), "worker", "worker-password-2");
+    let staged = d.path().join("staged");
+    std::fs::create_dir_all(staged.join("planted")).unwrap();
+    let clean = crate::hf_folders::minilm(&staged);
+    crate::hf_folders::reshard(&clean);
+    let planted = crate::hf_folders::minilm(&staged.join("planted"));
+    let index = crate::hf_folders::reshard(&planted);
+    let (last, matrices) = crate::split::plant_top_layer(&planted, &index);
+    // The verdict one machine gives, scanning the planted folder whole.
+    let local = scan_json(&planted, &[]);
+    let local_weights = weights_stage(&local.one()["stages"]).clone();
+    assert_eq!(local_weights["verdict"], "fail", "{local_weights}");
+    std::fs::rename(&clean, lab.incoming().join("clean-minilm")).unwrap();
+    std::fs::rename(&planted, lab.incoming().join("planted-minilm")).unwrap();
+
+    // The watcher first: a worker's login may not create the streams.
+    let mut watcher = object_store_watch(&lab, &nats, &watch_policy, true);
+    watcher.wait_for("scans go to the workers", Duration::from_secs(120));
+    let workers: Vec<Proc> = ["s1", "s2"]
+        .iter()
+        .map(|s| {
+            let scratch = d.path().join(s);
+            let mut c = lab.cmd(&["worker", "--nats", &nats.url(), "--scratch", scratch.to_str().unwrap()]);
+            c.args(["--policy", worker_policy.to_str().unwrap()]).env("AIRLOCK_LOG", "warn");
+            Proc::spawn(c)
+        })
+        .collect();
+    let status = wait_exit(&mut watcher, Duration::from_secs(900));
+    let wlog: String = workers.into_iter().map(|w| w.terminate().1).collect();
+    assert!(status.success(), "{status:?}\n{}\nworkers:\n{wlog}", watcher.log());
+    // Each part job fetched its own shard only.
+    for name in ["clean-minilm", "planted-minilm"] {
+        for part in 1..=3 {
+            let fetched = format!("fetched part {part} of 3 of {name} (1 file, ");
+            assert_eq!(wlog.matches(&fetched).count(), 1, "{fetched:?} once:\n{wlog}");
+        }
+    }
+    // A part result travels as one NATS message (at most 1 MiB by default).
+    let sizes: Vec<u64> = wlog
+        .lines()
+        .filter(|l| l.contains(" of 3 of ") && l.contains(" done ("))
+        .filter_map(|l| l.split("result ").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    eprintln!("part results (weights and entropy, one MiniLM shard each): {sizes:?} bytes");
+    assert_eq!(sizes.len(), 6, "{wlog}");
+
+    for name in ["clean-minilm", "planted-minilm"] {
+        for part in 1..=3 {
+            let done = format!("part {part} of 3 of {name} done");
+            assert_eq!(wlog.matches(&done).count(), 1, "{done:?} once:\n{wlog}");
+        }
+    }
+    assert_eq!(wlog.matches("clean-minilm PASS").count(), 1, "{wlog}");
+    assert_eq!(wlog.matches("planted-minilm FAIL").count(), 1, "{wlog}");
+
+    let manifest = lab.manifest("clean-minilm");
+    let w = weights_stage(&manifest["stages"]);
+    assert_eq!(w["verdict"], "pass", "{w}");
+    let log = w["log"].to_string();
+    assert!(log.contains("joined from 3 parts") && log.contains("parts by "), "{log}");
+
+    let report = lab.report("planted-minilm");
+    assert_eq!(report["failed_stage"], "static_scan", "{report}");
+    let w = weights_stage(&report["scan_details"]["stages"]);
+    assert!(w["log"].to_string().contains("joined from 3 parts"), "{w}");
+    let outliers: Vec<&str> = w["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["rule"] == "weights.role-outlier")
+        .filter_map(|f| f["location"].as_str())
+        .collect();
+    assert!(
+        matrices.iter().all(|m| outliers.iter().any(|o| o.ends_with(&format!("{last}: {m}")))),
+        "every planted matrix is named: {outliers:?}"
+    );
+    assert_eq!(w["summary"], local_weights["summary"], "joined by the workers, or whole on one machine");
+    assert_eq!(w["findings"], local_weights["findings"]);
+    let (code, out) = lab.run(&["audit", "--verify"]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// A part result for other bytes than the shard the watcher claimed is
+/// refused, and the folder is rejected at `dispatch`, naming the part and the
+/// worker, with no join sent.
+#[test]
+fn a_part_result_for_other_bytes_is_refused() {
+    let lab = Lab::new();
+    let d = tmp();
+    let nats = Nats::start(d.path());
+    let policy = nats_policy(d.path(), Some(PASSWORD));
+    let folder = crate::hf_folders::minilm(d.path());
+    crate::hf_folders::reshard(&folder);
+    std::fs::rename(&folder, lab.incoming().join("minilm")).unwrap();
+    let mut watcher = dispatch_once(&lab, &nats, &policy);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let claim = rt.block_on(async {
+        let js = test_client(&nats).await;
+        let msg = take_a_job_as_forger(&js).await;
+        let job: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+        let id = job["id"].as_str().unwrap().to_string();
+        assert!(id.ends_with("-part1"), "the first job is part 1: {job}");
+        assert_eq!(job["split"]["part"]["files"], serde_json::json!(["model-00001-of-00003.safetensors"]), "{job}");
+        let forged = serde_json::json!({
+            "id": id, "worker": "forger", "delivery": 1, "policy_digest": job["policy_digest"],
+            "files": { "model-00001-of-00003.safetensors": "0".repeat(64) },
+            "parts": [ { "Ok": "{}" } ],
+        });
+        js.publish(format!("airlock.results.{id}"), serde_json::to_vec(&forged).unwrap().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        msg.ack().await.unwrap();
+        id.trim_end_matches("-part1").to_string()
+    });
+    let status = wait_exit(&mut watcher, Duration::from_secs(120));
+    assert!(status.success(), "{status:?}\n{}", watcher.log());
+    assert!(!lab.registry().join("minilm").exists(), "the forged part promoted the model");
+    let report = lab.report("minilm");
+    assert_eq!(report["failed_stage"], "dispatch", "{report}");
+    let reason = report["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("part 1 of 3 of minilm (model-00001-of-00003.safetensors)")
+            && reason.contains("forger")
+            && reason.contains("scanned other bytes"),
+        "{reason}"
+    );
+    // Parts 2 and 3, still waiting when part 1 was refused, were taken back.
+    assert_eq!(queue(&lab, &nats, &policy)["jobs"], 0, "{}", watcher.log());
+    // The claim's own job (the join) was never sent.
+    let js_has_join = rt.block_on(async {
+        let js = test_client(&nats).await;
+        let jobs = js.get_stream("AIRLOCK_JOBS").await.unwrap();
+        jobs.get_last_raw_message_by_subject(&format!("airlock.jobs.{claim}")).await.is_ok()
+    });
+    assert!(!js_has_join, "a join was sent for a refused part");
+}
+
+/// A split scan survives its watcher: stopped while the part jobs wait, the
+/// parts scanned while no watcher runs, a second watcher sends none of them
+/// again (past the server's duplicate window, which the test makes one
+/// second) and sends only the join. Each part and the join are scanned once.
+#[test]
+fn a_restarted_watcher_keeps_the_parts_of_a_split_scan_and_sends_only_the_join() {
+    let lab = Lab::new();
+    let d = tmp();
+    let nats = Nats::start(d.path());
+    let policy = nats_policy(d.path(), Some(PASSWORD));
+    jobs_stream_with_a_short_window(&nats, "airlock.jobs.*");
+    let folder = crate::hf_folders::minilm(d.path());
+    crate::hf_folders::reshard(&folder);
+    std::fs::rename(&folder, lab.incoming().join("minilm")).unwrap();
+    let watch = || {
+        let mut c = dispatch_once_cmd(&lab, &nats, &policy);
+        c.env("AIRLOCK_LOG", "info");
+        Proc::spawn(c)
+    };
+
+    let first = watch();
+    first.wait_for("part 3 of 3 of minilm: job", Duration::from_secs(120));
+    let (_, first_log) = first.terminate();
+    assert_eq!(queue(&lab, &nats, &policy)["jobs"], 3, "{first_log}");
+
+    // The parts are scanned with no watcher running.
+    std::thread::sleep(Duration::from_millis(1500));
+    let w = worker(&lab, &nats, &policy);
+    for part in 1..=3 {
+        w.wait_for(&format!("part {part} of 3 of minilm done"), Duration::from_secs(300));
+    }
+    let (_, parts_log) = w.terminate();
+    assert_eq!(queue(&lab, &nats, &policy)["jobs"], 0, "{parts_log}");
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let mut second = watch();
+    second.wait_for("minilm: job", Duration::from_secs(120));
+    let w = worker(&lab, &nats, &policy);
+    let status = wait_exit(&mut second, Duration::from_secs(300));
+    let (_, join_log) = w.terminate();
+    let second_log = second.log();
+    assert!(status.success(), "{status:?}\n{second_log}\nworker:\n{join_log}");
+    assert!(lab.registry().join("minilm/manifest.json").is_file(), "{second_log}");
+    assert!(!second_log.contains("of 3 of minilm: job"), "a part was sent again:\n{second_log}");
+    assert!(second_log.contains("minilm: job") && second_log.contains("sent to the workers"), "{second_log}");
+    for part in 1..=3 {
+        assert_eq!(parts_log.matches(&format!("scanning part {part} of 3 of minilm ")).count(), 1, "{parts_log}");
+    }
+    assert!(!join_log.contains("scanning part"), "{join_log}");
+    assert_eq!(join_log.matches("scanning minilm ").count(), 1, "{join_log}");
+    let w = weights_stage(&lab.manifest("minilm")["stages"]).clone();
+    assert!(w["log"].to_string().contains("joined from 3 parts"), "{w}");
+    let (code, out) = lab.run(&["audit", "--verify"]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// A part result larger than the server takes in one message is not a silent
+/// loss or an endless retry: each worker hands the part back saying how big
+/// it is and what the server allows, and after three scans the folder is
+/// rejected at `dispatch` with that reason. (The test's server takes 8 KiB;
+/// a MiniLM shard's parts are about 19 KB.)
+#[test]
+fn a_part_result_the_server_cannot_take_rejects_the_folder_naming_max_payload() {
+    let lab = Lab::new();
+    let d = tmp();
+    let users = format!("users: [ {{ user: airlock, password: \"{PASSWORD}\" }} ]");
+    let nats = Nats::start_with(d.path(), "max_payload: 8192", &users, String::new());
+    let policy = nats_policy(d.path(), Some(PASSWORD));
+    let folder = crate::hf_folders::minilm(d.path());
+    crate::hf_folders::reshard(&folder);
+    std::fs::rename(&folder, lab.incoming().join("minilm")).unwrap();
+    let mut watcher = dispatch_once(&lab, &nats, &policy);
+    watcher.wait_for("scans go to the workers", Duration::from_secs(120));
+    let w = worker(&lab, &nats, &policy);
+    let status = wait_exit(&mut watcher, Duration::from_secs(300));
+    let (_, wlog) = w.terminate();
+    assert!(status.success(), "{status:?}\n{}\nworker:\n{wlog}", watcher.log());
+    assert!(!lab.registry().join("minilm").exists());
+    let report = lab.report("minilm");
+    assert_eq!(report["failed_stage"], "dispatch", "{report}");
+    let reason = report["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("part 1 of 3 of minilm")
+            && reason.contains("the NATS server takes at most 8192 per message (max_payload"),
+        "{reason}"
+    );
+    let q = queue(&lab, &nats, &policy);
+    assert_eq!(q["jobs"], 0, "the other parts were taken back: {q}");
 }

@@ -34,8 +34,12 @@ fn ctx() -> Arc<RunContext> {
     Arc::new(RunContext { config_json: "{}".into(), ..RunContext::default() })
 }
 
+fn load(runtime: &Runtime, name: &str) -> Plugin {
+    runtime.load(&std::fs::read(component(name)).unwrap(), &[]).unwrap()
+}
+
 fn weights(runtime: &Runtime) -> Plugin {
-    runtime.load(&std::fs::read(component("weights")).unwrap(), &[]).unwrap()
+    load(runtime, "weights")
 }
 
 fn whole(runtime: &Runtime, plugin: &Plugin, model: Arc<Model>) -> Report {
@@ -89,18 +93,68 @@ fn the_real_minilm_in_three_shards_gives_the_same_report_split_and_whole() {
     let folder = minilm(d.path());
     reshard(&folder);
     let runtime = Runtime::new(None).unwrap();
-    let plugin = weights(&runtime);
     let model = open(&folder);
     let shards = model.files.iter().filter(|f| f.rel_path.ends_with(".safetensors")).count();
     assert_eq!(shards, 3);
-    let whole = whole(&runtime, &plugin, model.clone());
-    let split = split(&runtime, &plugin, &model);
-    assert_eq!(whole.verdict, Verdict::Pass, "{}", whole.summary);
-    assert_eq!(split.summary, whole.summary);
-    assert_eq!(untimed(&split), untimed(&whole));
+    for name in ["weights", "entropy"] {
+        let plugin = load(&runtime, name);
+        assert!(plugin.splits(), "{name}");
+        let whole = whole(&runtime, &plugin, model.clone());
+        let split = split(&runtime, &plugin, &model);
+        assert_eq!(whole.verdict, Verdict::Pass, "{name}: {}", whole.summary);
+        assert_eq!(split.summary, whole.summary, "{name}");
+        assert_eq!(untimed(&split), untimed(&whole), "{name}");
+    }
     // Every tensor of every shard went into the join.
+    let whole = whole(&runtime, &load(&runtime, "weights"), model.clone());
     let listed = whole.details.as_ref().unwrap()["tensors_listed"].as_u64().unwrap();
     assert!(listed > 90, "{listed} tensors");
+}
+
+/// Random low bytes planted in one f32 matrix of the middle shard (a payload
+/// hidden EvilModel-style): `entropy` split and joined names it, as one run does.
+#[test]
+fn entropy_joined_from_shards_names_a_payload_in_one_of_them() {
+    let d = tmp();
+    let folder = minilm(d.path());
+    let index = reshard(&folder);
+    let middle = "model-00002-of-00003.safetensors";
+    let (header, _) = read_safetensors(&folder.join(middle));
+    let target = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, f)| *f == middle)
+        .map(|(n, _)| n.clone())
+        .find(|n| header[n]["dtype"] == "F32" && header[n]["shape"].as_array().unwrap().len() == 2)
+        .expect("an f32 matrix in the middle shard");
+    let mut bytes = std::fs::read(folder.join(middle)).unwrap();
+    let start = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let o = header[&target]["data_offsets"].as_array().unwrap();
+    let (a, b) = (start + o[0].as_u64().unwrap() as usize, start + o[1].as_u64().unwrap() as usize);
+    // An LCG's top bytes into the low three bytes of every f32.
+    let mut x = 0x9e3779b97f4a7c15u64;
+    for f in bytes[a..b].chunks_exact_mut(4) {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        f[..3].copy_from_slice(&(x >> 40).to_le_bytes()[..3]);
+    }
+    std::fs::write(folder.join(middle), bytes).unwrap();
+
+    let runtime = Runtime::new(None).unwrap();
+    let plugin = load(&runtime, "entropy");
+    let model = open(&folder);
+    let whole = whole(&runtime, &plugin, model.clone());
+    let split = split(&runtime, &plugin, &model);
+    assert!(matches!(split.verdict, Verdict::Fail(_)), "{}", split.summary);
+    let named: Vec<&str> = split
+        .findings
+        .iter()
+        .filter(|f| f.rule == "entropy.low-bytes-uniform")
+        .filter_map(|f| f.location.as_deref())
+        .collect();
+    assert_eq!(named, vec![format!("{middle}: {target}")], "{:?}", split.findings);
+    assert_eq!(split.summary, whole.summary);
+    assert_eq!(untimed(&split), untimed(&whole));
 }
 
 /// Multiplies every f32 of the named tensors in a safetensors file by `factor`, in place.
@@ -121,12 +175,10 @@ fn scale_tensors(path: &Path, names: &[String], factor: f32) {
     std::fs::write(path, bytes).unwrap();
 }
 
-#[test]
-fn a_planted_layer_in_a_small_shard_passes_alone_and_is_rejected_through_the_join() {
-    let d = tmp();
-    let folder = minilm(d.path());
-    let index = reshard(&folder);
-    // The last shard holds the top layers: too few of each role for a z-score on its own.
+/// Scales every matrix of layer 5 (the top layer) of the resharded MiniLM in
+/// `folder` a million times, in the last shard, which holds too few layers of
+/// each role for a z-score on its own. Returns that shard and the matrices.
+pub(crate) fn plant_top_layer(folder: &Path, index: &Value) -> (&'static str, Vec<String>) {
     let last = "model-00003-of-00003.safetensors";
     let in_last: Vec<String> = index["weight_map"]
         .as_object()
@@ -138,7 +190,6 @@ fn a_planted_layer_in_a_small_shard_passes_alone_and_is_rejected_through_the_joi
     let layers: std::collections::BTreeSet<&str> =
         in_last.iter().filter_map(|n| n.strip_prefix("encoder.layer.")).filter_map(|n| n.split('.').next()).collect();
     assert!(!layers.is_empty() && layers.len() < 5, "layers in the last shard: {layers:?}");
-    // Every matrix of the top layer, a million times larger.
     let planted: Vec<String> =
         in_last.iter().filter(|n| n.starts_with("encoder.layer.5.") && n.ends_with(".weight")).cloned().collect();
     let matrices: Vec<String> = {
@@ -147,6 +198,15 @@ fn a_planted_layer_in_a_small_shard_passes_alone_and_is_rejected_through_the_joi
     };
     assert!(matrices.len() >= 4, "{matrices:?}");
     scale_tensors(&folder.join(last), &matrices, 1e6);
+    (last, matrices)
+}
+
+#[test]
+fn a_planted_layer_in_a_small_shard_passes_alone_and_is_rejected_through_the_join() {
+    let d = tmp();
+    let folder = minilm(d.path());
+    let index = reshard(&folder);
+    let (last, matrices) = plant_top_layer(&folder, &index);
 
     let runtime = Runtime::new(None).unwrap();
     let plugin = weights(&runtime);
@@ -177,11 +237,11 @@ fn a_plugin_without_split_is_not_run_in_parts() {
     let d = tmp();
     let folder = minilm(d.path());
     let runtime = Runtime::new(None).unwrap();
-    let plugin = runtime.load(&std::fs::read(component("entropy")).unwrap(), &[]).unwrap();
+    let plugin = load(&runtime, "pickle_scan");
     assert!(!plugin.splits());
     let out = runtime.run_part(&plugin, open(&folder), ctx(), Limits::default());
     let err = out.result.unwrap_err();
-    assert!(err.contains("entropy") && err.contains("does not export airlock:stage/split"), "{err}");
+    assert!(err.contains("pickle_scan") && err.contains("does not export airlock:stage/split"), "{err}");
 }
 
 #[test]
@@ -203,4 +263,25 @@ fn a_join_given_parts_it_did_not_write_fails_naming_the_part() {
             v => panic!("a join of bad parts must fail, got {v:?}: {}", r.summary),
         }
     }
+}
+
+/// The parts of the real gemma GGUF (236 quantised tensors, as if it were one
+/// shard) fit in one NATS message at the server's default 1 MiB cap, with
+/// room to spare: what a part job of a sharded GGUF sends.
+#[test]
+fn parts_of_the_real_gemma_fit_a_default_nats_message() {
+    let runtime = Runtime::new(None).unwrap();
+    let model = open(&models().gemma);
+    let tensors = match model.files[0].header.as_ref().unwrap() {
+        Ok(h) => h.tensors.len(),
+        Err(e) => panic!("{e}"),
+    };
+    let mut total = 0;
+    for name in ["weights", "entropy"] {
+        let part = runtime.run_part(&load(&runtime, name), model.clone(), ctx(), Limits::default()).result.unwrap();
+        eprintln!("{name}: a part of the real gemma ({tensors} tensors) is {} bytes", part.len());
+        total += part.len();
+    }
+    eprintln!("both: {total} bytes, {} per tensor", total / tensors);
+    assert!(total < 1 << 20, "{total} bytes");
 }

@@ -326,9 +326,12 @@ impl Scanner {
         input: &ScanInput,
         on_event: &mut dyn FnMut(Event),
     ) -> Outcome {
-        on_event(Event::Processing(&model.name));
-        let origin = resolve_origin(path, input.origin.as_deref());
-        let (pinned, pinned_files) = match (&input.sha256, self.pins.get(&model.name)) {
+        self.scan_model_joined(model, path, input, &BTreeMap::new(), on_event)
+    }
+
+    /// The pins a scan hands its plugins: the caller's, else the scanner's.
+    fn pins_for(&self, model: &Model, input: &ScanInput) -> (Option<String>, Vec<(String, String)>) {
+        match (&input.sha256, self.pins.get(&model.name)) {
             (Some(sha), _) => (Some(sha.clone()), Vec::new()),
             (None, _) if input.pinned_files.is_some() => {
                 (None, input.pinned_files.clone().unwrap_or_default().into_iter().collect())
@@ -336,19 +339,83 @@ impl Scanner {
             (None, Some(Pin::File(sha))) => (Some(sha.clone()), Vec::new()),
             (None, Some(Pin::Folder(files))) => (None, files.clone().into_iter().collect()),
             (None, None) => (None, Vec::new()),
-        };
+        }
+    }
 
-        let run = |stage: Stage, l: &Loaded, streams: Vec<Option<crate::artifact::Stream>>| {
-            let ctx = Arc::new(RunContext {
-                config_json: l.entry.config.to_string(),
-                origin: origin.clone(),
-                pinned_sha256: pinned.clone(),
-                pinned_files: pinned_files.clone(),
-                inference: l.entry.grants.contains(&Grant::Inference).then(|| self.inference.clone()),
-                streams: Arc::new(streams),
-            });
-            self.run_entry(stage, l, model, ctx)
-        };
+    /// What one plugin run is given.
+    fn context(
+        &self,
+        l: &Loaded,
+        origin: &Option<Origin>,
+        pins: &(Option<String>, Vec<(String, String)>),
+        streams: Vec<Option<crate::artifact::Stream>>,
+    ) -> Arc<RunContext> {
+        Arc::new(RunContext {
+            config_json: l.entry.config.to_string(),
+            origin: origin.clone(),
+            pinned_sha256: pins.0.clone(),
+            pinned_files: pins.1.clone(),
+            inference: l.entry.grants.contains(&Grant::Inference).then(|| self.inference.clone()),
+            streams: Arc::new(streams),
+        })
+    }
+
+    /// The static scan's plugins that consent to be split, as (position in the
+    /// stage's chain, label). Those plugins are compiled when the scanner is made.
+    pub fn split_plugins(&self) -> Vec<(usize, String)> {
+        let entries = self.chain.get(&Stage::StaticScan).map(Vec::as_slice).unwrap_or_default();
+        entries
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.plugin().as_ref().is_ok_and(Plugin::splits))
+            .map(|(i, l)| (i, l.label.clone()))
+            .collect()
+    }
+
+    /// Runs `part` of the named static-scan plugins (by position, see
+    /// [`Scanner::split_plugins`]) over `shard`: some of a model's files.
+    /// One result per plugin, in the order asked: its part, or why there is none.
+    pub fn scan_part(
+        &self,
+        shard: &Arc<Model>,
+        path: &Path,
+        input: &ScanInput,
+        plugins: &[usize],
+    ) -> Vec<Result<String, String>> {
+        let entries = self.chain.get(&Stage::StaticScan).map(Vec::as_slice).unwrap_or_default();
+        let origin = resolve_origin(path, input.origin.as_deref());
+        let pins = self.pins_for(shard, input);
+        plugins
+            .iter()
+            .map(|&i| {
+                let l = entries.get(i).ok_or_else(|| format!("the static scan has no plugin number {}", i + 1))?;
+                let plugin = l.plugin().as_ref().map_err(|e| format!("plugin {} {e}", l.label))?;
+                let ctx = self.context(l, &origin, &pins, shard.files.iter().map(|f| f.stream()).collect());
+                let out = self.runtime.run_part(plugin, Arc::clone(shard), ctx, l.entry.limits.clone());
+                out.result.map_err(|e| format!("plugin {} {e}", l.label))
+            })
+            .collect()
+    }
+
+    /// Scans an opened model; the static-scan plugins named in `joined` (by
+    /// position in the stage's chain) are not run over the model but joined
+    /// from the parts given, one per shard in shard order.
+    pub fn scan_model_joined(
+        &self,
+        model: &Arc<Model>,
+        path: &Path,
+        input: &ScanInput,
+        joined: &BTreeMap<usize, Vec<String>>,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Outcome {
+        on_event(Event::Processing(&model.name));
+        let origin = resolve_origin(path, input.origin.as_deref());
+        let pins = self.pins_for(model, input);
+
+        let run =
+            |stage: Stage, l: &Loaded, streams: Vec<Option<crate::artifact::Stream>>, parts: Option<&Vec<String>>| {
+                self.run_entry(stage, l, model, self.context(l, &origin, &pins, streams), parts)
+            };
 
         let mut stages = Vec::new();
         let mut failed: Option<(FailedAt, String)> = None;
@@ -362,20 +429,26 @@ impl Scanner {
             // Each of its plugins registers as a reader of every file before
             // any starts, so the files' maps are given back only behind the
             // slowest of them (and the hashing thread).
-            let streams: Vec<Vec<_>> =
-                static_scan.iter().map(|_| model.files.iter().map(|f| f.stream()).collect()).collect();
+            // A joined plugin reads no bytes, so it holds no stream back.
+            let streams: Vec<Vec<_>> = (0..static_scan.len())
+                .map(|i| match joined.contains_key(&i) {
+                    true => Vec::new(),
+                    false => model.files.iter().map(|f| f.stream()).collect(),
+                })
+                .collect();
             if !static_scan.is_empty() {
                 model.files.iter().for_each(|f| f.release_behind_streams());
             }
             let mut early: Vec<_> = static_scan
                 .iter()
                 .zip(streams)
-                .map(|(l, streams)| {
+                .enumerate()
+                .map(|(i, (l, streams))| {
                     let run = &run;
                     std::thread::Builder::new()
                         // Thread names keep 15 bytes: "airlock-weights", not "airlock-builtin".
                         .name(format!("airlock-{}", l.label.rsplit(':').next().unwrap_or(&l.label)))
-                        .spawn_scoped(scope, move || run(Stage::StaticScan, l, streams))
+                        .spawn_scoped(scope, move || run(Stage::StaticScan, l, streams, joined.get(&i)))
                         .map_err(|e| (l, e.to_string()))
                 })
                 .collect();
@@ -410,7 +483,7 @@ impl Scanner {
                             None => StageResult::failed(stage, l, "was not started (a bug in airlock)".into()),
                         }
                     } else {
-                        run(stage, l, Vec::new())
+                        run(stage, l, Vec::new(), None)
                     };
                     r.shared_stage = multi;
                     on_event(Event::StageDone(&r));
@@ -449,8 +522,16 @@ impl Scanner {
         }
     }
 
-    /// Runs one plugin of a stage and turns its output into a result.
-    fn run_entry(&self, stage: Stage, l: &Loaded, model: &Arc<Model>, ctx: Arc<RunContext>) -> StageResult {
+    /// Runs one plugin of a stage and turns its output into a result; with
+    /// `parts`, the plugin's `join` over them instead of its `run`.
+    fn run_entry(
+        &self,
+        stage: Stage,
+        l: &Loaded,
+        model: &Arc<Model>,
+        ctx: Arc<RunContext>,
+        parts: Option<&Vec<String>>,
+    ) -> StageResult {
         if let Some(why) = not_for(&l.entry, model) {
             return StageResult {
                 plugin: Some(l.label.clone()),
@@ -463,9 +544,16 @@ impl Scanner {
         let (result, log, elapsed_ms) = match l.plugin() {
             Err(cause) => (Err(cause.clone()), Vec::new(), 0),
             Ok(plugin) => {
-                let out = self.runtime.run(plugin, Arc::clone(model), ctx, l.entry.limits.clone());
+                let limits = l.entry.limits.clone();
+                let out = match parts {
+                    None => self.runtime.run(plugin, Arc::clone(model), ctx, limits),
+                    Some(p) => self.runtime.run_join(plugin, p.clone(), Arc::clone(model), ctx, limits),
+                };
                 inference = out.inference;
                 let mut log = out.log;
+                if let Some(p) = parts {
+                    log.insert(0, format!("joined from {} parts, one per weight shard", p.len()));
+                }
                 if !out.output.is_empty() {
                     log.extend(out.output.lines().map(|s| format!("output: {s}")));
                 }

@@ -406,6 +406,7 @@ impl<'a> Quarantine<'a> {
                     l.deliveries, l.worker, l.reason
                 )));
             }
+            Reply::Refused(why) => return Ok(Err(why)),
             Reply::Result(r) => r,
         };
         if r.id != claim.id || r.policy_digest != d.digest {

@@ -24,7 +24,8 @@
 //!   only against sibling tensors whose low bytes are structured (f16/bf16
 //!   upcasts, with byte 0 constant): that case is checked too.
 
-use airlock_sdk::{ChunkReader, Dtype, File, Finding, Model, Report, Severity, Stage, StageInfo, TensorInfo};
+use airlock_sdk::{ChunkReader, Dtype, File, Finding, Model, Report, Severity, Split, Stage, StageInfo, TensorInfo};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 /// Tensors at least this big are tested on their own.
@@ -33,6 +34,8 @@ const MIN_TEST_BYTES: u64 = 64 << 10;
 const UNIFORM_CHI: f64 = 3.0;
 /// χ²/dof above this is "structured" (byte 0 of an f16 or bf16 upcast is constant).
 const STRUCTURED_CHI: f64 = 100.0;
+/// Tensors whose bits per byte the report lists.
+const MAX_LISTED: usize = 4096;
 
 /// Byte histograms by position modulo 8 within the tensor (table 0 holds the
 /// lowest byte of every even f32, table 4 of every odd one). Eight tables
@@ -128,6 +131,7 @@ fn histogram(file: &File, t: &TensorInfo) -> Result<Lanes, String> {
     Ok(lanes)
 }
 
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct Tested {
     location: String,
     dtype: String,
@@ -156,6 +160,206 @@ fn weakest_by_dtype(tested: &[Tested]) -> serde_json::Map<String, serde_json::Va
     out
 }
 
+/// What the scan of some files leaves for the verdict: everything but the
+/// cross-file sibling check, which needs every f32 tensor of the model. A
+/// scan split over shards joins these in file order, and so does `run`.
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Part {
+    /// Bytes read.
+    total: u64,
+    /// (tensor, bits per byte to 3 places) in reading order, as many as the report may list.
+    bits_per_byte: Vec<(String, f64)>,
+    /// bf16 tensors whose low byte is uniform: (location, offset, χ²/dof).
+    bf16_low: Vec<(String, u64, f64)>,
+    tested: Vec<Tested>,
+}
+
+impl Part {
+    fn join(parts: Vec<Part>) -> Part {
+        let mut all = Part::default();
+        for p in parts {
+            all.total += p.total;
+            all.bits_per_byte.extend(p.bits_per_byte);
+            all.bf16_low.extend(p.bf16_low);
+            all.tested.extend(p.tested);
+        }
+        all
+    }
+}
+
+/// One file's tensors, each tested alone or pooled with the small ones of its dtype.
+fn read_file(file: &File) -> Result<Part, String> {
+    let mut part = Part::default();
+    let mut listed = std::collections::BTreeSet::new();
+    // Small tensors, pooled per dtype so that a payload split into
+    // many small pieces is still tested.
+    let mut pools: Vec<(String, Lanes, u64, usize)> = Vec::new();
+    for t in file.tensors() {
+        let location = format!("{}: {}", file.path(), t.name);
+        let lanes = histogram(file, &t).map_err(|e| format!("{location}: cannot read: {e}"))?;
+        part.total += t.length;
+        let whole = lanes.whole();
+        let e = entropy(&whole);
+        // The report's rule (list while fewer than MAX_LISTED names are in),
+        // applied here too: whatever the report lists, this file's list holds.
+        if listed.len() < MAX_LISTED {
+            listed.insert(t.name.clone());
+            part.bits_per_byte.push((t.name.clone(), (e * 1000.0).round() / 1000.0));
+        }
+        if t.length < MIN_TEST_BYTES {
+            match pools.iter_mut().find(|p| p.0 == t.dtype_name) {
+                Some(p) => {
+                    p.1.merge(&lanes);
+                    p.2 += t.length;
+                    p.3 += 1;
+                }
+                None => pools.push((t.dtype_name.clone(), lanes, t.length, 1)),
+            }
+            continue;
+        }
+        let f32_lanes = (t.dtype == Dtype::F32).then(|| [0, 1, 2].map(|i| chi_per_dof(&lanes.lanes(&[i]))));
+        if t.dtype == Dtype::Bf16 {
+            let low = chi_per_dof(&lanes.lanes(&[0, 2]));
+            if low < UNIFORM_CHI {
+                part.bf16_low.push((location.clone(), t.offset, low));
+            }
+        }
+        part.tested.push(Tested {
+            location,
+            dtype: t.dtype_name.clone(),
+            offset: Some(t.offset),
+            bytes: t.length,
+            entropy: e,
+            chi: chi_per_dof(&whole),
+            f32_lanes,
+        });
+    }
+    for (dtype, lanes, bytes, count) in pools {
+        if bytes < MIN_TEST_BYTES {
+            continue;
+        }
+        let whole = lanes.whole();
+        part.tested.push(Tested {
+            location: format!("{}: {count} tensors of {dtype} under {} KiB, pooled", file.path(), MIN_TEST_BYTES >> 10),
+            dtype,
+            offset: None,
+            bytes,
+            entropy: entropy(&whole),
+            chi: chi_per_dof(&whole),
+            f32_lanes: None,
+        });
+    }
+    Ok(part)
+}
+
+/// Every file of `model`, each read on its own and joined: one code path for
+/// a whole scan and a split one.
+fn read_model(model: &Model) -> Result<Part, String> {
+    model.files().iter().map(read_file).collect::<Result<Vec<_>, _>>().map(Part::join)
+}
+
+/// The report on a model's files, read and joined.
+fn verdict(part: Part) -> Report {
+    let Part { total, bits_per_byte, bf16_low, tested } = part;
+    let mut per_tensor = serde_json::Map::new();
+    for (name, bits) in bits_per_byte {
+        if per_tensor.len() < MAX_LISTED {
+            per_tensor.insert(name, json!(bits));
+        }
+    }
+    let mut findings: Vec<Finding> = bf16_low
+        .into_iter()
+        .map(|(location, offset, low)| {
+            Finding::new(
+                "entropy.low-bytes-uniform",
+                Severity::Critical,
+                format!(
+                    "the low byte of every bf16 is uniformly random (chi2/dof {low:.2} < {UNIFORM_CHI}); real mantissas are not: a payload hidden in the weights"
+                ),
+            )
+            .at(location)
+            .offset(offset)
+        })
+        .collect();
+
+    // Sibling check for 2-byte stuffing: most big f32 tensors have a
+    // constant-ish byte 0 (upcast from 16 bits), this one has random bytes 0 and 1.
+    let f32s: Vec<&[f64; 3]> = tested.iter().filter_map(|t| t.f32_lanes.as_ref()).collect();
+    let structured = f32s.iter().filter(|l| l[0] > STRUCTURED_CHI).count();
+    let siblings_structured = f32s.len() >= 4 && structured * 4 >= f32s.len() * 3;
+
+    for t in &tested {
+        if t.chi < UNIFORM_CHI {
+            findings.push(
+                Finding::new(
+                    "entropy.random-bytes",
+                    Severity::Critical,
+                    format!(
+                        "{} bytes are uniformly random ({:.4} bits/byte, chi2/dof {:.2} < {UNIFORM_CHI}): an encrypted or compressed blob, not weights",
+                        t.bytes, t.entropy, t.chi
+                    ),
+                )
+                .at(t.location.clone()),
+            );
+            if let (Some(f), Some(o)) = (findings.last_mut(), t.offset) {
+                f.offset = Some(o);
+            }
+            continue;
+        }
+        if let Some([b0, b1, b2]) = t.f32_lanes {
+            if b2 < UNIFORM_CHI {
+                findings.push(
+                    Finding::new(
+                        "entropy.low-bytes-uniform",
+                        Severity::Critical,
+                        format!(
+                            "the low 3 bytes of every f32 look uniformly random (byte 2 chi2/dof {b2:.2} < {UNIFORM_CHI}); real mantissas are not: a payload hidden in the weights (EvilModel)"
+                        ),
+                    )
+                    .at(t.location.clone()),
+                );
+            } else if siblings_structured && b0 < UNIFORM_CHI && b1 < UNIFORM_CHI {
+                findings.push(
+                    Finding::new(
+                        "entropy.low-bytes-uniform",
+                        Severity::Critical,
+                        format!(
+                            "bytes 0 and 1 of every f32 are uniformly random (chi2/dof {b0:.2}, {b1:.2}) while {structured} of {} f32 tensors of this model have structured low bytes: a payload hidden in the weights",
+                            f32s.len()
+                        ),
+                    )
+                    .at(t.location.clone()),
+                );
+            }
+        }
+    }
+
+    let (lo, hi) = tested.iter().fold((f64::MAX, f64::MIN), |(lo, hi), t| (lo.min(t.entropy), hi.max(t.entropy)));
+    let details = json!({
+        "bits_per_byte": per_tensor,
+        "tested": tested.len(),
+        "weakest_by_dtype": weakest_by_dtype(&tested),
+    });
+    let bad = findings.iter().filter(|f| f.severity == Severity::Critical).count();
+    if bad > 0 {
+        let first = &findings[0];
+        let reason = format!(
+            "{bad} tensor(s) look like hidden payloads; first: {}: {}",
+            first.location.as_deref().unwrap_or("?"),
+            first.message
+        );
+        return Report::fail(reason).findings(findings).details(details).cap_findings(200);
+    }
+    let range = if tested.is_empty() {
+        String::from("no tensor big enough to test")
+    } else {
+        format!("{lo:.2}–{hi:.2} bits/byte")
+    };
+    Report::pass(format!("{:.0} MB read, {} tested, {range}, no random payloads", total as f64 / 1e6, tested.len()))
+        .findings(findings)
+        .details(details)
+}
+
 struct Entropy;
 
 impl Stage for Entropy {
@@ -168,162 +372,26 @@ impl Stage for Entropy {
     }
 
     fn run(model: &Model) -> Report {
-        let mut findings = Vec::new();
-        let mut tested = Vec::new();
-        let mut per_tensor = serde_json::Map::new();
-        let mut total = 0u64;
-        for file in model.files() {
-            // Small tensors, pooled per dtype so that a payload split into
-            // many small pieces is still tested.
-            let mut pools: Vec<(String, Lanes, u64, usize)> = Vec::new();
-            for t in file.tensors() {
-                let location = format!("{}: {}", file.path(), t.name);
-                let lanes = match histogram(&file, &t) {
-                    Ok(l) => l,
-                    Err(e) => return Report::fail(format!("{location}: cannot read: {e}")),
-                };
-                total += t.length;
-                let whole = lanes.whole();
-                let e = entropy(&whole);
-                if per_tensor.len() < 4096 {
-                    per_tensor.insert(t.name.clone(), json!((e * 1000.0).round() / 1000.0));
-                }
-                if t.length < MIN_TEST_BYTES {
-                    match pools.iter_mut().find(|p| p.0 == t.dtype_name) {
-                        Some(p) => {
-                            p.1.merge(&lanes);
-                            p.2 += t.length;
-                            p.3 += 1;
-                        }
-                        None => pools.push((t.dtype_name.clone(), lanes, t.length, 1)),
-                    }
-                    continue;
-                }
-                let f32_lanes = (t.dtype == Dtype::F32).then(|| [0, 1, 2].map(|i| chi_per_dof(&lanes.lanes(&[i]))));
-                if t.dtype == Dtype::Bf16 {
-                    let low = chi_per_dof(&lanes.lanes(&[0, 2]));
-                    if low < UNIFORM_CHI {
-                        findings.push(
-                            Finding::new(
-                                "entropy.low-bytes-uniform",
-                                Severity::Critical,
-                                format!(
-                                    "the low byte of every bf16 is uniformly random (chi2/dof {low:.2} < {UNIFORM_CHI}); real mantissas are not: a payload hidden in the weights"
-                                ),
-                            )
-                            .at(location.clone())
-                            .offset(t.offset),
-                        );
-                    }
-                }
-                tested.push(Tested {
-                    location,
-                    dtype: t.dtype_name.clone(),
-                    offset: Some(t.offset),
-                    bytes: t.length,
-                    entropy: e,
-                    chi: chi_per_dof(&whole),
-                    f32_lanes,
-                });
-            }
-            for (dtype, lanes, bytes, count) in pools {
-                if bytes < MIN_TEST_BYTES {
-                    continue;
-                }
-                let whole = lanes.whole();
-                tested.push(Tested {
-                    location: format!(
-                        "{}: {count} tensors of {dtype} under {} KiB, pooled",
-                        file.path(),
-                        MIN_TEST_BYTES >> 10
-                    ),
-                    dtype,
-                    offset: None,
-                    bytes,
-                    entropy: entropy(&whole),
-                    chi: chi_per_dof(&whole),
-                    f32_lanes: None,
-                });
-            }
-        }
-
-        // Sibling check for 2-byte stuffing: most big f32 tensors have a
-        // constant-ish byte 0 (upcast from 16 bits), this one has random bytes 0 and 1.
-        let f32s: Vec<&[f64; 3]> = tested.iter().filter_map(|t| t.f32_lanes.as_ref()).collect();
-        let structured = f32s.iter().filter(|l| l[0] > STRUCTURED_CHI).count();
-        let siblings_structured = f32s.len() >= 4 && structured * 4 >= f32s.len() * 3;
-
-        for t in &tested {
-            if t.chi < UNIFORM_CHI {
-                findings.push(
-                    Finding::new(
-                        "entropy.random-bytes",
-                        Severity::Critical,
-                        format!(
-                            "{} bytes are uniformly random ({:.4} bits/byte, chi2/dof {:.2} < {UNIFORM_CHI}): an encrypted or compressed blob, not weights",
-                            t.bytes, t.entropy, t.chi
-                        ),
-                    )
-                    .at(t.location.clone()),
-                );
-                if let (Some(f), Some(o)) = (findings.last_mut(), t.offset) {
-                    f.offset = Some(o);
-                }
-                continue;
-            }
-            if let Some([b0, b1, b2]) = t.f32_lanes {
-                if b2 < UNIFORM_CHI {
-                    findings.push(
-                        Finding::new(
-                            "entropy.low-bytes-uniform",
-                            Severity::Critical,
-                            format!(
-                                "the low 3 bytes of every f32 look uniformly random (byte 2 chi2/dof {b2:.2} < {UNIFORM_CHI}); real mantissas are not: a payload hidden in the weights (EvilModel)"
-                            ),
-                        )
-                        .at(t.location.clone()),
-                    );
-                } else if siblings_structured && b0 < UNIFORM_CHI && b1 < UNIFORM_CHI {
-                    findings.push(
-                        Finding::new(
-                            "entropy.low-bytes-uniform",
-                            Severity::Critical,
-                            format!(
-                                "bytes 0 and 1 of every f32 are uniformly random (chi2/dof {b0:.2}, {b1:.2}) while {structured} of {} f32 tensors of this model have structured low bytes: a payload hidden in the weights",
-                                f32s.len()
-                            ),
-                        )
-                        .at(t.location.clone()),
-                    );
-                }
-            }
-        }
-
-        let (lo, hi) = tested.iter().fold((f64::MAX, f64::MIN), |(lo, hi), t| (lo.min(t.entropy), hi.max(t.entropy)));
-        let details = json!({
-            "bits_per_byte": per_tensor,
-            "tested": tested.len(),
-            "weakest_by_dtype": weakest_by_dtype(&tested),
-        });
-        let bad = findings.iter().filter(|f| f.severity == Severity::Critical).count();
-        if bad > 0 {
-            let first = &findings[0];
-            let reason = format!(
-                "{bad} tensor(s) look like hidden payloads; first: {}: {}",
-                first.location.as_deref().unwrap_or("?"),
-                first.message
-            );
-            return Report::fail(reason).findings(findings).details(details).cap_findings(200);
-        }
-        let range = if tested.is_empty() {
-            String::from("no tensor big enough to test")
-        } else {
-            format!("{lo:.2}–{hi:.2} bits/byte")
-        };
-        Report::pass(format!("{:.0} MB read, {} tested, {range}, no random payloads", total as f64 / 1e6, tested.len()))
-            .findings(findings)
-            .details(details)
+        read_model(model).map_or_else(Report::fail, verdict)
     }
 }
 
-airlock_sdk::export_stage!(Entropy);
+impl Split for Entropy {
+    fn part(model: &Model) -> Result<String, String> {
+        serde_json::to_string(&read_model(model)?).map_err(|e| format!("cannot write the part: {e}"))
+    }
+
+    fn join(parts: Vec<String>) -> Report {
+        if parts.is_empty() {
+            return Report::fail("the join was given no parts");
+        }
+        let read: Result<Vec<Part>, String> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| serde_json::from_str(p).map_err(|e| format!("part {} of {}: {e}", i + 1, parts.len())))
+            .collect();
+        read.map(Part::join).map_or_else(Report::fail, verdict)
+    }
+}
+
+airlock_sdk::export_split_stage!(Entropy);
