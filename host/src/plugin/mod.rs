@@ -749,4 +749,38 @@ mod tests {
         assert!(check_import("wasi:sockets/tcp@0.2.6", &[]).unwrap_err().to_string().contains("network"));
         assert!(check_import("example:evil/backdoor@1.0.0", &[]).is_err());
     }
+
+    /// A component that exports `airlock:stage/split@0.2.0` with a `part`
+    /// returning a number, importing `imports` (component text).
+    fn odd_split(imports: &str) -> Vec<u8> {
+        wat::parse_str(format!(
+            r#"(component
+                {imports}
+                (core module $m (func (export "part") (result i32) i32.const 0))
+                (core instance $i (instantiate $m))
+                (func $part (result u32) (canon lift (core func $i "part")))
+                (instance $split (export "part" (func $part)))
+                (export "airlock:stage/split@0.2.0" (instance $split)))"#
+        ))
+        .unwrap()
+    }
+
+    /// Exporting `split` is a consent the host must be able to honour: a
+    /// plugin whose `split` is not the shape the host calls, or that claims it
+    /// from a 0.1 stage (which had no split), is refused at load, not run whole.
+    #[test]
+    fn a_split_export_the_host_cannot_call_is_refused_at_load() {
+        let runtime = Runtime::new(None).unwrap();
+        let e = runtime.load(&odd_split(""), &[]).err().expect("refused").to_string();
+        assert!(
+            e.contains("exports airlock:stage/split@0.2.0") && e.contains("but not as airlock:stage@0.2 defines it"),
+            "{e}"
+        );
+        let e = runtime
+            .load(&odd_split(r#"(import "airlock:stage/log@0.1.0" (instance))"#), &[])
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("exports airlock:stage/split@0.2.0") && e.contains("split needs @0.2"), "{e}");
+    }
 }
