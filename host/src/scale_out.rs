@@ -722,7 +722,7 @@ fn scan_job(
     scanner: &Scanner,
     job: &Job,
     path: &Path,
-    joined: &BTreeMap<usize, Vec<String>>,
+    joined: &BTreeMap<usize, crate::pipeline::Joined>,
 ) -> Result<(BTreeMap<String, String>, Outcome), String> {
     let model = open_job_model(scanner, path)?;
     let input = ScanInput {
@@ -780,7 +780,7 @@ fn part_job(scanner: &Scanner, path: &Path, files: &[String], plugins: &[SplitPl
 /// file's sha256 with the worker that read it, and those workers.
 #[derive(Default)]
 struct Joined {
-    parts: BTreeMap<usize, Vec<String>>,
+    parts: BTreeMap<usize, crate::pipeline::Joined>,
     files: BTreeMap<String, (String, String)>,
     workers: Vec<String>,
 }
@@ -816,9 +816,13 @@ async fn read_parts(
                 plugins.len()
             ));
         }
+        // A plugin whose part failed fails in the join, naming the first failed part.
         for (plugin, part) in plugins.iter().zip(p.parts) {
-            let part = part.map_err(|e| format!("{what}: {e}"))?;
-            joined.parts.entry(plugin.index).or_default().push(part);
+            match (joined.parts.entry(plugin.index).or_insert_with(|| Ok(Vec::new())), part) {
+                (Ok(parts), Ok(part)) => parts.push(part),
+                (all @ Ok(_), Err(e)) => *all = Err(format!("failed on {what} on worker {}: {e}", p.worker)),
+                (Err(_), _) => {}
+            }
         }
         for (f, sha) in p.files {
             joined.files.insert(f, (sha, p.worker.clone()));
@@ -1261,9 +1265,6 @@ impl Dispatcher {
             }
             if p.parts.len() != self.split.len() {
                 return refused(format!("it holds {} parts for {} plugins", p.parts.len(), self.split.len()));
-            }
-            if let Some(Err(why)) = p.parts.iter().find(|r| r.is_err()) {
-                return refused(why.clone());
             }
             refs.push(PartRef { id: j.id.clone(), sequence, sha256: hex::encode(sha2::Sha256::digest(&payload)) });
         }

@@ -1354,3 +1354,52 @@ fn a_part_result_the_server_cannot_take_rejects_the_folder_naming_max_payload() 
     let q = queue(&lab, &nats, &policy);
     assert_eq!(q["jobs"], 0, "the other parts were taken back: {q}");
 }
+
+/// A plugin that cannot make its part (here `weights`, given a 1 MiB read
+/// budget) fails its static-scan entry in the join, as it fails a whole scan
+/// on one machine, with the same cause; the other stages still report, and
+/// the model is rejected at `static_scan`, not at `dispatch`.
+#[test]
+fn a_part_a_plugin_cannot_make_fails_the_plugin_as_a_whole_scan_would() {
+    let lab = Lab::new();
+    let d = tmp();
+    let nats = Nats::start(d.path());
+    let policy = policy_dir(d.path(), |t| {
+        let t = t.replace(
+            "    - plugin: builtin:weights\n",
+            "    - plugin: builtin:weights\n      limits: { max_total_read_mib: 1 }\n",
+        );
+        format!("{t}\nnats:\n  user: airlock\n  password_file: nats.pass\n")
+    });
+    std::fs::write(policy.join("nats.pass"), format!("{PASSWORD}\n")).unwrap();
+    let staged = d.path().join("staged");
+    std::fs::create_dir_all(&staged).unwrap();
+    let folder = crate::hf_folders::minilm(&staged);
+    crate::hf_folders::reshard(&folder);
+    let local = scan_json(&folder, &["--policy", policy.to_str().unwrap()]);
+    let local_weights = weights_stage(&local.one()["stages"]).clone();
+    assert_eq!(local_weights["verdict"], "fail", "{local_weights}");
+    let local_summary = local_weights["summary"].as_str().unwrap();
+    let cause = local_summary.strip_prefix("plugin builtin:weights ").unwrap_or_else(|| panic!("{local_summary}"));
+    assert!(cause.contains("read limit of 1048576 bytes exceeded"), "{local_summary}");
+    std::fs::rename(&folder, lab.incoming().join("minilm")).unwrap();
+
+    let w = worker(&lab, &nats, &policy);
+    let mut watcher = dispatch_once(&lab, &nats, &policy);
+    let status = wait_exit(&mut watcher, Duration::from_secs(300));
+    let (_, wlog) = w.terminate();
+    assert!(status.success(), "{status:?}\n{}\nworker:\n{wlog}", watcher.log());
+    assert_eq!(wlog.matches("of 3 of minilm done, 1 plugin(s) refused").count(), 3, "{wlog}");
+    let report = lab.report("minilm");
+    assert_eq!(report["failed_stage"], "static_scan", "{report}");
+    let w = weights_stage(&report["scan_details"]["stages"]);
+    assert_eq!(w["verdict"], "fail", "{w}");
+    let summary = w["summary"].as_str().unwrap();
+    assert!(summary.starts_with("plugin builtin:weights failed on part 1 of 3 (job "), "{summary}");
+    assert!(summary.ends_with(&format!(": {cause}")), "the cause a whole scan gives:\n{summary}\n{local_summary}");
+    // The other static-scan plugins, entropy (joined) among them, still report.
+    let entropy =
+        report["scan_details"]["stages"].as_array().unwrap().iter().find(|s| s["plugin"] == "builtin:entropy").unwrap();
+    assert_eq!(entropy["verdict"], "pass", "{entropy}");
+    assert!(entropy["log"].to_string().contains("joined from 3 parts"), "{entropy}");
+}

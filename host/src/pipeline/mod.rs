@@ -172,6 +172,9 @@ pub enum Event<'a> {
     StageDone(&'a StageResult),
 }
 
+/// A split plugin's parts, one per shard in shard order, or why one is missing.
+pub type Joined = Result<Vec<String>, String>;
+
 /// Per-scan inputs from the command line.
 #[derive(Clone, Debug, Default)]
 pub struct ScanInput {
@@ -374,7 +377,8 @@ impl Scanner {
 
     /// Runs `part` of the named static-scan plugins (by position, see
     /// [`Scanner::split_plugins`]) over `shard`: some of a model's files.
-    /// One result per plugin, in the order asked: its part, or why there is none.
+    /// One result per plugin, in the order asked: its part, or why there is
+    /// none (without the plugin's label, which the join's report adds).
     pub fn scan_part(
         &self,
         shard: &Arc<Model>,
@@ -389,33 +393,32 @@ impl Scanner {
             .iter()
             .map(|&i| {
                 let l = entries.get(i).ok_or_else(|| format!("the static scan has no plugin number {}", i + 1))?;
-                let plugin = l.plugin().as_ref().map_err(|e| format!("plugin {} {e}", l.label))?;
+                let plugin = l.plugin().as_ref().map_err(Clone::clone)?;
                 let ctx = self.context(l, &origin, &pins, shard.files.iter().map(|f| f.stream()).collect());
-                let out = self.runtime.run_part(plugin, Arc::clone(shard), ctx, l.entry.limits.clone());
-                out.result.map_err(|e| format!("plugin {} {e}", l.label))
+                self.runtime.run_part(plugin, Arc::clone(shard), ctx, l.entry.limits.clone()).result
             })
             .collect()
     }
 
     /// Scans an opened model; the static-scan plugins named in `joined` (by
     /// position in the stage's chain) are not run over the model but joined
-    /// from the parts given, one per shard in shard order.
+    /// from the parts given, one per shard in shard order. `Err`: why a part
+    /// is missing (its `part` failed), which fails the plugin as a failed `run` would.
     pub fn scan_model_joined(
         &self,
         model: &Arc<Model>,
         path: &Path,
         input: &ScanInput,
-        joined: &BTreeMap<usize, Vec<String>>,
+        joined: &BTreeMap<usize, Joined>,
         on_event: &mut dyn FnMut(Event),
     ) -> Outcome {
         on_event(Event::Processing(&model.name));
         let origin = resolve_origin(path, input.origin.as_deref());
         let pins = self.pins_for(model, input);
 
-        let run =
-            |stage: Stage, l: &Loaded, streams: Vec<Option<crate::artifact::Stream>>, parts: Option<&Vec<String>>| {
-                self.run_entry(stage, l, model, self.context(l, &origin, &pins, streams), parts)
-            };
+        let run = |stage: Stage, l: &Loaded, streams: Vec<Option<crate::artifact::Stream>>, parts: Option<&Joined>| {
+            self.run_entry(stage, l, model, self.context(l, &origin, &pins, streams), parts)
+        };
 
         let mut stages = Vec::new();
         let mut failed: Option<(FailedAt, String)> = None;
@@ -530,7 +533,7 @@ impl Scanner {
         l: &Loaded,
         model: &Arc<Model>,
         ctx: Arc<RunContext>,
-        parts: Option<&Vec<String>>,
+        parts: Option<&Joined>,
     ) -> StageResult {
         if let Some(why) = not_for(&l.entry, model) {
             return StageResult {
@@ -543,15 +546,16 @@ impl Scanner {
         let mut inference = None;
         let (result, log, elapsed_ms) = match l.plugin() {
             Err(cause) => (Err(cause.clone()), Vec::new(), 0),
+            Ok(_) if let Some(Err(why)) = parts => (Err(why.clone()), Vec::new(), 0),
             Ok(plugin) => {
                 let limits = l.entry.limits.clone();
                 let out = match parts {
-                    None => self.runtime.run(plugin, Arc::clone(model), ctx, limits),
-                    Some(p) => self.runtime.run_join(plugin, p.clone(), Arc::clone(model), ctx, limits),
+                    Some(Ok(p)) => self.runtime.run_join(plugin, p.clone(), Arc::clone(model), ctx, limits),
+                    _ => self.runtime.run(plugin, Arc::clone(model), ctx, limits),
                 };
                 inference = out.inference;
                 let mut log = out.log;
-                if let Some(p) = parts {
+                if let Some(Ok(p)) = parts {
                     log.insert(0, format!("joined from {} parts, one per weight shard", p.len()));
                 }
                 if !out.output.is_empty() {
