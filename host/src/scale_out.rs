@@ -687,7 +687,7 @@ fn work(
         }
         _ => {
             let joined = joined.unwrap_or_default();
-            let (files, mut outcome) = scan_job(scanner, job, path, &joined.parts)?;
+            let (files, mut outcome) = scan_job(scanner, job, path, &joined)?;
             // The parts must be of the bytes this worker joined them over.
             for (f, (sha, worker)) in &joined.files {
                 if files.get(f) != Some(sha) {
@@ -716,22 +716,39 @@ fn work(
 }
 
 /// Opens the job's model (at `path`: shared storage or the scratch copy)
-/// read-only and scans it, the plugins in `joined` joined from their parts;
+/// read-only and scans it, the plugins in `joined` joined from their parts
+/// (which must cover every weight shard);
 /// returns every file's sha256 and the outcome.
 fn scan_job(
     scanner: &Scanner,
     job: &Job,
     path: &Path,
-    joined: &BTreeMap<usize, crate::pipeline::Joined>,
+    joined: &Joined,
 ) -> Result<(BTreeMap<String, String>, Outcome), String> {
     let model = open_job_model(scanner, path)?;
+    // A join over fewer shards than the model holds would judge the rest
+    // unseen (a planted layer in a missing shard passes): refused before any
+    // plugin runs, whoever sent the job.
+    if !joined.parts.is_empty() {
+        let shards = weight_shards(&model);
+        let missing: Vec<&String> = shards.iter().filter(|f| !joined.files.contains_key(*f)).collect();
+        let extra: Vec<&String> = joined.files.keys().filter(|f| !shards.contains(f)).collect();
+        if !missing.is_empty() || !extra.is_empty() {
+            return Err(format!(
+                "the join's parts are of {} file(s), the model's weight shards are {}: no part for {missing:?}, \
+                 parts of no weight shard {extra:?}; a join needs exactly one part per shard",
+                joined.files.len(),
+                shards.len()
+            ));
+        }
+    }
     let input = ScanInput {
         origin: None,
         sha256: job.sha256.clone(),
         pinned_files: job.pinned_files.clone(),
         read_mode: ReadMode::default(),
     };
-    let outcome = scanner.scan_model_joined(&model, path, &input, joined, &mut |_| {});
+    let outcome = scanner.scan_model_joined(&model, path, &input, &joined.parts, &mut |_| {});
     let files = file_digests(&model)?;
     model.check_unchanged()?;
     Ok((files, outcome))
@@ -785,6 +802,22 @@ struct Joined {
     workers: Vec<String>,
 }
 
+/// A folder's weight files (safetensors or GGUF) in model order when it has
+/// two or more: the shards a split scan makes one part of each. Empty for a
+/// single file or a folder with one weight file.
+fn weight_shards(model: &Model) -> Vec<String> {
+    if model.kind != ModelKind::Folder {
+        return Vec::new();
+    }
+    let shards: Vec<String> = model
+        .files
+        .iter()
+        .filter(|f| matches!(f.format, Format::Safetensors | Format::Gguf))
+        .map(|f| f.rel_path.clone())
+        .collect();
+    if shards.len() > 1 { shards } else { Vec::new() }
+}
+
 /// Reads the part results a join job names, exactly as the watcher checked
 /// them (by stream sequence and sha256), under this worker's policy.
 async fn read_parts(
@@ -825,7 +858,10 @@ async fn read_parts(
             }
         }
         for (f, sha) in p.files {
-            joined.files.insert(f, (sha, p.worker.clone()));
+            // A shard joined twice would count its tensors twice in every comparison.
+            if joined.files.insert(f.clone(), (sha, p.worker.clone())).is_some() {
+                return Err(format!("{what}: is of {f}, which an earlier part of this join is of too"));
+            }
         }
         if !joined.workers.contains(&p.worker) {
             joined.workers.push(p.worker);
@@ -1172,16 +1208,7 @@ impl Dispatcher {
     /// model order; empty when it is scanned whole: a single file, a folder
     /// with one weight file, or a static scan with no plugin that consents.
     fn shards(&self, model: &Model) -> Vec<String> {
-        if self.split.is_empty() || model.kind != ModelKind::Folder {
-            return Vec::new();
-        }
-        let shards: Vec<String> = model
-            .files
-            .iter()
-            .filter(|f| matches!(f.format, Format::Safetensors | Format::Gguf))
-            .map(|f| f.rel_path.clone())
-            .collect();
-        if shards.len() > 1 { shards } else { Vec::new() }
+        if self.split.is_empty() { Vec::new() } else { weight_shards(model) }
     }
 
     /// Sends one part job per shard (those not already sent or answered),
@@ -1575,6 +1602,8 @@ pub struct QueueStatus {
 pub struct QueuedJob {
     pub id: String,
     pub name: String,
+    /// What the job scans: the model, or `part 2 of 3 of <name>`.
+    pub what: String,
     /// `shared-path` or `object-store`.
     pub transfer: &'static str,
 }
@@ -1658,6 +1687,7 @@ pub fn queue_status(url: &str, policy: &Policy) -> Result<QueueStatus> {
             seq = m.sequence + 1;
             match serde_json::from_slice::<Job>(&m.payload) {
                 Ok(j) => status.listed_jobs.push(QueuedJob {
+                    what: j.what(),
                     id: j.id,
                     name: j.name,
                     transfer: if j.objects.is_some() { "object-store" } else { "shared-path" },

@@ -36,8 +36,12 @@ pub fn component(name: &str) -> PathBuf {
 }
 
 pub fn sha256_file(path: &Path) -> String {
+    sha256_bytes(&std::fs::read(path).unwrap())
+}
+
+pub fn sha256_bytes(bytes: &[u8]) -> String {
     use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 pub struct Models {

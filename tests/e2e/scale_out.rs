@@ -1265,6 +1265,97 @@ fn a_part_result_for_other_bytes_is_refused() {
     assert!(!js_has_join, "a join was sent for a refused part");
 }
 
+/// A join job that names fewer parts than the model has weight shards (sent
+/// by a login that may send jobs, or by a watcher bug) would judge the missing
+/// shard unseen: here the planted layer is in shard 3, and a join over parts 1
+/// and 2 alone passes it. The worker refuses such a join before any plugin
+/// runs, hands it back each time, and files a dead letter naming the shard;
+/// no result is stored for the claim.
+#[test]
+fn a_join_over_fewer_parts_than_weight_shards_is_refused_by_the_worker() {
+    let lab = Lab::new();
+    let d = tmp();
+    let nats = Nats::start(d.path());
+    let policy = nats_policy(d.path(), Some(PASSWORD));
+    let folder = crate::hf_folders::minilm(d.path());
+    let index = crate::hf_folders::reshard(&folder);
+    let (last, _) = crate::split::plant_top_layer(&folder, &index);
+    std::fs::rename(&folder, lab.incoming().join("minilm")).unwrap();
+
+    // The watcher sends the three part jobs and is stopped before any is
+    // answered, so it never sends its own join.
+    let mut c = dispatch_once_cmd(&lab, &nats, &policy);
+    c.env("AIRLOCK_LOG", "info");
+    let first = Proc::spawn(c);
+    first.wait_for("part 3 of 3 of minilm: job", Duration::from_secs(120));
+    let (_, watcher_log) = first.terminate();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let part1: serde_json::Value = rt.block_on(async {
+        let js = test_client(&nats).await;
+        let jobs = js.get_stream("AIRLOCK_JOBS").await.unwrap();
+        let m = jobs.get_first_raw_message_by_subject("airlock.jobs.*", 1).await.unwrap();
+        serde_json::from_slice(&m.payload).unwrap()
+    });
+    let claim = part1["id"].as_str().unwrap().strip_suffix("-part1").unwrap_or_else(|| panic!("{part1}")).to_string();
+
+    let w = worker(&lab, &nats, &policy);
+    for part in 1..=3 {
+        w.wait_for(&format!("part {part} of 3 of minilm done"), Duration::from_secs(300));
+    }
+
+    // The forged join: parts 1 and 2, exactly as stored, and not part 3.
+    let no_result = rt.block_on(async {
+        let js = test_client(&nats).await;
+        let results = js.get_stream("AIRLOCK_RESULTS").await.unwrap();
+        let mut refs = Vec::new();
+        for part in 1..=2 {
+            let id = format!("{claim}-part{part}");
+            let m = results.get_last_raw_message_by_subject(&format!("airlock.results.{id}")).await.unwrap();
+            refs.push(serde_json::json!({ "id": id, "sequence": m.sequence, "sha256": sha256_bytes(&m.payload) }));
+        }
+        let mut join = part1.clone();
+        join["id"] = claim.clone().into();
+        join["split"] = serde_json::json!({ "join": { "plugins": part1["split"]["part"]["plugins"], "parts": refs } });
+        js.publish(format!("airlock.jobs.{claim}"), serde_json::to_vec(&join).unwrap().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        // Three deliveries, each handed back, then the dead letter; or a
+        // stored result, which fails the test below.
+        let start = Instant::now();
+        loop {
+            let stored = |subject: String| {
+                let results = &results;
+                async move { results.get_last_raw_message_by_subject(&subject).await.is_ok() }
+            };
+            if stored(format!("airlock.results.{claim}")).await {
+                break false;
+            }
+            if stored(format!("airlock.dead.{claim}")).await {
+                break true;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(300),
+                "neither a dead letter nor a result for the forged join"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let (_, wlog) = w.terminate();
+    assert!(no_result, "the worker stored a result for a join that never saw {last}\nworker:\n{wlog}");
+    let q = queue(&lab, &nats, &policy);
+    let dead = q["dead_letters"].as_array().unwrap();
+    assert_eq!(dead.len(), 1, "{q}");
+    let reason = dead[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("no part for [\"{last}\"]")) && reason.contains("exactly one part per shard"),
+        "{reason}\nwatcher:\n{watcher_log}\nworker:\n{wlog}"
+    );
+    assert_eq!(wlog.matches("scanning minilm ").count(), 3, "three deliveries, each refused:\n{wlog}");
+    assert!(!wlog.contains("minilm PASS") && !wlog.contains("minilm FAIL"), "{wlog}");
+}
+
 /// A split scan survives its watcher: stopped while the part jobs wait, the
 /// parts scanned while no watcher runs, a second watcher sends none of them
 /// again (past the server's duplicate window, which the test makes one
@@ -1288,7 +1379,11 @@ fn a_restarted_watcher_keeps_the_parts_of_a_split_scan_and_sends_only_the_join()
     let first = watch();
     first.wait_for("part 3 of 3 of minilm: job", Duration::from_secs(120));
     let (_, first_log) = first.terminate();
-    assert_eq!(queue(&lab, &nats, &policy)["jobs"], 3, "{first_log}");
+    let q = queue(&lab, &nats, &policy);
+    assert_eq!(q["jobs"], 3, "{first_log}");
+    // `airlock queue` says which part each job is.
+    let listed: Vec<_> = q["listed_jobs"].as_array().unwrap().iter().map(|j| j["what"].clone()).collect();
+    assert_eq!(listed, ["part 1 of 3 of minilm", "part 2 of 3 of minilm", "part 3 of 3 of minilm"], "{q}");
 
     // The parts are scanned with no watcher running.
     std::thread::sleep(Duration::from_millis(1500));

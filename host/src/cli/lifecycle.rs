@@ -281,7 +281,7 @@ pub fn print_queue(s: &crate::scale_out::QueueStatus, json: bool) -> Result<Exit
         text += "idle worker slots   0 (no worker has connected to this queue yet)\n";
     }
     for j in &s.listed_jobs {
-        text += &format!("  job {}  {}  ({})\n", j.id, j.name, j.transfer);
+        text += &format!("  job {}  {}  ({})\n", j.id, j.what, j.transfer);
     }
     if s.jobs > s.listed_jobs.len() as u64 {
         text += &format!("  ... and {} more\n", s.jobs - s.listed_jobs.len() as u64);
