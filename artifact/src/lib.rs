@@ -13,6 +13,7 @@ mod hash;
 mod layout;
 mod reader;
 mod safetensors;
+mod sidecars;
 mod sigbus;
 mod sniff;
 mod source;
@@ -24,12 +25,11 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 pub use layout::{FolderLayout, folder_layout, missing_shards, shards_inside};
+pub use sidecars::{
+    MAX_ORIGIN, MAX_SIGNATURE, ORIGIN_XATTR, Origin, OriginSource, SIDECAR_SUFFIXES, SidecarFile, Sidecars,
+    sidecar_path,
+};
 pub use source::{ByteSource, FileBytes, ReadMode, Stream};
-
-/// Files that travel beside a model as `<name><suffix>`: its recorded origin
-/// and its signatures. They move with it into quarantine, the registry or
-/// rejected/, and are never taken as models of their own.
-pub const SIDECAR_SUFFIXES: [&str; 5] = [".origin", ".asc", ".sig", ".sigstore.json", ".model.sig"];
 
 /// A container format, sniffed from content.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -402,6 +402,8 @@ pub struct Model {
     pub root: PathBuf,
     pub files: Vec<Arc<ModelFile>>,
     pub surroundings: Vec<Surrounding>,
+    /// Its origin and signatures, read when it was opened.
+    pub sidecars: Sidecars,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -472,6 +474,7 @@ impl Model {
                 root: path.to_path_buf(),
                 files: vec![Arc::new(file)],
                 surroundings: Vec::new(),
+                sidecars: Sidecars::read(path, ModelKind::File),
             });
         }
         if !ft.is_dir() {
@@ -482,7 +485,8 @@ impl Model {
         let mut total = 0u64;
         walk(path, path, 0, mode, limits, &mut total, &mut files, &mut surroundings)?;
         files.sort_by(|a: &Arc<ModelFile>, b| a.rel_path.cmp(&b.rel_path));
-        Ok(Model { name, kind: ModelKind::Folder, root: path.to_path_buf(), files, surroundings })
+        let sidecars = Sidecars::read(path, ModelKind::Folder);
+        Ok(Model { name, kind: ModelKind::Folder, root: path.to_path_buf(), files, surroundings, sidecars })
     }
 
     /// Fails if any file changed since it was opened.

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::artifact::{FolderLimits, Format, Model, ModelKind, ReadMode};
+use crate::artifact::{FolderLimits, Format, Model, ModelKind, ReadMode, Sidecars};
 use crate::pipeline::{Outcome, ScanInput, Scanner};
 use crate::policy::{NatsAuth, Policy};
 
@@ -115,6 +115,39 @@ pub struct Job {
     /// Set for the jobs of a split scan: one part per weight shard, then the join.
     #[serde(default)]
     pub split: Option<SplitJob>,
+    /// What travels with the model (origin, signatures) as the watcher read
+    /// it at claim. The worker judges with exactly these, whichever way the
+    /// bytes travel: a scratch copy has none of its own, and a shared path's
+    /// must be the same.
+    pub sidecars: Sidecars,
+    /// The links, special and hardlinked files the watcher saw in a folder
+    /// (never followed, never sent): a scratch copy is judged with them, as
+    /// the format gate on the watcher would.
+    #[serde(default)]
+    pub surroundings: Vec<SurroundingRef>,
+}
+
+/// A [`crate::artifact::Surrounding`] in a job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SurroundingRef {
+    pub kind: String,
+    pub path: String,
+    pub detail: String,
+}
+
+impl SurroundingRef {
+    fn of(s: &crate::artifact::Surrounding) -> SurroundingRef {
+        SurroundingRef { kind: s.kind.to_string(), path: s.path.clone(), detail: s.detail.clone() }
+    }
+
+    fn to_surrounding(&self) -> crate::artifact::Surrounding {
+        let kind = match self.kind.as_str() {
+            "symlink" => "symlink",
+            "hardlink" => "hardlink",
+            _ => "special-file",
+        };
+        crate::artifact::Surrounding { kind, path: self.path.clone(), detail: self.detail.clone() }
+    }
 }
 
 /// A sharded folder is scanned as one job per weight shard, each running
@@ -203,6 +236,8 @@ pub struct JobResult {
     pub policy_digest: String,
     /// Every file's sha256 as the worker read it, by its path in the model.
     pub files: BTreeMap<String, String>,
+    /// The sidecars the worker judged with, as [`Sidecars::digests`].
+    pub sidecars: BTreeMap<String, String>,
     pub outcome: Outcome,
 }
 
@@ -227,23 +262,27 @@ pub enum Reply {
     Refused(String),
 }
 
-/// A digest of everything that decides a verdict: the policy as parsed (the
-/// chains with their configs, grants and limits; trusted keys, allowlist,
-/// thresholds, folder limits), each plugin component's sha256, and this
-/// airlock's version. Where the policy was read from, the registry it
-/// announces to and the NATS credentials are left out: they do not change a verdict.
-pub fn policy_digest(policy: &Policy, scanner: &Scanner) -> String {
-    let mut p = policy.clone();
-    p.origin.clear();
-    p.registry = None;
-    p.nats = None;
-    let mut h = sha2::Sha256::new();
-    h.update(env!("CARGO_PKG_VERSION").as_bytes());
-    h.update(format!("{p:?}").as_bytes());
-    for (stage, label, sha256) in scanner.components() {
-        h.update(format!("\n{}\t{label}\t{sha256}", stage.name()).as_bytes());
+pub use crate::pipeline::digest::policy_digest;
+
+/// A claim id as the watcher makes them (`<nanos>-<pid>-<n>`), or a part's (`<claim id>-part<n>`).
+fn is_job_id(id: &str) -> bool {
+    let claim = id.rsplit_once("-part").filter(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    let claim = claim.map_or(id, |(c, _)| c);
+    let parts: Vec<&str> = claim.split('-').collect();
+    parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.len() <= 40 && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// 16 bytes from the kernel's random source, in hex.
+fn random_hex() -> String {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        // Still unique (time and pid), only no longer secret; said in the log.
+        tracing::warn!("reading /dev/urandom: {e}; the result's message id is predictable");
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        b = (t ^ (u128::from(std::process::id()) << 64)).to_le_bytes();
     }
-    hex::encode(h.finalize())
+    hex::encode(b)
 }
 
 fn worker_name() -> String {
@@ -359,25 +398,38 @@ async fn take_jobs_by_claim(js: &jetstream::Context, jobs: &stream::Stream) -> R
 
 /// Publishes and waits for the stream's acknowledgement, retrying through a
 /// lost connection (a server restart) until `deadline`. The message id makes
-/// a retry of a publish that did land a no-op.
+/// a retry of a publish that did land a no-op. For an id that must be
+/// this message's own (`own_id`, a result's), finding it taken on the first
+/// try is an error: another client published under it.
 async fn publish_stored(
     js: &jetstream::Context,
     subject: String,
     msg_id: &str,
+    own_id: bool,
     payload: Vec<u8>,
     deadline: Duration,
 ) -> Result<()> {
     let started = Instant::now();
     let payload = bytes::Bytes::from(payload);
+    let mut first = true;
     loop {
         let attempt = async {
             let publish = jetstream::message::PublishMessage::build().payload(payload.clone()).message_id(msg_id);
-            js.send_publish(subject.clone(), publish).await?.await?;
-            Ok::<_, async_nats::Error>(())
+            let ack = js.send_publish(subject.clone(), publish).await?.await?;
+            Ok::<_, async_nats::Error>(ack.duplicate)
         };
         match attempt.await {
-            Ok(()) => return Ok(()),
+            // The first try found the id taken: another client published under
+            // it, and the server dropped this message as its duplicate.
+            Ok(true) if first && own_id => {
+                return Err(anyhow::anyhow!(
+                    "publishing to {subject}: the server already held a message with id {msg_id} and dropped this \
+                     one as a duplicate"
+                ));
+            }
+            Ok(_) => return Ok(()),
             Err(e) if started.elapsed() < deadline => {
+                first = false;
                 tracing::warn!("publishing to {subject}: {e}; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -520,6 +572,13 @@ async fn handle(
             return;
         }
     };
+    // An id that is not a claim id (or a part of one) names no claim to
+    // answer and could make subjects of its own: refused at once, never retried.
+    if !is_job_id(&job.id) {
+        tracing::error!("a job on {} has the id {:?}, which is not a claim id; dropped", msg.subject, job.id);
+        let _ = msg.ack_with(AckKind::Term).await;
+        return;
+    }
     if delivery > MAX_SCANS {
         let mut reason = format!(
             "{} deliveries of this job ended without a verdict: workers died, lost the server, handed it back, or a \
@@ -624,8 +683,10 @@ async fn handle(
     let size = payload.len();
     // Stored first, acked second: a worker killed in between leaves the job to be
     // scanned again, never a job acked without a verdict.
-    let stored =
-        publish_stored(js, results_subject(&job.id), &format!("{}-{delivery}", job.id), payload, ACK_WAIT * 3).await;
+    // An id no other client can know beforehand: a forger who published
+    // under it first would have the server drop the genuine result as a duplicate.
+    let msg_id = format!("{}-{delivery}-{}", job.id, random_hex());
+    let stored = publish_stored(js, results_subject(&job.id), &msg_id, true, payload, ACK_WAIT * 3).await;
     progress.abort();
     match stored {
         Ok(()) => {
@@ -672,7 +733,7 @@ fn work(
 ) -> Result<(Vec<u8>, String), String> {
     let (payload, said) = match &job.split {
         Some(SplitJob::Part { files, plugins, .. }) => {
-            let (files, parts) = part_job(scanner, path, files, plugins)?;
+            let (files, parts) = part_job(scanner, job, path, files, plugins)?;
             let refused = parts.iter().filter(|p| p.is_err()).count();
             let said = if refused == 0 { "done".to_string() } else { format!("done, {refused} plugin(s) refused") };
             let r = PartResult {
@@ -687,7 +748,7 @@ fn work(
         }
         _ => {
             let joined = joined.unwrap_or_default();
-            let (files, mut outcome) = scan_job(scanner, job, path, &joined)?;
+            let (files, sidecars, mut outcome) = scan_job(scanner, job, path, &joined)?;
             // The parts must be of the bytes this worker joined them over.
             for (f, (sha, worker)) in &joined.files {
                 if files.get(f) != Some(sha) {
@@ -707,6 +768,7 @@ fn work(
                 delivery: who.delivery,
                 policy_digest: who.digest,
                 files,
+                sidecars,
                 outcome,
             };
             (serde_json::to_vec(&r), if pass { "PASS" } else { "FAIL" }.to_string())
@@ -718,14 +780,10 @@ fn work(
 /// Opens the job's model (at `path`: shared storage or the scratch copy)
 /// read-only and scans it, the plugins in `joined` joined from their parts
 /// (which must cover every weight shard);
-/// returns every file's sha256 and the outcome.
-fn scan_job(
-    scanner: &Scanner,
-    job: &Job,
-    path: &Path,
-    joined: &Joined,
-) -> Result<(BTreeMap<String, String>, Outcome), String> {
-    let model = open_job_model(scanner, path)?;
+/// returns every file's sha256, the sidecars' and the outcome.
+type Scanned = (BTreeMap<String, String>, BTreeMap<String, String>, Outcome);
+fn scan_job(scanner: &Scanner, job: &Job, path: &Path, joined: &Joined) -> Result<Scanned, String> {
+    let model = open_job_model(scanner, job, path)?;
     // A join over fewer shards than the model holds would judge the rest
     // unseen (a planted layer in a missing shard passes): refused before any
     // plugin runs, whoever sent the job.
@@ -751,22 +809,53 @@ fn scan_job(
     let outcome = scanner.scan_model_joined(&model, path, &input, &joined.parts, &mut |_| {});
     let files = file_digests(&model)?;
     model.check_unchanged()?;
-    Ok((files, outcome))
+    Ok((files, model.sidecars.digests(), outcome))
 }
 
-fn open_job_model(scanner: &Scanner, path: &Path) -> Result<Arc<Model>, String> {
+/// Opens the job's model with the sidecars the job carries. On shared
+/// storage the sidecars beside the model must be those the watcher claimed
+/// (a changed or vanished signature is refused, named); a scratch copy from
+/// the Object Store has none of its own and takes the job's.
+fn open_job_model(scanner: &Scanner, job: &Job, path: &Path) -> Result<Arc<Model>, String> {
     if !path.is_absolute() {
         return Err(format!("{}: a job's path must be absolute", path.display()));
     }
-    let model = Model::open(path, ReadMode::default(), scanner.folder_limits())
+    let mut model = Model::open(path, ReadMode::default(), scanner.folder_limits())
         .map_err(|e| format!("{}: cannot be opened on this worker: {e}", path.display()))?;
+    if job.objects.is_none() && model.sidecars != job.sidecars {
+        let (here, sent) = (model.sidecars.digests(), job.sidecars.digests());
+        let differ: Vec<String> = here
+            .keys()
+            .chain(sent.keys())
+            .filter(|k| here.get(*k) != sent.get(*k))
+            .map(|k| {
+                let show = |v: Option<&String>| v.map_or("absent".to_string(), Clone::clone);
+                format!("{k}: the claim held {}, this worker reads {}", show(sent.get(k)), show(here.get(k)))
+            })
+            .collect();
+        return Err(format!(
+            "{}: the model's sidecars are not those the watcher claimed ({})",
+            path.display(),
+            differ.join("; ")
+        ));
+    }
+    model.sidecars = job.sidecars.clone();
+    if job.objects.is_some() {
+        model.surroundings = job.surroundings.iter().map(SurroundingRef::to_surrounding).collect();
+    }
     Ok(Arc::new(model))
 }
 
 /// Runs `part` of each job plugin over the shard's files of the model at
 /// `path`; returns the shard's sha256s and one part (or refusal) per plugin.
 type Parts = (BTreeMap<String, String>, Vec<Result<String, String>>);
-fn part_job(scanner: &Scanner, path: &Path, files: &[String], plugins: &[SplitPlugin]) -> Result<Parts, String> {
+fn part_job(
+    scanner: &Scanner,
+    job: &Job,
+    path: &Path,
+    files: &[String],
+    plugins: &[SplitPlugin],
+) -> Result<Parts, String> {
     let mine = scanner.split_plugins();
     if let Some(p) = plugins.iter().find(|p| !mine.contains(&(p.index, p.label.clone()))) {
         return Err(format!(
@@ -775,19 +864,20 @@ fn part_job(scanner: &Scanner, path: &Path, files: &[String], plugins: &[SplitPl
             p.index + 1
         ));
     }
-    let model = open_job_model(scanner, path)?;
+    let model = open_job_model(scanner, job, path)?;
     let shard = Arc::new(Model {
         name: model.name.clone(),
         kind: model.kind,
         root: model.root.clone(),
         files: model.files.iter().filter(|f| files.contains(&f.rel_path)).cloned().collect(),
         surroundings: Vec::new(),
+        sidecars: model.sidecars.clone(),
     });
     if shard.files.len() != files.len() || files.is_empty() {
         return Err(format!("the job's shard {files:?} is not a set of files the model holds"));
     }
     let indices: Vec<usize> = plugins.iter().map(|p| p.index).collect();
-    let parts = scanner.scan_part(&shard, path, &ScanInput::default(), &indices);
+    let parts = scanner.scan_part(&shard, &ScanInput::default(), &indices);
     let digests = file_digests(&shard)?;
     model.check_unchanged()?;
     Ok((digests, parts))
@@ -1029,7 +1119,7 @@ async fn retry_or_dead(
         let id = format!("{}-handed-back-{delivery}", job.id);
         // A loaded server may be slow to answer; the job is ours until the ack wait.
         let subject = handed_back_subject(&job.id, delivery);
-        if let Err(e) = publish_stored(js, subject, &id, payload, NOTE_DEADLINE).await {
+        if let Err(e) = publish_stored(js, subject, &id, false, payload, NOTE_DEADLINE).await {
             tracing::warn!("job {} delivery {delivery}: the reason for handing it back is not stored: {e:#}", job.id);
         }
         let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(2)))).await;
@@ -1078,7 +1168,7 @@ async fn dead_letter(
     let letter =
         DeadLetter { id: job.id.clone(), name: job.name.clone(), worker: me.to_string(), deliveries: delivery, reason };
     let payload = serde_json::to_vec(&letter).unwrap_or_default();
-    match publish_stored(js, dead_subject(&job.id), &format!("{}-dead", job.id), payload, ACK_WAIT * 3).await {
+    match publish_stored(js, dead_subject(&job.id), &format!("{}-dead", job.id), false, payload, ACK_WAIT * 3).await {
         Ok(()) => {
             let _ = msg.ack_with(AckKind::Term).await;
         }
@@ -1179,6 +1269,8 @@ impl Dispatcher {
             policy_digest: self.digest.clone(),
             objects,
             split: None,
+            sidecars: model.sidecars.clone(),
+            surroundings: model.surroundings.iter().map(SurroundingRef::of).collect(),
         };
         let shards = self.shards(model);
         self.rt.block_on(async {
@@ -1189,15 +1281,15 @@ impl Dispatcher {
                 None if shards.len() > 1 => match self.parts(&job, model, &shards).await? {
                     Ok(parts) => {
                         job.split = Some(SplitJob::Join { plugins: self.split.clone(), parts });
-                        self.start(&job, model).await?.map(|r| r.into_reply()).transpose()?
+                        self.start(&job, model).await?.map(Stored::into_reply)
                     }
                     Err(refused) => Some(refused),
                 },
-                None => self.start(&job, model).await?.map(|r| r.into_reply()).transpose()?,
+                None => self.start(&job, model).await?.map(Stored::into_reply),
             };
             let reply = match started {
                 Some(r) => r,
-                None => self.wait(&job).await?.into_reply()?,
+                None => self.wait(&job).await?.into_reply(),
             };
             self.forget_objects(&job).await;
             Ok(reply)
@@ -1381,11 +1473,36 @@ impl Dispatcher {
             }));
         }
         let payload = serde_json::to_vec(job).map_err(|e| e.to_string())?;
+        // A job the server cannot take would be published again without end;
+        // the signatures that travel in it are the usual reason.
+        let max = self.js.client().server_info().max_payload;
+        if max > 0 && payload.len() > max {
+            return Ok(Some(DeadLetter {
+                id: job.id.clone(),
+                name: job.name.clone(),
+                worker: "the watcher".into(),
+                deliveries: 0,
+                reason: format!(
+                    "the job is {} bytes ({} of them the model's sidecars); the NATS server takes at most {max} per \
+                     message (max_payload in its config)",
+                    payload.len(),
+                    job.sidecars.size()
+                ),
+            }));
+        }
         loop {
             // The claim id is the message id, so a retry within two minutes of
             // a publish that did land is stored once; after that, the look
             // at the queue below keeps it from being sent twice.
-            match publish_stored(&self.js, job_subject(&job.id), &job.id, payload.clone(), Duration::from_secs(5)).await
+            match publish_stored(
+                &self.js,
+                job_subject(&job.id),
+                &job.id,
+                false,
+                payload.clone(),
+                Duration::from_secs(5),
+            )
+            .await
             {
                 Ok(()) => return Ok(None),
                 Err(e) => tracing::warn!("{}: {e:#}; the job is sent again unless the server has it", job.name),
@@ -1538,7 +1655,7 @@ impl Dispatcher {
 
     /// The stored reply to a claim's (whole or join) job, if there is one yet.
     async fn reply(&self, id: &str) -> Result<Option<Reply>, String> {
-        self.stored(id).await?.map(Stored::into_reply).transpose()
+        Ok(self.stored(id).await?.map(Stored::into_reply))
     }
 }
 
@@ -1549,13 +1666,18 @@ enum Stored {
 }
 
 impl Stored {
-    /// As the reply to a whole (or join) job.
-    fn into_reply(self) -> Result<Reply, String> {
+    /// As the reply to a whole (or join) job. A result that cannot be read
+    /// (junk another client published on the subject) is a refusal: the
+    /// model is rejected at `dispatch`, never left waiting in `scanning/`.
+    fn into_reply(self) -> Reply {
         match self {
-            Stored::Dead(l) => Ok(Reply::Dead(l)),
-            Stored::Result(p, _) => serde_json::from_slice(&p)
-                .map(|r| Reply::Result(Box::new(r)))
-                .map_err(|e| format!("the result cannot be read: {e}")),
+            Stored::Dead(l) => Reply::Dead(l),
+            Stored::Result(p, seq) => match serde_json::from_slice(&p) {
+                Ok(r) => Reply::Result(Box::new(r)),
+                Err(e) => Reply::Refused(format!(
+                    "the result stored for this job (message {seq} in {RESULTS_STREAM}) cannot be read: {e}"
+                )),
+            },
         }
     }
 
@@ -1737,4 +1859,25 @@ pub fn queue_status(url: &str, policy: &Policy) -> Result<QueueStatus> {
         }
         Ok(status)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_claim_ids_and_their_parts_are_job_ids() {
+        assert!(is_job_id("1765130000123456789-4242-0"));
+        assert!(is_job_id("1765130000123456789-4242-7-part3"));
+        for bad in ["a.b", "", "1-2", "1-2-3-4", "1-2-x", "../1-2-3", "1-2-3-part", "1-2-3-partx", "1-2-3.>"] {
+            assert!(!is_job_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn result_message_ids_are_not_guessable() {
+        let (a, b) = (random_hex(), random_hex());
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+    }
 }

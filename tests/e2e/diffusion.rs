@@ -194,7 +194,7 @@ fn a_custom_pipeline_pointing_at_python_fails() {
     let lax = policy_dir(d.path(), |t| {
         t.replacen(
             "denied_formats: [pickle, pytorch-zip, zip]",
-            "denied_formats: [pickle, pytorch-zip, zip]\n        folder_denied_suffixes: []",
+            "denied_formats: [pickle, pytorch-zip, zip]\n        folder_denied_suffixes: []\n        folder_text_suffixes: [.py]",
             1,
         )
     });
@@ -298,7 +298,7 @@ fn a_diffusers_folder_is_promoted_verified_and_rescanned_through_the_watcher() {
     tiny_diffusers(&lab.incoming(), "tiny-sd");
     let out = lab.watch_once();
     assert!(out.contains("PROMOTED: tiny-sd"), "{out}");
-    assert!(lab.registry().join("tiny-sd/tiny-sd/unet/diffusion_pytorch_model.safetensors").is_file(), "{out}");
+    assert!(lab.registry().join("tiny-sd/model/tiny-sd/unet/diffusion_pytorch_model.safetensors").is_file(), "{out}");
     let manifest = lab.manifest("tiny-sd");
     let listed = manifest.to_string();
     for f in ["model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"] {
@@ -308,7 +308,7 @@ fn a_diffusers_folder_is_promoted_verified_and_rescanned_through_the_watcher() {
     assert_eq!(code, 0, "{out}");
     // A changed component is caught by verify, and named.
     std::fs::write(
-        lab.registry().join("tiny-sd/tiny-sd/scheduler/scheduler_config.json"),
+        lab.registry().join("tiny-sd/model/tiny-sd/scheduler/scheduler_config.json"),
         SCHEDULER.replace("1000", "999"),
     )
     .unwrap();

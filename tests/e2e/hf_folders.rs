@@ -154,7 +154,7 @@ fn the_real_minilm_folder_is_promoted_whole_and_a_swapped_tokenizer_is_caught_by
     let (code, out) = lab.run(&["verify", "all-MiniLM-L6-v2"]);
     assert_eq!(code, 0, "{out}");
     // Two token ids exchanged in the registry copy: verify fails and names the file.
-    let tj = lab.registry().join("all-MiniLM-L6-v2/all-MiniLM-L6-v2/tokenizer.json");
+    let tj = lab.registry().join("all-MiniLM-L6-v2/model/all-MiniLM-L6-v2/tokenizer.json");
     edit_json(&tj, |v| {
         let vocab = &mut v["model"]["vocab"];
         assert_eq!((&vocab["hello"], &vocab["world"]), (&json!(7592), &json!(2088)));

@@ -80,7 +80,7 @@ fn a_real_gguf_is_admitted_promoted_and_verified() {
     let out = lab.watch_once();
     assert!(out.contains("PROMOTED: gemma-3-270m-q4_k_m.gguf"), "{out}");
     let name = "gemma-3-270m-q4_k_m.gguf";
-    assert!(lab.registry().join(name).join(name).is_file());
+    assert!(lab.registry().join(name).join("model").join(name).is_file());
     let m = lab.manifest(name);
     assert_eq!(m["files"][0]["sha256"], "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818");
     assert!(m["files"][0]["tensors"].as_array().unwrap().len() > 100);
@@ -106,7 +106,7 @@ fn a_real_gguf_is_admitted_promoted_and_verified() {
     assert_eq!(audit.last().unwrap()["disabled_stages"], serde_json::json!(["behavioral_test"]));
 
     // A flipped byte inside one tensor of the registry copy is caught and named.
-    let copy = lab.registry().join(name).join(name);
+    let copy = lab.registry().join(name).join("model").join(name);
     let tensor = &m["files"][0]["tensors"][5];
     let at = tensor["offset"].as_u64().unwrap() + tensor["length"].as_u64().unwrap() / 2;
     let mut bytes = std::fs::read(&copy).unwrap();
@@ -133,7 +133,7 @@ fn verify_catches_a_changed_chat_template() {
     assert!(lab.watch_once().contains("PROMOTED: chat.gguf"));
     // Same length, so every tensor offset and byte stays where it was.
     let evil = gguf_with_template("{{ messages[9].content }}");
-    std::fs::write(lab.registry().join("chat.gguf/chat.gguf"), evil).unwrap();
+    std::fs::write(lab.registry().join("chat.gguf/model/chat.gguf"), evil).unwrap();
     let (code, out) = lab.run(&["verify", "chat.gguf"]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("header and metadata region changed"), "{out}");
@@ -270,14 +270,15 @@ fn a_model_that_changes_during_the_scan_is_rejected() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Find the claimed copy, let the scan get going, then grow the file under it.
+    // Find the claimed copy, let the scan get going, then grow the file under it (as root can,
+    // read-only or not): the scan must notice.
     let scanning = lab.root.join("quarantine/scanning");
     let start = Instant::now();
     let claimed = loop {
         let found = std::fs::read_dir(&scanning)
             .unwrap()
             .filter_map(|e| e.ok())
-            .map(|e| e.path().join("m.gguf"))
+            .map(|e| e.path().join("model").join("m.gguf"))
             .find(|p| p.exists());
         if let Some(p) = found {
             break p;
@@ -307,7 +308,7 @@ fn a_name_clash_in_the_registry_is_rejected_and_explained() {
     let out = lab.watch_once();
     assert!(out.contains("REJECTED: m.gguf — registry"), "{out}");
     assert!(lab.report("m.gguf")["reason"].as_str().unwrap().contains("already in the registry"));
-    assert!(lab.registry().join("m.gguf/m.gguf").is_file());
+    assert!(lab.registry().join("m.gguf/model/m.gguf").is_file());
     // A different model under a promoted name fails the pin recorded on first sight.
     let mut other = Gguf::default();
     other.kvs.push(("general.description".into(), kv_str("another model, same name")));
@@ -481,8 +482,11 @@ fn check_invariants(lab: &Lab, names: &[&str]) {
     let listing: Vec<_> = scanning.iter().map(|d| (d, std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0))).collect();
     assert!(scanning.is_empty(), "scanning/ not empty after recovery: {listing:?}");
     for n in names {
-        let places =
-            [lab.incoming().join(n).exists(), lab.registry().join(n).join(n).exists(), lab.rejected().join(n).exists()];
+        let places = [
+            lab.incoming().join(n).exists(),
+            lab.registry().join(n).join("model").join(n).exists(),
+            lab.rejected().join(n).exists(),
+        ];
         assert_eq!(places.iter().filter(|p| **p).count(), 1, "{n} is in {places:?} (incoming, registry, rejected)");
         if places[1] {
             let dir = lab.registry().join(n);
@@ -579,7 +583,10 @@ fn kill_9_at_random_points_loses_nothing() {
             "round {round} (killed after {delay:?}): something stayed in incoming/\n{out}"
         );
         for n in ["a.gguf", "b.gguf", "c.safetensors"] {
-            assert!(lab.registry().join(n).join(n).exists(), "round {round}: {n} was not promoted\n{out}");
+            assert!(
+                lab.registry().join(n).join("model").join(n).exists(),
+                "round {round}: {n} was not promoted\n{out}"
+            );
         }
         assert!(lab.rejected().join("evil.gguf").exists(), "round {round}");
     }
@@ -659,7 +666,7 @@ fn promotion_is_announced_to_the_registry_on_loopback() {
     );
     let body: Value = serde_json::from_str(body).unwrap();
     assert_eq!(body["name"], "m.gguf");
-    assert_eq!(body["sha256"], sha256_file(&lab.registry().join("m.gguf/m.gguf")));
+    assert_eq!(body["sha256"], sha256_file(&lab.registry().join("m.gguf/model/m.gguf")));
     assert_eq!(body["integrity"]["merkle_root"], lab.manifest("m.gguf")["merkle_root"]);
     assert_eq!(body["scan_results"][2]["stage"], "integrity_check");
     assert_eq!(std::fs::read_dir(lab.root.join("state/outbox")).unwrap().count(), 0);

@@ -5,9 +5,12 @@
 mod harness;
 
 mod behavioral;
+mod claim;
 mod cli;
 mod containment;
+mod differential;
 mod diffusion;
+mod fail_closed;
 mod formats;
 mod gguf_rules;
 mod hf_folders;

@@ -578,7 +578,7 @@ fn through_the_watcher_signatures_travel_with_the_model() {
     assert!(out.contains("REJECTED: b.gguf — provenance_check: signature verification failed: b.gguf.sig"), "{out}");
     assert!(out.contains("REJECTED: u.gguf — provenance_check: no signature found"), "{out}");
     // The signature stays with the model, in the registry and in rejected/.
-    assert!(root.join("registry/m.gguf/m.gguf.sig").is_file());
+    assert!(root.join("registry/m.gguf/model/m.gguf.sig").is_file());
     assert!(root.join("quarantine/rejected/b.gguf.sig").is_file());
     let report: Value =
         serde_json::from_slice(&std::fs::read(root.join("quarantine/rejected/b.gguf.report.json")).unwrap()).unwrap();
@@ -654,6 +654,8 @@ fn every_case_through_the_watcher() {
     std::fs::create_dir_all(&staging).unwrap();
     std::fs::write(staging.join("model_index.json"), r#"{"_class_name": "StableDiffusionPipeline"}"#).unwrap();
     std::fs::write(staging.join("extra.json"), "{}").unwrap();
+    // A model has weights (the format gate refuses a folder without).
+    std::fs::write(staging.join("model.safetensors"), safetensors(ST_HEADER, &[1; 24])).unwrap();
     model_signing_sign(&ec, &staging, &staging.join("model.sig"), &[&staging.join("extra.json")]);
     std::fs::rename(&staging, incoming.join("omits")).unwrap();
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::harness::*;
 use crate::lifecycle::Lab;
 
-const PASSWORD: &str = "correct-horse-battery";
+pub(crate) const PASSWORD: &str = "correct-horse-battery";
 
 fn nats_server_bin() -> PathBuf {
     let p = std::env::var_os("AIRLOCK_TEST_NATS_SERVER")
@@ -26,7 +26,7 @@ fn nats_server_bin() -> PathBuf {
 }
 
 /// A nats-server with JetStream on a loopback port, its store in `dir`.
-struct Nats {
+pub(crate) struct Nats {
     child: Option<Child>,
     conf: PathBuf,
     port: u16,
@@ -35,7 +35,7 @@ struct Nats {
 }
 
 impl Nats {
-    fn start(dir: &Path) -> Nats {
+    pub(crate) fn start(dir: &Path) -> Nats {
         let user = nkeys::KeyPair::new_user();
         let users =
             format!("users: [ {{ user: airlock, password: \"{PASSWORD}\" }}, {{ nkey: {} }} ]", user.public_key());
@@ -89,7 +89,7 @@ impl Nats {
         self.spawn();
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 }
@@ -104,13 +104,13 @@ impl Drop for Nats {
 }
 
 /// A child process whose stderr is collected line by line.
-struct Proc {
+pub(crate) struct Proc {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
 }
 
 impl Proc {
-    fn spawn(mut cmd: Command) -> Proc {
+    pub(crate) fn spawn(mut cmd: Command) -> Proc {
         let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
         let err = child.stderr.take().unwrap();
@@ -123,7 +123,7 @@ impl Proc {
         Proc { child, lines }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.lines.lock().unwrap().join("\n")
     }
 
@@ -139,7 +139,7 @@ impl Proc {
         }
     }
 
-    fn terminate(mut self) -> (std::process::ExitStatus, String) {
+    pub(crate) fn terminate(mut self) -> (std::process::ExitStatus, String) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = self.child.wait().unwrap();
         std::thread::sleep(Duration::from_millis(100));
@@ -158,7 +158,7 @@ impl Drop for Proc {
 }
 
 /// The default policy with the NATS credentials (`password: None` leaves the section out).
-fn nats_policy(dir: &Path, password: Option<&str>) -> PathBuf {
+pub(crate) fn nats_policy(dir: &Path, password: Option<&str>) -> PathBuf {
     let policy = policy_dir(dir, |t| match password {
         Some(_) => format!("{t}\nnats:\n  user: airlock\n  password_file: nats.pass\n"),
         None => t,
@@ -725,7 +725,10 @@ async fn take_a_job_as_forger(js: &async_nats::jetstream::Context) -> async_nats
 
 #[test]
 fn results_for_other_bytes_or_under_another_policy_are_refused() {
-    for case in ["bytes", "policy"] {
+    // bytes, policy: the watcher's own checks. no-stages: a pass with zero
+    // stage results (red team D9). junk: bytes that are no result at all
+    // (D11), which once left the model in scanning/ for good.
+    for case in ["bytes", "policy", "no-stages", "junk"] {
         let lab = Lab::new();
         let d = tmp();
         let nats = Nats::start(d.path());
@@ -745,18 +748,23 @@ fn results_for_other_bytes_or_under_another_policy_are_refused() {
             let job: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
             let (digest, files) = match case {
                 "bytes" => (job["policy_digest"].clone(), serde_json::json!({ "m.gguf": "0".repeat(64) })),
-                _ => (serde_json::json!("f".repeat(64)), serde_json::json!({ "m.gguf": sha })),
+                "policy" => (serde_json::json!("f".repeat(64)), serde_json::json!({ "m.gguf": sha })),
+                _ => (job["policy_digest"].clone(), serde_json::json!({ "m.gguf": sha })),
             };
+            let mut outcome = outcome.clone();
+            if case == "no-stages" {
+                outcome["stages"] = serde_json::json!([]);
+            }
             let id = job["id"].as_str().unwrap().to_string();
             let forged = serde_json::json!({
                 "id": id, "worker": "forger", "delivery": 1,
-                "policy_digest": digest, "files": files, "outcome": outcome,
+                "policy_digest": digest, "files": files, "sidecars": {}, "outcome": outcome,
             });
-            js.publish(format!("airlock.results.{id}"), serde_json::to_vec(&forged).unwrap().into())
-                .await
-                .unwrap()
-                .await
-                .unwrap();
+            let payload = match case {
+                "junk" => b"this is not json {".to_vec(),
+                _ => serde_json::to_vec(&forged).unwrap(),
+            };
+            js.publish(format!("airlock.results.{id}"), payload.into()).await.unwrap().await.unwrap();
             msg.ack().await.unwrap();
         });
         let start = Instant::now();
@@ -772,8 +780,13 @@ fn results_for_other_bytes_or_under_another_policy_are_refused() {
         let report = lab.report("m.gguf");
         assert_eq!(report["failed_stage"], "dispatch", "{case}: {report}");
         let reason = report["reason"].as_str().unwrap();
-        let expected = if case == "bytes" { "scanned other bytes" } else { "under policy ffff" };
-        assert!(reason.contains("forger") && reason.contains(expected), "{case}: {reason}");
+        let expected = match case {
+            "bytes" => "scanned other bytes (m.gguf: worker forger read",
+            "policy" => "forger was refused: it is for job",
+            "no-stages" => "the pass from worker forger was refused: it carries no result of source_policy",
+            _ => "cannot be read",
+        };
+        assert!(reason.contains(expected), "{case}: {reason}");
     }
 }
 
@@ -790,7 +803,7 @@ fn object_store_watch(lab: &Lab, nats: &Nats, policy: &Path, once: bool) -> Proc
     Proc::spawn(c)
 }
 
-fn wait_exit(p: &mut Proc, limit: Duration) -> std::process::ExitStatus {
+pub(crate) fn wait_exit(p: &mut Proc, limit: Duration) -> std::process::ExitStatus {
     let start = Instant::now();
     loop {
         if let Some(s) = p.child.try_wait().unwrap() {
@@ -1043,7 +1056,7 @@ fn the_documented_nats_permissions_run_the_lifecycle_and_keep_others_from_answer
         assert_eq!(outcome["verdict"], "pass");
         let forged = serde_json::json!({
             "id": id, "worker": "other", "delivery": 1, "policy_digest": bad["policy_digest"],
-            "files": { "bad.gguf": bad["objects"]["files"][0]["sha256"] }, "outcome": outcome,
+            "files": { "bad.gguf": bad["objects"]["files"][0]["sha256"] }, "sidecars": {}, "outcome": outcome,
         });
         let payload = serde_json::to_vec(&forged).unwrap();
         assert!(

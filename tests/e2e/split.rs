@@ -27,6 +27,7 @@ fn only(model: &Model, keep: impl Fn(&str) -> bool) -> Arc<Model> {
         root: model.root.clone(),
         files: model.files.iter().filter(|f| keep(&f.rel_path)).cloned().collect(),
         surroundings: Vec::new(),
+        sidecars: model.sidecars.clone(),
     })
 }
 

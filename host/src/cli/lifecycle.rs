@@ -221,14 +221,34 @@ pub fn show(root: &Root, name: &str) -> Result<ExitCode> {
 /// Re-hashes the registry copy and compares it with the manifest.
 pub fn verify(root: &Root, name: &str) -> Result<ExitCode> {
     let (dir, m) = manifest_of(root, name)?;
-    // The model (file or folder) sits in its registry folder under its own name.
-    let target = dir.join(&m.name);
+    // The model (file or folder) sits in its registry folder's model/ under its own name.
+    let target = store::model_path(&dir, &m.name);
     // What was promoted passed the policy's folder limits; verify re-reads it whole.
     let unbounded =
         crate::artifact::FolderLimits { max_files: usize::MAX, max_depth: usize::MAX, max_total_gib: u64::MAX };
     let model = Model::open(&target, ReadMode::default(), &unbounded)?;
     let now = manifest::integrity(&model).map_err(anyhow::Error::msg)?;
-    let diffs = manifest::differences(&m.integrity, &now);
+    let mut diffs = manifest::differences(&m.integrity, &now);
+    // A link or special file added to a folder is no file of the manifest, but
+    // a loader would follow or open it: it is a difference too.
+    diffs.extend(
+        model
+            .surroundings
+            .iter()
+            .map(|s| format!("{}: a {} ({}) that is not in the manifest", s.path, s.kind, s.detail)),
+    );
+    // Beside the model in model/ only its own sidecars may sit.
+    if let Some(holder) = target.parent().filter(|p| p.file_name().is_some_and(|n| n == store::MODEL_DIR)) {
+        let expected: Vec<String> = std::iter::once(m.name.clone())
+            .chain(crate::artifact::SIDECAR_SUFFIXES.iter().map(|s| format!("{}{s}", m.name)))
+            .collect();
+        for e in fs::read_dir(holder)?.filter_map(|e| e.ok()) {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if !expected.contains(&n) {
+                diffs.push(format!("{}/{n}: not part of the promoted model", store::MODEL_DIR));
+            }
+        }
+    }
     if diffs.is_empty() {
         outln!("{name}: OK ({} files, merkle root {})", now.files.len(), now.merkle_root);
         return Ok(ExitCode::SUCCESS);

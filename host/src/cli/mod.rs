@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crate::artifact::{Model, OpenError, ReadMode};
 use crate::pipeline::{Event, ModelVerdict, Outcome, ScanError, ScanInput, Scanner, StageResult, StageVerdict};
 use crate::plugin::Runtime;
-use crate::policy::{self, Policy};
+use crate::policy::{self, Policy, Stage};
 use crate::store::{self, Quarantine, Root};
 
 /// `println!` that returns an error instead of panicking when stdout is gone
@@ -272,6 +272,14 @@ enum PolicyCommand {
         #[command(flatten)]
         engine: EngineArgs,
     },
+    /// Print the policy digest: the sha256 of the canonical (RFC 8785) JSON of
+    /// everything that decides a verdict (chains with their components'
+    /// sha256s, configs, grants and limits; keys by content; allowlist;
+    /// thresholds), never paths. A watcher and its workers must print the same.
+    Digest {
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
 }
 
 fn parse_stage(s: &str) -> Result<policy::Stage, String> {
@@ -451,6 +459,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let cache = engine.cache_dir.clone().unwrap_or_else(|| default_cache_dir(&root));
             plugin::policy_check(&policy, &plugin_dir, cache)
         }
+        Command::Policy(PolicyCommand::Digest { engine }) => {
+            let policy = load_policy(engine.policy.as_deref())?;
+            let (scanner, policy) = scanner(&engine, &root, Default::default(), policy)?;
+            outln!("{}", crate::pipeline::digest::policy_digest(&policy, &scanner));
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -592,7 +606,7 @@ impl Progress {
         }
         let mut bar = self.bar.lock().unwrap_or_else(|p| p.into_inner());
         if let Event::Processing(name) = e {
-            let pb = indicatif::ProgressBar::new(7);
+            let pb = indicatif::ProgressBar::new(Stage::ALL.len() as u64);
             pb.set_style(
                 indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:21}] stage {pos}/{len} {elapsed}")
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -627,7 +641,13 @@ pub(crate) fn print_event(out: &mut impl Write, e: &Event) -> std::io::Result<()
         Event::Processing(name) => writeln!(out, "{PREFIX} Processing: {name}"),
         Event::StageStart(stage, plugin) => {
             if *stage == crate::policy::Stage::SourcePolicy && plugin.is_none() {
-                writeln!(out, "{PREFIX} Stage {}/7: {} — checking origin...", stage.number(), stage.name())?;
+                writeln!(
+                    out,
+                    "{PREFIX} Stage {}/{}: {} — checking origin...",
+                    stage.number(),
+                    Stage::ALL.len(),
+                    stage.name()
+                )?;
             }
             Ok(())
         }
@@ -643,7 +663,10 @@ fn print_stage(out: &mut impl Write, r: &StageResult) -> std::io::Result<()> {
         _ => String::new(),
     };
     let summary = if r.summary.is_empty() { String::new() } else { format!(" ({who}{})", r.summary) };
-    writeln!(out, "{PREFIX} Stage {}/7: {} — {verdict}{summary}", r.number, r.stage)?;
+    writeln!(out, "{PREFIX} Stage {}/{}: {} — {verdict}{summary}", r.number, Stage::ALL.len(), r.stage)?;
+    if let Some(why) = &r.still_ran {
+        writeln!(out, "{PREFIX}   ({why})")?;
+    }
     if r.verdict == StageVerdict::Fail {
         // Findings that only restate the summary add nothing to the log.
         for f in r.findings.iter().filter(|f| !f.message.ends_with(&r.summary) && !r.summary.ends_with(&f.message)) {

@@ -8,6 +8,8 @@
 //! traps, times out, hits a limit, returns an oversized report or was refused
 //! at load time gives its stage FAIL with that cause: airlock fails closed.
 
+pub mod digest;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -114,6 +116,11 @@ pub struct StageResult {
     pub details: Option<serde_json::Value>,
     pub log: Vec<String>,
     pub elapsed_ms: u64,
+    /// Set on a static-scan result when an earlier stage had already
+    /// stopped the chain: why it still ran, so a PASS or FAIL here does not
+    /// read as a second verdict after stages 3 and 4 said "not reached".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub still_ran: Option<String>,
     /// The stage runs more than one plugin: the log line names which one this is.
     #[serde(skip)]
     pub shared_stage: bool,
@@ -134,6 +141,7 @@ impl StageResult {
             details: None,
             log: Vec::new(),
             elapsed_ms: 0,
+            still_ran: None,
             shared_stage: false,
         }
     }
@@ -379,15 +387,9 @@ impl Scanner {
     /// [`Scanner::split_plugins`]) over `shard`: some of a model's files.
     /// One result per plugin, in the order asked: its part, or why there is
     /// none (without the plugin's label, which the join's report adds).
-    pub fn scan_part(
-        &self,
-        shard: &Arc<Model>,
-        path: &Path,
-        input: &ScanInput,
-        plugins: &[usize],
-    ) -> Vec<Result<String, String>> {
+    pub fn scan_part(&self, shard: &Arc<Model>, input: &ScanInput, plugins: &[usize]) -> Vec<Result<String, String>> {
         let entries = self.chain.get(&Stage::StaticScan).map(Vec::as_slice).unwrap_or_default();
-        let origin = resolve_origin(path, input.origin.as_deref());
+        let origin = resolve_origin(shard, input.origin.as_deref());
         let pins = self.pins_for(shard, input);
         plugins
             .iter()
@@ -413,7 +415,7 @@ impl Scanner {
         on_event: &mut dyn FnMut(Event),
     ) -> Outcome {
         on_event(Event::Processing(&model.name));
-        let origin = resolve_origin(path, input.origin.as_deref());
+        let origin = resolve_origin(model, input.origin.as_deref());
         let pins = self.pins_for(model, input);
 
         let run = |stage: Stage, l: &Loaded, streams: Vec<Option<crate::artifact::Stream>>, parts: Option<&Joined>| {
@@ -489,6 +491,13 @@ impl Scanner {
                         run(stage, l, Vec::new(), None)
                     };
                     r.shared_stage = multi;
+                    if let Some((at, _)) = &failed {
+                        r.still_ran = Some(format!(
+                            "still ran after the chain stopped at {at}: the static scan needs no earlier verdict \
+                             and runs beside stages 1-4, so its findings say what the model holds; the verdict is \
+                             {at}'s"
+                        ));
+                    }
                     on_event(Event::StageDone(&r));
                     if r.verdict == StageVerdict::Fail && failed.is_none() {
                         failed = Some((FailedAt::Stage(stage), r.summary.clone()));
@@ -511,6 +520,8 @@ impl Scanner {
             _ => None,
         };
         let mut format: Vec<String> = model.files.iter().map(|f| f.format.name().to_string()).collect();
+        // Files are in path order, so the same format recurs: each once, by name.
+        format.sort();
         format.dedup();
         Outcome {
             model: model.name.clone(),
@@ -601,6 +612,7 @@ impl Scanner {
             details,
             log,
             elapsed_ms,
+            still_ran: None,
             shared_stage: false,
         }
     }
@@ -691,30 +703,11 @@ fn not_for(entry: &ChainEntry, model: &Model) -> Option<String> {
     ))
 }
 
-const ORIGIN_XATTR: &str = "user.xdg.origin.url";
-const MAX_ORIGIN: u64 = 8 << 10;
-
-/// The recorded origin: `--origin`, else `<path>.origin`, else the xattr that
-/// wget, curl and browsers write. An unreadable or odd sidecar is passed on
-/// as-is; the source stage refuses what is not a clean https URL.
-fn resolve_origin(path: &Path, flag: Option<&str>) -> Option<Origin> {
-    if let Some(url) = flag {
-        return Some(Origin { url: url.to_string(), source: "flag" });
-    }
-    let mut sidecar = path.as_os_str().to_owned();
-    sidecar.push(".origin");
-    let sidecar = PathBuf::from(sidecar);
-    if let Ok(meta) = std::fs::symlink_metadata(&sidecar) {
-        let text = if meta.is_file() && meta.len() <= MAX_ORIGIN {
-            std::fs::read_to_string(&sidecar).unwrap_or_else(|e| format!("<unreadable: {e}>"))
-        } else {
-            format!("<{} is not a regular file of at most {MAX_ORIGIN} bytes>", sidecar.display())
-        };
-        let text = text.strip_suffix('\n').unwrap_or(&text).trim_end_matches('\r');
-        return Some(Origin { url: text.to_string(), source: "sidecar" });
-    }
-    match xattr::get(path, ORIGIN_XATTR) {
-        Ok(Some(bytes)) => Some(Origin { url: String::from_utf8_lossy(&bytes).into_owned(), source: "xattr" }),
-        _ => None,
+/// The recorded origin: `--origin`, else what the model was opened with
+/// (`<name>.origin`, else the xattr that wget, curl and browsers write).
+fn resolve_origin(model: &Model, flag: Option<&str>) -> Option<Origin> {
+    match flag {
+        Some(url) => Some(Origin { url: url.to_string(), source: crate::artifact::OriginSource::Flag }),
+        None => model.sidecars.origin.clone(),
     }
 }

@@ -4,7 +4,6 @@
 //! Every function returns an error or traps; none panics. Sizes the guest can
 //! influence (read length, metadata values, live handles, log volume) are capped.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
 use wasmtime::component::{Resource, ResourceTable};
@@ -458,7 +457,7 @@ impl context::Host for HostState {
             .ctx
             .origin
             .as_ref()
-            .map(|o| context::RecordedOrigin { url: o.url.clone(), source: o.source.to_string() }))
+            .map(|o| context::RecordedOrigin { url: o.url.clone(), source: o.source.name().to_string() }))
     }
 
     fn pinned_sha256(&mut self) -> Result<Option<String>> {
@@ -494,48 +493,15 @@ impl log::Host for HostState {
     }
 }
 
-const MAX_SIDECAR: u64 = 4 << 20;
-
-/// A plugin may ask `sidecar` only for the files that travel with a model.
+/// A plugin may ask `sidecar` only for the files that travel with a model;
+/// they come from the value read when the model was opened, never from disk.
 impl sidecars::Host for HostState {
     fn sidecar(&mut self, suffix: String) -> Result<std::result::Result<Option<Vec<u8>>, String>> {
         if !crate::artifact::SIDECAR_SUFFIXES.contains(&suffix.as_str()) {
             let known = crate::artifact::SIDECAR_SUFFIXES;
             return Ok(Err(format!("sidecar suffix {suffix:?} is not one of {known:?}")));
         }
-        // A file's sidecars sit beside it; a folder's signatures sit at its
-        // root under model-signing's names.
-        let path = match (self.model.kind, suffix.as_str()) {
-            (crate::artifact::ModelKind::Folder, ".sig" | ".model.sig") => {
-                self.model.root.join("model.sig").into_os_string()
-            }
-            (crate::artifact::ModelKind::Folder, ".sigstore.json") => {
-                self.model.root.join("model.sigstore.json").into_os_string()
-            }
-            (crate::artifact::ModelKind::Folder, ".asc") => return Ok(Ok(None)),
-            _ => {
-                let mut p = self.model.root.clone().into_os_string();
-                p.push(&suffix);
-                p
-            }
-        };
-        let opened =
-            std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&path);
-        let file = match opened {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Ok(None)),
-            Err(e) => return Ok(Err(format!("{}: {e}", std::path::Path::new(&path).display()))),
-        };
-        let meta = file.metadata().map_err(|e| format_err!("stat of sidecar failed: {e}"))?;
-        if !meta.is_file() || meta.len() > MAX_SIDECAR {
-            return Ok(Err(format!("sidecar {suffix} is not a regular file of at most {MAX_SIDECAR} bytes")));
-        }
-        use std::io::Read;
-        let mut bytes = Vec::new();
-        match file.take(MAX_SIDECAR).read_to_end(&mut bytes) {
-            Ok(_) => Ok(Ok(Some(bytes))),
-            Err(e) => Ok(Err(format!("reading sidecar {suffix} failed: {e}"))),
-        }
+        Ok(self.model.sidecars.file(&suffix).map(|b| b.map(<[u8]>::to_vec)))
     }
 }
 

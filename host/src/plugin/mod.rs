@@ -138,13 +138,8 @@ impl Default for Limits {
     }
 }
 
-/// A recorded origin and where it came from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Origin {
-    pub url: String,
-    /// `flag`, `sidecar` or `xattr`.
-    pub source: &'static str,
-}
+/// A recorded origin and where it came from (read with the model's sidecars).
+pub use crate::artifact::Origin;
 
 /// What the host tells one plugin about this run.
 #[derive(Clone, Debug, Default)]
@@ -453,6 +448,7 @@ impl Runtime {
             root: PathBuf::new(),
             files: Vec::new(),
             surroundings: Vec::new(),
+            sidecars: Default::default(),
         });
         let limits = Limits { timeout: Duration::from_secs(10), ..Limits::default() };
         let (mut store, output) = self.store(nothing, Arc::default(), limits.clone());

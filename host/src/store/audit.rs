@@ -18,9 +18,9 @@ const GENESIS: &str = "000000000000000000000000000000000000000000000000000000000
 pub struct Entry {
     pub seq: u64,
     pub time: String,
-    /// `INFO` for promotions, `CRITICAL` for rejections, `WARNING` for recoveries.
+    /// `INFO` for promotions and rescans, `CRITICAL` for rejections.
     pub level: String,
-    /// `promoted`, `rejected`, `rescan`, `recovered`.
+    /// `promoted`, `rejected` or `rescan`.
     pub event: String,
     pub model: String,
     pub sha256: Option<String>,

@@ -6,7 +6,11 @@
 //! one of incoming, scanning, registry or rejected:
 //!
 //! 1. claim: `scanning/.<id>.tmp/claim.json` is written, the folder renamed to
-//!    `scanning/<id>/`, then the model renamed into it. Nothing is read before.
+//!    `scanning/<id>/`, then the upload (the model and its sidecars) renamed
+//!    into its `upload/` sub-folder. airlock then takes a private copy into
+//!    `model/` (see private_copy.rs) and removes the upload; only the copy is
+//!    scanned and promoted. The model never shares a folder with the journal
+//!    files, so no model name can replace one.
 //! 2. decide: the scan's outcome goes to `decision.json` (and, on a pass,
 //!    `manifest.json`) inside the claim folder, fsynced.
 //! 3. promote: the whole claim folder is renamed to `registry/<name>/`, so
@@ -24,6 +28,7 @@ pub mod audit;
 pub mod listing;
 pub mod manifest;
 pub mod outbox;
+mod private_copy;
 pub mod root;
 pub mod watch;
 
@@ -55,6 +60,27 @@ pub fn is_eligible_name(name: &str) -> bool {
         || name.ends_with(".tmp")
         || name.ends_with(".part")
         || SIDECAR_SUFFIXES.iter().any(|s| name.ends_with(s)))
+}
+
+/// The claim folder's sub-folder that holds the model airlock scans (its
+/// private copy) with its sidecars; it stays the same in `registry/<name>/`.
+pub const MODEL_DIR: &str = "model";
+/// The claim folder's sub-folder the upload is moved into before it is copied.
+const UPLOAD_DIR: &str = "upload";
+/// Journal file: the model in `model/` is the upload itself, not a private
+/// copy (it held a link or special file, or the copy failed; the file says
+/// why). Such a model is scanned, so its verdict names what is wrong, but it
+/// is never promoted.
+const AS_UPLOADED: &str = "as-uploaded";
+
+/// Where a registry folder (or a claim folder) holds the model: `model/<name>`,
+/// or `<name>` beside the manifest in a registry folder promoted before 0.3.
+pub fn model_path(dir: &Path, name: &str) -> PathBuf {
+    let inside = dir.join(MODEL_DIR).join(name);
+    if fs::symlink_metadata(&inside).is_err() && fs::symlink_metadata(dir.join(name)).is_ok() {
+        return dir.join(name);
+    }
+    inside
 }
 
 /// `scanning/<id>/claim.json`: which model a claim folder holds.
@@ -231,24 +257,93 @@ impl<'a> Quarantine<'a> {
         let tmp = self.root.scanning().join(format!(".{id}.tmp"));
         let dir = self.root.scanning().join(&id);
         fs::create_dir(&tmp)?;
-        write_json(
-            &tmp.join("claim.json"),
-            &Claim { id: id.clone(), name: name.into(), claimed_at: audit::now_rfc3339() },
-        )?;
+        let made = (|| {
+            fs::create_dir(tmp.join(UPLOAD_DIR))?;
+            write_json(
+                &tmp.join("claim.json"),
+                &Claim { id: id.clone(), name: name.into(), claimed_at: audit::now_rfc3339() },
+            )
+        })();
+        if let Err(e) = made {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
         fs::rename(&tmp, &dir)?;
-        let src = self.root.incoming().join(name);
         // The rename moves the entry itself: a symlink is moved, never followed.
-        fs::rename(&src, dir.join(name))?;
-        for suffix in SIDECAR_SUFFIXES {
-            let sidecar = self.root.incoming().join(format!("{name}{suffix}"));
-            if fs::symlink_metadata(&sidecar).is_ok() {
-                fs::rename(&sidecar, dir.join(format!("{name}{suffix}")))?;
+        // The model goes first; if it or a sidecar cannot move, what moved goes
+        // back and the claim folder is removed, so a failed claim leaves nothing
+        // behind and the model waits in incoming/ (the watcher backs off).
+        let upload = dir.join(UPLOAD_DIR);
+        let mut moved: Vec<String> = Vec::new();
+        let mut entries = vec![name.to_string()];
+        entries.extend(SIDECAR_SUFFIXES.iter().map(|s| format!("{name}{s}")));
+        for (i, entry) in entries.iter().enumerate() {
+            let src = self.root.incoming().join(entry);
+            if i > 0 && fs::symlink_metadata(&src).is_err() {
+                continue;
             }
+            if let Err(e) = fs::rename(&src, upload.join(entry)) {
+                for back in moved.iter().rev() {
+                    let _ = rename_new(&upload.join(back), &self.root.incoming().join(back));
+                }
+                let _ = self.remove_claim_dir(&dir);
+                return Err(io::Error::new(e.kind(), format!("moving {entry} out of incoming/: {e}")));
+            }
+            moved.push(entry.clone());
         }
         sync_dir(&self.root.incoming())?;
+        sync_dir(&upload)?;
         sync_dir(&dir)?;
         sync_dir(&self.root.scanning())?;
+        self.take_private_copy(&dir, name)?;
         Ok(dir)
+    }
+
+    /// Copies the upload (model and sidecars) into `model/` as airlock's own
+    /// bytes, then removes the upload. An upload that cannot be copied (a
+    /// link, a special or hardlinked file, over the folder limits, a full
+    /// disk) is moved into `model/` as it is, with `as-uploaded` saying why:
+    /// it is scanned so its report names the problem, and never promoted.
+    /// Idempotent: recovery calls it again for a claim a crash interrupted.
+    fn take_private_copy(&self, dir: &Path, name: &str) -> io::Result<()> {
+        let (upload, model) = (dir.join(UPLOAD_DIR), dir.join(MODEL_DIR));
+        // A copy a crash cut short is started again.
+        let partial = dir.join(format!(".{MODEL_DIR}.copy"));
+        match fs::remove_dir_all(&partial) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        fs::create_dir(&partial)?;
+        let mut entries: Vec<String> = vec![name.to_string()];
+        entries.extend(SIDECAR_SUFFIXES.iter().map(|s| format!("{name}{s}")));
+        let mut uncopied = None;
+        for (i, entry) in entries.iter().enumerate() {
+            let src = upload.join(entry);
+            if i > 0 && fs::symlink_metadata(&src).is_err() {
+                continue;
+            }
+            if let Err(why) = private_copy::copy(&src, &partial.join(entry), &self.policy.folder_limits) {
+                uncopied = Some(why);
+                break;
+            }
+        }
+        match uncopied {
+            None => {
+                sync_dir(&partial)?;
+                fs::rename(&partial, &model)?;
+            }
+            Some(why) => {
+                fs::remove_dir_all(&partial)?;
+                write_atomic(&dir.join(AS_UPLOADED), why.as_bytes())?;
+                sync_dir(&upload)?;
+                fs::rename(&upload, &model)?;
+            }
+        }
+        sync_dir(dir)?;
+        match fs::remove_dir_all(&upload) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Why an entry must be rejected without being opened, if it must.
@@ -281,7 +376,24 @@ impl<'a> Quarantine<'a> {
                 return Err(io::Error::other("claim.json is missing or unreadable; left in place for inspection"));
             }
         };
-        let model_path = dir.join(&claim.name);
+        // A journal is airlock's own, but every name read back is checked:
+        // one plain component, never a path that could leave the claim folder.
+        if !listing::is_plain_name(&claim.name) || !listing::is_plain_name(&claim.id) {
+            return Err(io::Error::other(format!(
+                "claim.json names {:?} (claim {:?}), which is not a plain name; left in place for inspection",
+                claim.name, claim.id
+            )));
+        }
+        // A claim a crash interrupted between the move and the copy, or
+        // before the upload was removed: the upload never stays beside the copy.
+        if fs::symlink_metadata(dir.join(UPLOAD_DIR)).is_ok() {
+            if fs::symlink_metadata(dir.join(MODEL_DIR)).is_ok() {
+                fs::remove_dir_all(dir.join(UPLOAD_DIR))?;
+            } else if fs::symlink_metadata(dir.join(UPLOAD_DIR).join(&claim.name)).is_ok() {
+                self.take_private_copy(dir, &claim.name)?;
+            }
+        }
+        let model_path = dir.join(MODEL_DIR).join(&claim.name);
         if fs::symlink_metadata(&model_path).is_err() {
             // The model already left: finish the decision recorded before it moved.
             return match read_json::<Decision>(&dir.join("decision.json")) {
@@ -334,6 +446,22 @@ impl<'a> Quarantine<'a> {
                 Err(reason) => return Ok(Self::reject_decision(FailedAt::Host(HostStep::Dispatch), reason, None)),
             },
         };
+        if outcome.verdict == ModelVerdict::Pass
+            && let Ok(why) = fs::read_to_string(dir.join(AS_UPLOADED))
+        {
+            let mut d = Self::reject_decision(
+                FailedAt::Host(HostStep::Claim),
+                format!(
+                    "{}: airlock could not take a private copy at claim ({why}); a model whose bytes the uploader \
+                     still holds is never promoted",
+                    claim.name
+                ),
+                None,
+            );
+            d.sha256 = outcome.sha256.clone();
+            d.outcome = Some(outcome);
+            return Ok(d);
+        }
         if outcome.verdict != ModelVerdict::Pass {
             // A failed verdict always names where; fail closed if it ever did not.
             let at = outcome.failed_stage.unwrap_or(FailedAt::Host(HostStep::Host));
@@ -436,6 +564,40 @@ impl<'a> Quarantine<'a> {
                 .collect();
             return Ok(Err(format!("the result was refused: the worker scanned other bytes ({})", differ.join("; "))));
         }
+        // A pass must carry the result of every plugin this watcher's policy
+        // runs, from the component it loaded: a forged pass with no stages
+        // (or a replay from other plugins) is refused.
+        if r.outcome.verdict == ModelVerdict::Pass {
+            let missing: Vec<String> = self
+                .scanner
+                .components()
+                .into_iter()
+                .filter(|(stage, label, sha)| {
+                    !r.outcome.stages.iter().any(|s| {
+                        s.stage == *stage
+                            && s.plugin.as_deref() == Some(label.as_str())
+                            && s.plugin_sha256.as_deref() == Some(sha.as_str())
+                    })
+                })
+                .map(|(stage, label, _)| format!("{} {label}", stage.name()))
+                .collect();
+            if !missing.is_empty() {
+                return Ok(Err(format!(
+                    "the pass from worker {} was refused: it carries no result of {} from the component this policy \
+                     loads",
+                    r.worker,
+                    missing.join(", ")
+                )));
+            }
+        }
+        let sidecars = model.sidecars.digests();
+        if r.sidecars != sidecars {
+            return Ok(Err(format!(
+                "the result was refused: worker {} judged the model with other sidecars (origin, signatures) than \
+                 the claim holds: it read {:?}, the claim holds {:?}",
+                r.worker, r.sidecars, sidecars
+            )));
+        }
         for s in &r.outcome.stages {
             on_event(Event::StageDone(s));
         }
@@ -532,9 +694,10 @@ impl<'a> Quarantine<'a> {
         // Journal the name first: once the model has left, recovery finishes
         // the rejection under this name (it may carry the claim id).
         write_atomic(&dir.join("rejected-as"), dest.as_bytes())?;
-        rename_new(&dir.join(&claim.name), &self.root.rejected().join(&dest))?;
+        let model = dir.join(MODEL_DIR);
+        rename_new(&model.join(&claim.name), &self.root.rejected().join(&dest))?;
         for suffix in SIDECAR_SUFFIXES {
-            let sidecar = dir.join(format!("{}{suffix}", claim.name));
+            let sidecar = model.join(format!("{}{suffix}", claim.name));
             if fs::symlink_metadata(&sidecar).is_ok() {
                 let _ = rename_new(&sidecar, &self.root.rejected().join(format!("{dest}{suffix}")));
             }
@@ -556,7 +719,15 @@ impl<'a> Quarantine<'a> {
 
     /// Report, audit, and the claim folder's removal; idempotent.
     fn finish_rejection(&self, dir: &Path, claim: &Claim, d: &Decision) -> io::Result<Disposition> {
-        let dest = fs::read_to_string(dir.join("rejected-as")).unwrap_or_else(|_| claim.name.clone());
+        let dest = match fs::read_to_string(dir.join("rejected-as")) {
+            Ok(d) if listing::is_plain_name(&d) => d,
+            Ok(d) => {
+                return Err(io::Error::other(format!(
+                    "rejected-as names {d:?}, which is not a plain name; left in place for inspection"
+                )));
+            }
+            Err(_) => claim.name.clone(),
+        };
         let failed_stage = d.failed_stage.unwrap_or(FailedAt::Host(HostStep::Host));
         let reason = d.reason.clone().unwrap_or_default();
         let report_path = self.root.rejected().join(format!("{dest}.report.json"));

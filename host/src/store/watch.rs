@@ -26,6 +26,28 @@ pub struct Options {
 /// How often a registry announcement that failed is tried again.
 const RETRY: Duration = Duration::from_secs(30);
 
+/// A name whose claim failed (it could not be moved out of incoming/, the
+/// disk was full) is tried again after this, doubling each time up to
+/// `BACKOFF_MAX`, never in a tight loop.
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// Whether an inotify event can mean a new or changed entry. Reads, opens
+/// and closes without a write (airlock's own listing of incoming/ raises
+/// them) must not wake the loop, or each listing wakes it for the next.
+fn is_change(ev: &notify::Result<notify::Event>) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match ev {
+        Ok(e) => match e.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+            EventKind::Access(_) => false,
+            _ => true,
+        },
+        // An error (a queue overflow) may hide a change: look again.
+        Err(_) => true,
+    }
+}
+
 /// Size and newest mtime of an entry (a folder: its whole tree), without following links.
 fn snapshot(path: &Path) -> Option<(u64, SystemTime)> {
     let meta = fs::symlink_metadata(path).ok()?;
@@ -60,7 +82,9 @@ pub fn run(
     let _watcher = {
         use notify::Watcher;
         let made = notify::recommended_watcher(move |ev| {
-            let _ = tx.send(ev);
+            if is_change(&ev) {
+                let _ = tx.send(ev);
+            }
         })
         .and_then(|mut w| w.watch(&q.root.incoming(), notify::RecursiveMode::Recursive).map(|_| w));
         match made {
@@ -77,6 +101,8 @@ pub fn run(
     let last_flush = Mutex::new(Instant::now());
 
     let in_flight: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
+    // name -> (not before, failed claims in a row)
+    let backoff: Mutex<HashMap<String, (Instant, u32)>> = Mutex::new(HashMap::new());
     let (work_tx, work_rx) = std::sync::mpsc::channel::<String>();
     let work_rx = Mutex::new(work_rx);
     std::thread::scope(|scope| -> io::Result<()> {
@@ -87,6 +113,17 @@ pub fn run(
                     let Ok(name) = next else { break };
                     let d = q.take(&name, &mut |e| on_event(e));
                     on_done(&d);
+                    {
+                        let mut b = backoff.lock().unwrap_or_else(|p| p.into_inner());
+                        if d.is_err() && q.root.incoming().join(&name).symlink_metadata().is_ok() {
+                            let n = b.get(&name).map_or(0, |e| e.1);
+                            let wait = BACKOFF_FIRST.saturating_mul(1 << n.min(16)).min(BACKOFF_MAX);
+                            tracing::warn!("{name}: its claim failed; trying again in {wait:?}");
+                            b.insert(name.clone(), (Instant::now() + wait, n + 1));
+                        } else {
+                            b.remove(&name);
+                        }
+                    }
                     if matches!(d, Ok(Disposition::Promoted { .. })) {
                         *outbox_left.lock().unwrap_or_else(|p| p.into_inner()) = q.flush_outbox();
                         *last_flush.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
@@ -104,6 +141,14 @@ pub fn run(
                 let mut pending = false;
                 for name in waiting {
                     if in_flight.lock().unwrap_or_else(|p| p.into_inner()).contains(&name) {
+                        continue;
+                    }
+                    if backoff
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&name)
+                        .is_some_and(|b| b.0 > Instant::now())
+                    {
                         continue;
                     }
                     let path = q.root.incoming().join(&name);

@@ -22,6 +22,10 @@ struct Config {
     /// loader can import (`trust_remote_code` runs a folder's `.py` files).
     #[serde(default = "default_folder_code")]
     folder_denied_suffixes: Vec<String>,
+    /// More name endings a folder may carry as text, beside the built-in
+    /// text names (docs/folders.md).
+    #[serde(default)]
+    folder_text_suffixes: Vec<String>,
 }
 
 fn default_folder_code() -> Vec<String> {
@@ -93,14 +97,120 @@ fn appended_kind(file: &File, at: u64) -> Option<&'static str> {
     }
 }
 
+/// Names that claim to be weights, with the formats such a file may be.
+/// `.bin`, `.pt` and the like are any weights container (a GGUF named
+/// `ggml-model.bin` is common); the rest name one format. Formats airlock
+/// cannot read (HDF5, msgpack, TFLite) list none, so such a file is refused.
+const WEIGHT_NAMES: &[(&str, &[Format])] = &[
+    (".safetensors", &[Format::Safetensors]),
+    (".gguf", &[Format::Gguf]),
+    (".onnx", &[Format::Onnx]),
+    (".npy", &[Format::Numpy]),
+    (".npz", &[Format::Zip]),
+    (".keras", &[Format::Zip]),
+    (".pkl", &[Format::Pickle]),
+    (".pickle", &[Format::Pickle]),
+    (".joblib", &[Format::Pickle]),
+    (".bin", ANY_WEIGHTS),
+    (".pt", ANY_WEIGHTS),
+    (".pth", ANY_WEIGHTS),
+    (".ckpt", ANY_WEIGHTS),
+    (".h5", &[]),
+    (".hdf5", &[]),
+    (".msgpack", &[]),
+    (".tflite", &[]),
+    (".pb", &[]),
+    (".mlmodel", &[]),
+];
+
+const ANY_WEIGHTS: &[Format] =
+    &[Format::Safetensors, Format::Gguf, Format::Pickle, Format::PytorchZip, Format::Zip, Format::Numpy, Format::Onnx];
+
+/// The formats a file's name claims it is, if it is named as weights.
+fn named_as_weights(path: &str) -> Option<(&'static str, &'static [Format])> {
+    let name = path.rsplit('/').next().unwrap_or(path).to_ascii_lowercase();
+    WEIGHT_NAMES.iter().find(|(suffix, _)| name.ends_with(suffix)).map(|(s, f)| (*s, *f))
+}
+
+/// Names a model folder carries as plain text: docs, licences, vocabularies,
+/// chat templates, git and Hugging Face download metadata (docs/folders.md).
+/// Bytes that read as text under any other name are refused: a protocol-0
+/// pickle is printable ASCII, and `torch.load` does not care about the name.
+fn is_text_name(path: &str, extra: &[String]) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path).to_ascii_lowercase();
+    const EXACT: &[&str] = &[
+        "readme",
+        "license",
+        "licence",
+        "notice",
+        "copying",
+        "authors",
+        "citation",
+        "usage",
+        "use_policy",
+        ".gitattributes",
+        ".gitignore",
+        "merges.txt",
+        "vocab.txt",
+        "sha256sums",
+        "sha512sums",
+        "md5sums",
+        "checksums",
+    ];
+    const SUFFIXES: &[&str] =
+        &[".md", ".txt", ".rst", ".jinja", ".j2", ".yaml", ".yml", ".cff", ".csv", ".tsv", ".tiktoken", ".json"];
+    let hf_download_metadata = path.starts_with(".cache/huggingface/") && name.ends_with(".metadata");
+    EXACT.contains(&name.as_str())
+        || name.starts_with("license")
+        || name.starts_with("licence")
+        || name.starts_with("readme")
+        || SUFFIXES.iter().any(|s| name.ends_with(s))
+        || hf_download_metadata
+        || extra.iter().any(|s| name.ends_with(&s.to_ascii_lowercase()))
+}
+
 /// Checks one file. `Err` is the rejection reason plus its finding.
-fn check(file: &File, allowed: &[String], denied: &[String]) -> Result<(), (String, Finding)> {
+fn check(file: &File, config: &Config, folder: bool) -> Result<(), (String, Finding)> {
+    let allowed = if folder { &config.folder_allowed_formats } else { &config.allowed_formats };
+    let denied = &config.denied_formats;
     let path = file.path();
     let format = file.format();
     let name = format.name();
     let reject =
         |rule: &str, reason: String| (reason.clone(), Finding::new(rule, Severity::Critical, reason).at(path.clone()));
+    let weights = named_as_weights(&path);
+    // Tool leftovers: an empty file (a download tool's `.lock`) carries no
+    // bytes to load. One named as weights is refused below, named as such.
+    if folder && file.size() == 0 && weights.is_none() {
+        return Ok(());
+    }
 
+    // The name and the content must agree: a loader picks its reader by
+    // name. In a folder it is checked first when the content is no weights
+    // container at all (text, JSON, unknown or empty bytes under a weights
+    // name); otherwise the policy's format lists speak first.
+    let mismatch = || -> Option<(String, Finding)> {
+        let (suffix, formats) = weights?;
+        if formats.contains(&format) {
+            return None;
+        }
+        let claimed = if formats.is_empty() {
+            format!("a {suffix} weights file, a format airlock cannot read")
+        } else {
+            format!("{} weights", formats.iter().map(|f| f.name()).collect::<Vec<_>>().join(" or "))
+        };
+        let content = if file.size() == 0 { "empty (0 bytes)".to_string() } else { name.to_string() };
+        Some(reject(
+            "format.name-mismatch",
+            format!("{path}: named as {claimed} ({suffix}), but its content is {content}"),
+        ))
+    };
+    if folder
+        && !ANY_WEIGHTS.contains(&format)
+        && let Some(refused) = mismatch()
+    {
+        return Err(refused);
+    }
     if denied.iter().any(|d| d == name) {
         return Err(reject("format.denied", format!("{path}: format \"{name}\" is denied by policy")));
     }
@@ -108,6 +218,16 @@ fn check(file: &File, allowed: &[String], denied: &[String]) -> Result<(), (Stri
         return Err(reject(
             "format.not-allowed",
             format!("{path}: format \"{name}\" is not allowed by policy (allowed: {})", allowed.join(", ")),
+        ));
+    }
+    if folder && format == Format::Text && !is_text_name(&path, &config.folder_text_suffixes) {
+        return Err(reject(
+            "format.text-name",
+            format!(
+                "{path}: its content is text, but its name is not one a model folder carries as text (README, \
+                 LICENSE, *.md, *.txt, vocab.txt, merges.txt, *.jinja, ...); text under another name can be a \
+                 protocol-0 pickle"
+            ),
         ));
     }
     // Polyglots: a zip directory at the tail makes the file a zip too.
@@ -141,6 +261,11 @@ fn check(file: &File, allowed: &[String], denied: &[String]) -> Result<(), (Stri
             "format.polyglot.pickle",
             format!("{path}: polyglot: the first bytes also form a pickle stream that imports or calls"),
         ));
+    }
+    // After the polyglot checks, whose reasons say more: a container of
+    // another kind under a weights name (a GGUF named .safetensors).
+    if let Some(refused) = mismatch() {
+        return Err(refused);
     }
     if let Some(err) = file.parse_error() {
         return Err(reject("format.parse-error", format!("{path}: {name} header is invalid: {err}")));
@@ -324,10 +449,9 @@ impl Stage for FormatGate {
         if folder && let Err((reason, finding)) = check_code_names(&files, &config.folder_denied_suffixes) {
             return Report::fail(reason).finding(finding);
         }
-        let allowed = if folder { &config.folder_allowed_formats } else { &config.allowed_formats };
         let mut formats: Vec<&'static str> = Vec::new();
         for file in &files {
-            if let Err((reason, finding)) = check(file, allowed, &config.denied_formats) {
+            if let Err((reason, finding)) = check(file, &config, folder) {
                 // A single-file model's path is the model itself: keep the reason short.
                 let reason = if files.len() == 1 {
                     reason.strip_prefix(&format!("{}: ", file.path())).map(str::to_owned).unwrap_or(reason)
@@ -336,9 +460,24 @@ impl Stage for FormatGate {
                 };
                 return Report::fail(reason).finding(finding);
             }
-            let name = file.format().name();
+            let name = if folder && file.size() == 0 { "empty" } else { file.format().name() };
             if !formats.contains(&name) {
                 formats.push(name);
+            }
+        }
+        // A model has weights: a folder whose weight files hold no tensor is
+        // a config and a tokenizer around nothing (or around a payload the
+        // gate refused to call weights).
+        if folder {
+            let tensors: usize = files
+                .iter()
+                .filter(|f| matches!(f.format(), Format::Safetensors | Format::Gguf))
+                .map(|f| f.tensors().len())
+                .sum();
+            if tensors == 0 {
+                let reason = "the model folder holds no weights: no safetensors or GGUF file with a tensor".to_string();
+                let finding = Finding::new("format.no-weights", Severity::Critical, reason.clone());
+                return Report::fail(reason).finding(finding);
             }
         }
         // Each shard has passed the strict gate above; now the index that joins them.

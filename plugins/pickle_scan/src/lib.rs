@@ -11,6 +11,13 @@
 //! Pickles are denied at the format gate already; this scan is what lets the
 //! rejection report say *why* a file is dangerous, and it guards the `.bin`
 //! components of folder models.
+//!
+//! A pickle need not announce itself: a protocol-0 or 1 stream has no PROTO
+//! opcode, and protocol 0 is printable ASCII, so it sniffs as text. Every
+//! file that is not a tensor container (text, JSON, unknown bytes) is walked
+//! from its first byte too, and a stream that imports a Python callable is
+//! reported with its offset, even when it breaks off before STOP (the
+//! nullifAI trick: the loader runs the payload before it fails).
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -339,7 +346,66 @@ fn scan_file(file: &File, findings: &mut Vec<Finding>) -> Result<usize, String> 
                 Ok(0)
             }
         }
+        Format::Text | Format::Json | Format::Unknown => {
+            let head = read_range(file, 0, file.size().min(MAX_DISGUISED))?;
+            let (found, _) = imports(&head);
+            // A text that happens to start with `c` or `i` "imports" its first
+            // line; a pickle imports Python names.
+            if !found.iter().any(|i| is_python_name(&i.module) && is_python_name(&i.name)) {
+                return Ok(0);
+            }
+            let loc = format!("{path} (reads as {}, but is a pickle stream)", file.format().name());
+            scan_pickle(&head, &origin(loc, Some(0)), findings);
+            Ok(1)
+        }
         _ => Ok(0),
+    }
+}
+
+/// How much of a file that is not a tensor container is walked for a pickle.
+const MAX_DISGUISED: u64 = 1 << 20;
+
+/// A dotted Python name (`posix`, `os.path`, `system`).
+fn is_python_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.').all(|part| {
+            let mut c = part.chars();
+            c.next().is_some_and(|f| f == '_' || f.is_ascii_alphabetic())
+                && c.all(|ch| ch == '_' || ch.is_ascii_alphanumeric())
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The nullifAI shape: protocol 0, every byte printable, an import of
+    /// posix.system and a REDUCE, then the stream breaks off without STOP.
+    #[test]
+    fn a_truncated_protocol_0_stream_still_names_its_import() {
+        let (found, broken) = imports(b"cposix\nsystem\n(S'id'\ntR(garbage");
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].module.as_str(), found[0].name.as_str(), found[0].offset), ("posix", "system", 0));
+        assert!(broken.is_some());
+        assert!(judge("posix", "system").is_some_and(|(s, _)| s == Severity::Critical));
+    }
+
+    /// Every input the fuzzer ever broke the walker with (fuzz/regressions/pickle/,
+    /// none so far) is walked again without the fuzzer.
+    #[test]
+    fn fuzz_regressions_walk_without_panicking() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions/pickle");
+        for e in std::fs::read_dir(&dir).into_iter().flatten() {
+            let bytes = std::fs::read(e.unwrap().path()).unwrap();
+            let _ = count_imports(&bytes);
+        }
+    }
+
+    #[test]
+    fn prose_that_starts_with_an_opcode_letter_is_no_import() {
+        let (found, _) = imports(b"copyright 2024 The Authors\nAll rights reserved.\n");
+        assert!(found.iter().all(|i| !(is_python_name(&i.module) && is_python_name(&i.name))));
+        assert!(is_python_name("os.path") && !is_python_name("opyright 2024 The Authors") && !is_python_name(""));
     }
 }
 

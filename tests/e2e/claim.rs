@@ -1,0 +1,164 @@
+//! The claim is airlock's: a model never shares a folder with the watcher's
+//! journal files, and the bytes scanned and promoted are a private copy the
+//! uploader cannot reach. Each test is a red-team finding (D1, D2, D3, D4,
+//! D5) as an attacker with write access to `incoming/` would try it.
+
+use std::io::{Seek, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+use serde_json::json;
+
+use crate::harness::*;
+use crate::lifecycle::Lab;
+
+fn gadget_gguf() -> Vec<u8> {
+    let mut g = Gguf::default();
+    g.kvs.push(("tokenizer.chat_template".into(), kv_str("{{ cycler.__init__.__globals__.os.popen('id').read() }}")));
+    g.bytes()
+}
+
+#[track_caller]
+fn assert_chain_whole_and_nothing_scanning(lab: &Lab) {
+    let (code, out) = lab.run(&["audit", "--verify"]);
+    assert_eq!(code, 0, "{out}");
+    let left: Vec<_> =
+        std::fs::read_dir(lab.root.join("quarantine/scanning")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "claim folders left behind: {left:?}");
+}
+
+/// D1: a drop named `claim.json` whose content names a path outside the root
+/// once made the watcher rename that path and write a report beside it.
+#[test]
+fn a_drop_named_claim_json_cannot_steer_the_watcher() {
+    let lab = Lab::new();
+    let d = tmp();
+    let victim = d.path().join("secret.txt");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let planted = json!({"id": "pwned", "name": victim, "claimed_at": "x"}).to_string();
+    lab.drop_file("claim.json", planted.as_bytes());
+    let out = lab.watch_once();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n", "{out}");
+    let beside: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(beside.len(), 1, "files appeared beside the victim: {beside:?}\n{out}");
+    // The drop is a model like any other: a lone JSON file fails the format gate, and its bytes are kept.
+    assert_eq!(lab.report("claim.json")["failed_stage"], "format_gate", "{out}");
+    assert_eq!(std::fs::read(lab.rejected().join("claim.json")).unwrap(), planted.as_bytes());
+    assert_chain_whole_and_nothing_scanning(&lab);
+}
+
+/// D2, D3: models named like the journal files (and the claim's own
+/// sub-folders) keep their bytes, promoted or rejected; a folder named
+/// `claim.json` is claimed once and leaves no orphan claim folders.
+#[test]
+fn models_named_like_journal_files_keep_their_bytes() {
+    let lab = Lab::new();
+    let clean = Gguf::default().bytes();
+    let st = safetensors(ST_HEADER, &[1; 24]);
+    let evil = gadget_gguf();
+    let promoted: Vec<(&str, &[u8])> = vec![
+        ("decision.json", &clean),
+        ("manifest.json", &st),
+        ("model", &clean),
+        ("upload", &clean),
+        ("as-uploaded", &clean),
+    ];
+    for (n, b) in &promoted {
+        lab.drop_file(n, b);
+    }
+    lab.drop_file("rejected-as", &evil);
+    let staged = tmp();
+    let folder = staged.path().join("claim.json");
+    std::fs::create_dir(&folder).unwrap();
+    write(&folder, "config.json", br#"{"model_type":"bert"}"#);
+    write(&folder, "model.safetensors", &st);
+    std::fs::rename(&folder, lab.incoming().join("claim.json")).unwrap();
+
+    let out = lab.watch_once();
+    for (n, b) in &promoted {
+        let copy = lab.registry().join(n).join("model").join(n);
+        assert_eq!(std::fs::read(&copy).unwrap_or_default(), *b, "{n}: the promoted bytes are not the model's\n{out}");
+        let (code, v) = lab.run(&["verify", n]);
+        assert_eq!(code, 0, "{n}: {v}");
+    }
+    assert!(lab.registry().join("claim.json/model/claim.json/model.safetensors").is_file(), "{out}");
+    assert_eq!(std::fs::read(lab.rejected().join("rejected-as")).unwrap(), evil, "the rejected model lost its bytes");
+    assert_eq!(lab.report("rejected-as")["failed_stage"], "static_scan");
+    assert_chain_whole_and_nothing_scanning(&lab);
+}
+
+/// D4: the uploader keeps a write fd across the claim and writes malicious
+/// bytes through it after promotion; the registry copy is airlock's own,
+/// read-only inode and does not change.
+#[test]
+fn the_uploader_keeps_no_hold_on_the_promoted_bytes() {
+    let lab = Lab::new();
+    let clean = Gguf::default().bytes();
+    let mut fd = std::fs::File::create(lab.incoming().join("fd.gguf")).unwrap();
+    fd.write_all(&clean).unwrap();
+    fd.sync_all().unwrap();
+    // A folder whose uploader keeps a handle on it, to add files after the claim.
+    let staged = tmp();
+    let folder = staged.path().join("grows");
+    std::fs::create_dir(&folder).unwrap();
+    write(&folder, "config.json", br#"{"model_type":"bert"}"#);
+    write(&folder, "model.safetensors", &safetensors(ST_HEADER, &[1; 24]));
+    let handle = std::fs::File::open(&folder).unwrap();
+    std::fs::rename(&folder, lab.incoming().join("grows")).unwrap();
+
+    let out = lab.watch_once();
+    let copy = lab.registry().join("fd.gguf/model/fd.gguf");
+    assert!(copy.is_file(), "{out}");
+    fd.rewind().unwrap();
+    fd.write_all(&gadget_gguf()).unwrap();
+    fd.sync_all().unwrap();
+    assert_eq!(std::fs::read(&copy).unwrap(), clean, "a write through the uploader's fd reached the registry");
+    let meta = std::fs::metadata(&copy).unwrap();
+    assert_ne!(meta.ino(), fd.metadata().unwrap().ino());
+    assert_eq!(meta.permissions().mode() & 0o222, 0, "the registry copy is writable");
+    let (code, v) = lab.run(&["verify", "fd.gguf"]);
+    assert_eq!(code, 0, "{v}");
+
+    // The folder's listing was fixed at claim: the uploader's handle now names
+    // a folder that is gone, and nothing it adds reaches the registry.
+    use std::os::fd::AsRawFd;
+    let name = std::ffi::CString::new("evil.py").unwrap();
+    // SAFETY: a valid directory fd and a NUL-terminated name.
+    let made = unsafe { libc::openat(handle.as_raw_fd(), name.as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o644) };
+    if made >= 0 {
+        unsafe { libc::close(made) };
+    }
+    let reg = lab.registry().join("grows/model/grows");
+    assert!(reg.join("model.safetensors").is_file(), "{out}");
+    assert!(!reg.join("evil.py").exists(), "a file added after the claim is in the registry");
+    let (code, v) = lab.run(&["verify", "grows"]);
+    assert_eq!(code, 0, "{v}");
+    assert_chain_whole_and_nothing_scanning(&lab);
+}
+
+/// D5: `verify` sees a link, a FIFO and an extra file added to a promoted model.
+#[test]
+fn verify_sees_links_special_files_and_extra_files() {
+    let lab = Lab::new();
+    let staged = tmp();
+    let folder = staged.path().join("lnk");
+    std::fs::create_dir(&folder).unwrap();
+    write(&folder, "config.json", br#"{"model_type":"bert"}"#);
+    write(&folder, "model.safetensors", &safetensors(ST_HEADER, &[1; 24]));
+    std::fs::rename(&folder, lab.incoming().join("lnk")).unwrap();
+    lab.drop_file("one.gguf", &Gguf::default().bytes());
+    let out = lab.watch_once();
+    let reg = lab.registry().join("lnk/model/lnk");
+    assert!(reg.is_dir(), "{out}");
+    std::os::unix::fs::symlink("/etc/hostname", reg.join("tokenizer.json")).unwrap();
+    let fifo = std::ffi::CString::new(reg.join("vocab.txt").to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    let (code, v) = lab.run(&["verify", "lnk"]);
+    assert_eq!(code, 1, "{v}");
+    assert!(v.contains("tokenizer.json: a symlink") && v.contains("vocab.txt: a special-file"), "{v}");
+
+    write(&lab.registry().join("one.gguf/model"), "evil.py", b"import os");
+    let (code, v) = lab.run(&["verify", "one.gguf"]);
+    assert_eq!(code, 1, "{v}");
+    assert!(v.contains("model/evil.py: not part of the promoted model"), "{v}");
+}
