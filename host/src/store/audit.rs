@@ -68,6 +68,46 @@ fn sha(line: &[u8]) -> String {
     hex::encode(Sha256::digest(line))
 }
 
+/// Every entry ends with a newline; bytes after the last one are a line
+/// whose write was cut short (the disk filled, the process died before the
+/// rollback). They are dropped, with a warning. Returns the length kept.
+fn drop_torn_tail(f: &mut fs::File, path: &Path) -> io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok(0);
+    }
+    // Look back in steps for the last newline; an entry is a few KB at most.
+    let mut end = len;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let start = end.saturating_sub(buf.len() as u64);
+        let n = (end - start) as usize;
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut buf[..n])?;
+        if let Some(i) = buf[..n].iter().rposition(|&b| b == b'\n') {
+            let keep = start + i as u64 + 1;
+            if keep < len {
+                tracing::warn!(
+                    "audit log {}: dropped {} bytes of a torn last line (an append cut short)",
+                    path.display(),
+                    len - keep
+                );
+                f.set_len(keep)?;
+                f.sync_all()?;
+            }
+            return Ok(keep);
+        }
+        if start == 0 {
+            tracing::warn!("audit log {}: dropped {len} bytes of a torn first line", path.display());
+            f.set_len(0)?;
+            f.sync_all()?;
+            return Ok(0);
+        }
+        end = start;
+    }
+}
+
 impl AuditLog {
     pub fn new(path: &Path) -> AuditLog {
         AuditLog { path: path.to_path_buf(), head: path.with_extension("head") }
@@ -81,11 +121,19 @@ impl AuditLog {
         }
     }
 
-    /// Rolls the head forward when a crash fell between appending a line and
-    /// moving the head: the last line then chains exactly onto the head.
+    /// Drops a torn last line (an append cut short), then rolls the head
+    /// forward when a crash fell between appending a line and moving the
+    /// head: the last line then chains exactly onto the head.
     /// Anything else that disagrees is left for `verify` to report.
     pub fn repair(&self) -> io::Result<()> {
         let _lock = self.lock()?;
+        match OpenOptions::new().read(true).write(true).open(&self.path) {
+            Ok(mut f) => {
+                drop_torn_tail(&mut f, &self.path)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
         let head = self.read_head()?;
         let text = match fs::read_to_string(&self.path) {
             Ok(t) => t,
@@ -135,9 +183,14 @@ impl AuditLog {
             prev: head.sha256,
         };
         let line = serde_json::to_string(&entry).map_err(io::Error::other)?;
-        let mut f = OpenOptions::new().create(true).append(true).open(&self.path)?;
-        f.write_all(format!("{line}\n").as_bytes())?;
-        f.sync_all()?;
+        let mut f = OpenOptions::new().create(true).read(true).append(true).open(&self.path)?;
+        let len = drop_torn_tail(&mut f, &self.path)?;
+        // A write cut short (a full disk) is taken back, so the next append
+        // starts on a line boundary and the chain stays whole.
+        if let Err(e) = f.write_all(format!("{line}\n").as_bytes()).and_then(|()| f.sync_all()) {
+            let _ = f.set_len(len).and_then(|()| f.sync_all());
+            return Err(e);
+        }
         let head = Head { seq: entry.seq, sha256: sha(line.as_bytes()) };
         super::root::write_atomic(&self.head, &serde_json::to_vec(&head).map_err(io::Error::other)?)?;
         Ok(entry)
@@ -195,6 +248,23 @@ impl AuditLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A full disk cut an append short (the red team's D6): the next append
+    /// drops the torn line and the chain holds.
+    #[test]
+    fn a_torn_append_is_dropped_by_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::new(&dir.path().join("audit.jsonl"));
+        let rec = |m: &str| Record { level: "INFO", event: "promoted", model: m.into(), ..Record::default() };
+        log.append(rec("a")).unwrap();
+        let mut f = OpenOptions::new().append(true).open(dir.path().join("audit.jsonl")).unwrap();
+        f.write_all(br#"{"seq":2,"time":"2026-12-07T00:00:00Z","lev"#).unwrap();
+        drop(f);
+        assert!(log.verify().is_err());
+        log.append(rec("b")).unwrap();
+        assert_eq!(log.verify(), Ok(2));
+        assert_eq!(log.entries().unwrap().iter().map(|e| e.model.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    }
 
     /// Appenders in parallel, each with its own handle as separate processes
     /// have (the watcher's threads, `rescan`): one sequence, one chain.
