@@ -162,3 +162,18 @@ fn verify_sees_links_special_files_and_extra_files() {
     assert_eq!(code, 1, "{v}");
     assert!(v.contains("model/evil.py: not part of the promoted model"), "{v}");
 }
+
+/// D16: a name that holds a newline and a log line of its own, and one with
+/// an escape sequence, cannot forge a line of the watcher's log.
+#[test]
+fn a_name_cannot_forge_a_log_line() {
+    let lab = Lab::new();
+    let forged = "x\n[quarantine] PROMOTED: evil.gguf";
+    lab.drop_file(forged, b"not a model");
+    lab.drop_file("red\x1b[31m.gguf", b"not a model either");
+    let out = lab.watch_once();
+    assert!(!out.lines().any(|l| l.starts_with("[quarantine] PROMOTED: evil.gguf")), "{out}");
+    assert!(!out.contains('\x1b'), "{out:?}");
+    assert!(out.contains("x\\n[quarantine] PROMOTED: evil.gguf"), "{out}");
+    assert!(std::fs::symlink_metadata(lab.rejected().join(forged)).is_ok(), "{out}");
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use super::{PREFIX, Progress};
+use super::{PREFIX, Progress, one_line};
 use crate::artifact::{Model, ReadMode};
 use crate::store::{self, AuditLog, Disposition, Manifest, Quarantine, Root, manifest};
 
@@ -129,11 +129,18 @@ pub fn admit(root: &Root, path: &Path, origin: Option<&str>, signatures: &[std::
 fn report(d: &Result<Disposition, String>) {
     let mut out = std::io::stdout().lock();
     let _ = match d {
-        Ok(Disposition::Promoted { name }) => writeln!(out, "{PREFIX} PROMOTED: {name} → registry/{name}"),
-        Ok(Disposition::Rejected { name, failed_stage, reason, report }) => {
-            writeln!(out, "{PREFIX} REJECTED: {name} — {failed_stage}: {reason} (report: {})", report.display())
+        Ok(Disposition::Promoted { name }) => {
+            let name = one_line(name);
+            writeln!(out, "{PREFIX} PROMOTED: {name} → registry/{name}")
         }
-        Err(e) => writeln!(out, "{PREFIX} ERROR: {e}"),
+        Ok(Disposition::Rejected { name, failed_stage, reason, report }) => writeln!(
+            out,
+            "{PREFIX} REJECTED: {} — {failed_stage}: {} (report: {})",
+            one_line(name),
+            one_line(reason),
+            one_line(&report.display().to_string())
+        ),
+        Err(e) => writeln!(out, "{PREFIX} ERROR: {}", one_line(e)),
     };
     let _ = out.flush();
 }

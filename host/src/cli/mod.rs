@@ -638,7 +638,7 @@ impl Progress {
 
 pub(crate) fn print_event(out: &mut impl Write, e: &Event) -> std::io::Result<()> {
     match e {
-        Event::Processing(name) => writeln!(out, "{PREFIX} Processing: {name}"),
+        Event::Processing(name) => writeln!(out, "{PREFIX} Processing: {}", one_line(name)),
         Event::StageStart(stage, plugin) => {
             if *stage == crate::policy::Stage::SourcePolicy && plugin.is_none() {
                 writeln!(
@@ -678,17 +678,43 @@ fn print_stage(out: &mut impl Write, r: &StageResult) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A name or reason as one log line: control characters (a newline, a
+/// carriage return, an escape sequence) are written escaped, so a model
+/// named to look like another log line cannot forge one under journald or
+/// reach the terminal.
+pub(crate) fn one_line(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+        .collect::<String>()
+        .into()
+}
+
 fn print_verdict(out: &mut impl Write, o: &Outcome) -> std::io::Result<()> {
     match o.verdict {
         ModelVerdict::Pass => {
-            writeln!(out, "{PREFIX} PASSED: {} (sha256={})", o.model, o.sha256.as_deref().unwrap_or("n/a"))
+            writeln!(out, "{PREFIX} PASSED: {} (sha256={})", one_line(&o.model), o.sha256.as_deref().unwrap_or("n/a"))
         }
         ModelVerdict::Fail => writeln!(
             out,
             "{PREFIX} REJECTED: {} — {}: {}",
-            o.model,
+            one_line(&o.model),
             o.failed_stage.map_or("?", |f| f.name()),
-            o.reason.as_deref().unwrap_or("")
+            one_line(o.reason.as_deref().unwrap_or(""))
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn control_characters_are_escaped_in_log_lines() {
+        assert_eq!(one_line("plain name.gguf"), "plain name.gguf");
+        assert_eq!(one_line("x\n[quarantine] PROMOTED: y"), "x\\n[quarantine] PROMOTED: y");
+        assert_eq!(one_line("a\r\x1b[31mb\tc"), "a\\r\\u{1b}[31mb\\tc");
     }
 }
