@@ -151,11 +151,13 @@ impl Sidecars {
     /// Reads what travels beside the model at `path`, within the size bounds.
     pub fn read(path: &Path, kind: ModelKind) -> Sidecars {
         let mut files = BTreeMap::new();
+        // A folder's `.sig` and `.model.sig` are one file: read it once.
+        let mut read: BTreeMap<PathBuf, Option<SidecarFile>> = BTreeMap::new();
         for suffix in SIDECAR_SUFFIXES {
             let Some(p) = sidecar_path(path, kind, suffix) else { continue };
             let max = if suffix == ".origin" { MAX_ORIGIN } else { MAX_SIGNATURE };
-            if let Some(f) = read_bounded(&p, max) {
-                files.insert(suffix.to_string(), f);
+            if let Some(f) = read.entry(p).or_insert_with_key(|p| read_bounded(p, max)) {
+                files.insert(suffix.to_string(), f.clone());
             }
         }
         let origin = match files.get(".origin") {

@@ -83,6 +83,11 @@ pub fn model_path(dir: &Path, name: &str) -> PathBuf {
     inside
 }
 
+/// The entries an upload of `name` may hold: the model first, then its sidecars.
+fn upload_entries(name: &str) -> Vec<String> {
+    std::iter::once(name.to_string()).chain(SIDECAR_SUFFIXES.iter().map(|s| format!("{name}{s}"))).collect()
+}
+
 /// `scanning/<id>/claim.json`: which model a claim folder holds.
 #[derive(Serialize, Deserialize)]
 struct Claim {
@@ -275,9 +280,7 @@ impl<'a> Quarantine<'a> {
         // behind and the model waits in incoming/ (the watcher backs off).
         let upload = dir.join(UPLOAD_DIR);
         let mut moved: Vec<String> = Vec::new();
-        let mut entries = vec![name.to_string()];
-        entries.extend(SIDECAR_SUFFIXES.iter().map(|s| format!("{name}{s}")));
-        for (i, entry) in entries.iter().enumerate() {
+        for (i, entry) in upload_entries(name).iter().enumerate() {
             let src = self.root.incoming().join(entry);
             if i > 0 && fs::symlink_metadata(&src).is_err() {
                 continue;
@@ -314,10 +317,8 @@ impl<'a> Quarantine<'a> {
             _ => {}
         }
         fs::create_dir(&partial)?;
-        let mut entries: Vec<String> = vec![name.to_string()];
-        entries.extend(SIDECAR_SUFFIXES.iter().map(|s| format!("{name}{s}")));
         let mut uncopied = None;
-        for (i, entry) in entries.iter().enumerate() {
+        for (i, entry) in upload_entries(name).iter().enumerate() {
             let src = upload.join(entry);
             if i > 0 && fs::symlink_metadata(&src).is_err() {
                 continue;
