@@ -177,3 +177,77 @@ fn a_name_cannot_forge_a_log_line() {
     assert!(out.contains("x\\n[quarantine] PROMOTED: evil.gguf"), "{out}");
     assert!(std::fs::symlink_metadata(lab.rejected().join(forged)).is_ok(), "{out}");
 }
+
+/// D17: a name that is not UTF-8 once stayed in incoming/ for good, unseen.
+/// It is renamed with `%XX` for each such byte and judged like any other.
+#[test]
+fn a_name_that_is_not_utf8_is_renamed_and_judged() {
+    use std::os::unix::ffi::OsStrExt;
+    let lab = Lab::new();
+    let raw = std::ffi::OsStr::from_bytes(b"bad\xffutf8.gguf");
+    std::fs::write(lab.incoming().join(raw), Gguf::default().bytes()).unwrap();
+    lab.drop_file("evil\u{fffd}.gguf", crate::formats::EVIL_PICKLE);
+    let out = lab.watch_once();
+    assert!(out.contains("PROMOTED: bad%FFutf8.gguf"), "{out}");
+    assert!(out.contains("REJECTED: evil\u{fffd}.gguf"), "{out}");
+    let left: Vec<_> = std::fs::read_dir(lab.incoming()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "left in incoming/: {left:?}\n{out}");
+    assert_chain_whole_and_nothing_scanning(&lab);
+}
+
+/// Red team rows 12 and 13 on a real full disk (a 4 MiB tmpfs holds the
+/// data root): while nothing can be written, the models wait in incoming/
+/// with their bytes, no claim or `.tmp` folder is left behind, and the audit
+/// chain stays whole. Once space returns, the next run judges both models:
+/// the clean one is promoted (a copy the disk refused is not held against it).
+#[test]
+fn a_full_disk_loses_no_model_and_leaves_the_audit_chain_whole() {
+    let (lab, _unmount) = Lab::on_tmpfs(4096);
+    let clean = Gguf::default().bytes();
+    // One model judged first, so the audit log has lines to keep whole.
+    lab.drop_file("first.gguf", &clean);
+    let out = lab.watch_once();
+    assert!(lab.registry().join("first.gguf").is_dir(), "{out}");
+    lab.drop_file("clean.gguf", &clean);
+    lab.drop_file("evil.gguf", crate::formats::EVIL_PICKLE);
+
+    // Fill every page that is left.
+    let filler = lab.root.join("state/filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 4096];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+    drop(f);
+    for _ in 0..2 {
+        let (_, out) = lab.run(&["watch", "--once", "--settle-ms", "0"]);
+        for n in ["clean.gguf", "evil.gguf"] {
+            let here = lab.incoming().join(n);
+            let kept = std::fs::read(&here).ok().or_else(|| find_bytes(&lab, n));
+            assert!(kept.is_some(), "{n} was lost on a full disk:\n{out}");
+        }
+        let left: Vec<_> =
+            std::fs::read_dir(lab.root.join("quarantine/scanning")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.iter().all(|n| !n.to_string_lossy().ends_with(".tmp")), "leaked: {left:?}\n{out}");
+        let (code, out) = lab.run(&["audit", "--verify"]);
+        assert_eq!(code, 0, "the audit chain broke on a full disk: {out}");
+    }
+
+    std::fs::remove_file(&filler).unwrap();
+    let (_, out) = lab.run(&["watch", "--once", "--settle-ms", "0"]);
+    assert!(lab.registry().join("clean.gguf").is_dir(), "{out}");
+    assert!(lab.report("evil.gguf")["failed_stage"].is_string(), "{out}");
+    assert_eq!(std::fs::read(lab.rejected().join("evil.gguf")).unwrap(), crate::formats::EVIL_PICKLE);
+    assert_chain_whole_and_nothing_scanning(&lab);
+}
+
+/// A model's bytes wherever the lifecycle holds them: a claim folder's upload or model copy.
+fn find_bytes(lab: &Lab, name: &str) -> Option<Vec<u8>> {
+    for claim in std::fs::read_dir(lab.root.join("quarantine/scanning")).ok()?.flatten() {
+        for sub in ["upload", "model"] {
+            if let Ok(b) = std::fs::read(claim.path().join(sub).join(name)) {
+                return Some(b);
+            }
+        }
+    }
+    None
+}

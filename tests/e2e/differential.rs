@@ -230,20 +230,22 @@ fn scan_watch_and_both_dispatch_transfers_give_one_verdict_per_model() {
     // 3 and 4. One worker behind a NATS server, then each transfer.
     let nats = Nats::start(d.path());
     let scratch = d.path().join("scratch");
+    let labs = [("shared-path", Lab::new()), ("object-store", Lab::new())];
+    // The worker runs with the shared-path watcher's --root: it reads shared-path
+    // models only in that root's claim folders. Object Store jobs need no root.
     let w = {
-        let lab = Lab::new();
         let mut c =
-            lab.cmd(&["worker", "--nats", &nats.url(), "--scratch", scratch.to_str().unwrap(), "--policy", &pol]);
+            labs[0].1.cmd(&["worker", "--nats", &nats.url(), "--scratch", scratch.to_str().unwrap(), "--policy", &pol]);
         c.env("AIRLOCK_LOG", "warn");
-        (Proc::spawn(c), lab)
+        Proc::spawn(c)
     };
     let mut by_transfer = Vec::new();
-    for transfer in ["shared-path", "object-store"] {
-        let lab = Lab::new();
+    for (transfer, lab) in &labs {
+        let transfer = *transfer;
         pin_mismatch(&lab.root);
         let staged = d.path().join(transfer);
         cases(&staged);
-        drop_all(&staged, &lab);
+        drop_all(&staged, lab);
         let url = nats.url();
         let mut c = lab.cmd(&[
             "watch",
@@ -260,8 +262,8 @@ fn scan_watch_and_both_dispatch_transfers_give_one_verdict_per_model() {
         c.env("AIRLOCK_LOG", "warn");
         let mut watcher = Proc::spawn(c);
         let status = wait_exit(&mut watcher, Duration::from_secs(300));
-        assert!(status.success(), "{transfer}: {status:?}\n{}\nworker:\n{}", watcher.log(), w.0.log());
-        by_transfer.push((transfer, decided(&lab, &names)));
+        assert!(status.success(), "{transfer}: {status:?}\n{}\nworker:\n{}", watcher.log(), w.log());
+        by_transfer.push((transfer, decided(lab, &names)));
         if transfer == "object-store" {
             // The origin is recorded whichever way the bytes travelled.
             assert_eq!(lab.manifest("allowed-origin.gguf")["origin"], ALLOWED);
@@ -311,7 +313,7 @@ fn scan_watch_and_both_dispatch_transfers_give_one_verdict_per_model() {
     for n in ["template-gadget.gguf", "gadget-folder", "template-folder"] {
         expect(n, Some("static_scan"));
     }
-    let (_, wlog) = w.0.terminate();
+    let (_, wlog) = w.terminate();
     assert!(!wlog.contains("panicked"), "{wlog}");
 }
 
@@ -375,6 +377,10 @@ fn the_policy_digest_ignores_paths_and_sees_every_verdict_change() {
     let a = digest(&lab, &make("a", &same, &key, &plugin));
     let b = digest(&lab, &make("elsewhere/b", &same, &key, &plugin));
     assert_eq!(a, b, "identical policies in two folders disagree");
+    // Each worker has its own signing key: the scale_out keys are no part of the verdict.
+    let keyed = make("keyed", &same, &key, &plugin);
+    crate::scale_out::sign_results(&keyed);
+    assert_eq!(digest(&lab, &keyed), a, "a worker's signing key changed the policy digest");
 
     let other_key = d.path().join("other.pub");
     cosign_key(&other_key);

@@ -108,6 +108,46 @@ fn a_folder_without_weights_is_rejected_at_the_format_gate() {
     assert_rejected(&scan_json(&f, &[]), "format_gate", "the model folder holds no weights");
 }
 
+/// Issue 37: weights that number their layers must cover every layer the
+/// config names. The real all-MiniLM-L6-v2 (6 layers) passes; the same
+/// weights under a config that says 8, or with two layers' tensors taken
+/// out, are rejected at the format gate naming the missing layers.
+#[test]
+fn weights_must_cover_the_layers_the_config_names() {
+    let d = tmp();
+    let base = crate::hf_folders::minilm(d.path());
+    assert_passed(&scan_json(&base, &[]));
+    let more = d.path().join("eight");
+    crate::hf_folders::copy_folder(&base, &more);
+    let cfg = more.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    assert_eq!(v["num_hidden_layers"], 6);
+    v["num_hidden_layers"] = 8.into();
+    std::fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
+    assert_rejected(
+        &scan_json(&more, &[]),
+        "format_gate",
+        "tensors for only 6 of those layers: none for layer(s) 6, 7",
+    );
+
+    // Layers 2 and 3 taken out of the weights (the header rewritten without them).
+    let cut = d.path().join("cut");
+    crate::hf_folders::copy_folder(&base, &cut);
+    let (header, data) = crate::hf_folders::read_safetensors(&cut.join("model.safetensors"));
+    let kept: Vec<(String, serde_json::Value, serde_json::Value, Vec<u8>)> = header
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__" && !k.contains(".layer.2.") && !k.contains(".layer.3."))
+        .map(|(k, t)| {
+            let [a, b] = [0, 1].map(|i| t["data_offsets"][i].as_u64().unwrap() as usize);
+            (k.clone(), t["dtype"].clone(), t["shape"].clone(), data[a..b].to_vec())
+        })
+        .collect();
+    let refs: Vec<(String, serde_json::Value, serde_json::Value, &[u8])> =
+        kept.iter().map(|(k, d, s, b)| (k.clone(), d.clone(), s.clone(), b.as_slice())).collect();
+    crate::hf_folders::write_safetensors(&cut.join("model.safetensors"), &refs);
+    assert_rejected(&scan_json(&cut, &[]), "format_gate", "none for layer(s) 2, 3");
+}
+
 /// `hf download --local-dir` leaves `.cache/huggingface/`: empty `.lock`
 /// files and small `.metadata` files. They are accepted, and recorded in the
 /// manifest; an empty file named as weights is still refused.

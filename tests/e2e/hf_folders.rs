@@ -10,7 +10,7 @@ use crate::harness::*;
 use crate::lifecycle::Lab;
 
 /// Copies a model folder (regular files and subfolders only).
-fn copy_folder(from: &Path, to: &Path) {
+pub(crate) fn copy_folder(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
@@ -39,7 +39,7 @@ pub(crate) fn read_safetensors(path: &Path) -> (serde_json::Map<String, Value>, 
 }
 
 /// Writes `tensors` (name, dtype, shape, bytes) as one safetensors file.
-fn write_safetensors(path: &Path, tensors: &[(String, Value, Value, &[u8])]) {
+pub(crate) fn write_safetensors(path: &Path, tensors: &[(String, Value, Value, &[u8])]) {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut data = Vec::new();
@@ -530,4 +530,85 @@ fn a_swap_in_a_merge_ordered_bpe_vocabulary_is_reported() {
     let f = assert_static_finding(&s, "tokenizer.swapped-ids", "tokenizer.json");
     let msg = f["message"].as_str().unwrap();
     assert!(msg.contains(&format!("{x:?}")) && msg.contains(&format!("{y:?}")), "{msg}");
+}
+
+/// Lays `folder` out as a Hugging Face hub cache repository under `hub`:
+/// `models--ORG--NAME/blobs/<hash>` (sha256 for weights, git blob sha1 for
+/// the rest, as the hub stores them) and `snapshots/REV/` of links into it.
+/// Returns the snapshot folder.
+fn hf_cache(folder: &Path, hub: &Path, repo: &str) -> PathBuf {
+    use sha1::Digest as _;
+    let repo = hub.join(format!("models--{repo}"));
+    let blobs = repo.join("blobs");
+    let snapshot = repo.join("snapshots/0123456789abcdef0123456789abcdef01234567");
+    std::fs::create_dir_all(&blobs).unwrap();
+    fn walk(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let r = rel.join(e.file_name());
+            if e.file_type().unwrap().is_dir() { walk(&e.path(), &r, out) } else { out.push(r) }
+        }
+    }
+    let mut files = Vec::new();
+    walk(folder, Path::new(""), &mut files);
+    for rel in files {
+        let bytes = std::fs::read(folder.join(&rel)).unwrap();
+        let hash = if rel.extension().is_some_and(|e| e == "safetensors") {
+            sha256_bytes(&bytes)
+        } else {
+            let mut h = sha1::Sha1::new();
+            h.update(format!("blob {}\0", bytes.len()).as_bytes());
+            h.update(&bytes);
+            hex::encode(h.finalize())
+        };
+        std::fs::write(blobs.join(&hash), &bytes).unwrap();
+        let link = snapshot.join(&rel);
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        let up = "../".repeat(rel.components().count() + 1);
+        std::os::unix::fs::symlink(format!("{up}blobs/{hash}"), &link).unwrap();
+    }
+    snapshot
+}
+
+/// Issue 37: `airlock admit` takes a Hugging Face cache snapshot, whose files
+/// are links into the cache's blobs, by copying each blob once it matches the
+/// hash its name records, under the repository's name. A blob with other
+/// bytes, or a link out of `blobs/`, stops the admission and leaves nothing
+/// in incoming/. The watcher itself still refuses links.
+#[test]
+fn admit_takes_a_hugging_face_cache_snapshot_and_checks_each_blob() {
+    let lab = Lab::new();
+    let d = tmp();
+    let folder = minilm(d.path());
+    let snapshot = hf_cache(&folder, &d.path().join("hub"), "sentence-transformers--all-MiniLM-L6-v2");
+    let (code, out) = lab.run(&["admit", snapshot.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    let admitted = lab.incoming().join("sentence-transformers--all-MiniLM-L6-v2");
+    let meta = std::fs::symlink_metadata(admitted.join("1_Pooling/config.json")).unwrap();
+    assert!(meta.is_file(), "a link was admitted");
+    assert_eq!(sha256_file(&admitted.join("model.safetensors")), sha256_file(&folder.join("model.safetensors")));
+    let out = lab.watch_once();
+    assert!(out.contains("PROMOTED: sentence-transformers--all-MiniLM-L6-v2"), "{out}");
+
+    // A blob whose bytes are not its name's: refused, naming the file.
+    let bad = hf_cache(&folder, &d.path().join("hub2"), "org--tampered");
+    let target = std::fs::read_link(bad.join("config.json")).unwrap();
+    let blob = bad.join(target);
+    std::fs::write(&blob, b"{\"architectures\": [\"Evil\"]}").unwrap();
+    let (code, out) = lab.run(&["admit", bad.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("config.json") && out.contains("holds other bytes"), "{out}");
+    // A link out of blobs/.
+    let out_link = hf_cache(&folder, &d.path().join("hub3"), "org--escaping");
+    std::fs::remove_file(out_link.join("vocab.txt")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", out_link.join("vocab.txt")).unwrap();
+    let (code, out) = lab.run(&["admit", out_link.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("vocab.txt") && out.contains("not a file of the cache's"), "{out}");
+    let left: Vec<_> = std::fs::read_dir(lab.incoming()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "left in incoming/: {left:?}");
+    // The watcher never follows links, snapshot or not.
+    std::os::unix::fs::symlink(&snapshot, lab.incoming().join("linked-snapshot")).unwrap();
+    let out = lab.watch_once();
+    assert!(!out.contains("PROMOTED: linked-snapshot"), "{out}");
 }

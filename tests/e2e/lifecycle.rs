@@ -11,6 +11,15 @@ use serde_json::Value;
 
 use crate::harness::*;
 
+/// Unmounts a test's tmpfs when dropped.
+pub(crate) struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// A data root in a scratch folder, driven through the CLI (shared with the folder tests).
 pub(crate) struct Lab {
     _dir: tempfile::TempDir,
@@ -24,6 +33,28 @@ impl Lab {
         let lab = Lab { _dir: dir, root };
         assert!(lab.cmd(&["init"]).status().unwrap().success());
         lab
+    }
+    /// A data root on a tmpfs of `size_kib` (mounted here, so root is needed,
+    /// as in CI), for full-disk tests. The mount goes when the guard drops,
+    /// which must be before the lab.
+    pub(crate) fn on_tmpfs(size_kib: u64) -> (Lab, Unmount) {
+        let dir = tmp();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_kib}k"), "tmpfs"])
+            .arg(&root)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs for the full-disk test needs root (CI runs as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let guard = Unmount(root.clone());
+        let lab = Lab { _dir: dir, root };
+        assert!(lab.cmd(&["init"]).status().unwrap().success());
+        (lab, guard)
     }
     pub(crate) fn cmd(&self, args: &[&str]) -> Command {
         let mut c = airlock(&self.root);

@@ -3,6 +3,7 @@
 //! with user/password auth; workers are killed, the server is restarted.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -48,12 +49,11 @@ impl Nats {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let conf = dir.join("nats.conf");
         let store = dir.join("jetstream");
+        // No users: a server that lets anyone in.
+        let auth = if users.is_empty() { String::new() } else { format!("authorization {{ {users} }}\n") };
         std::fs::write(
             &conf,
-            format!(
-                "{head}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\nauthorization {{ {users} }}\n",
-                store.display(),
-            ),
+            format!("{head}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n{auth}", store.display()),
         )
         .unwrap();
         let mut n = Nats { child: None, conf, port, nkey_seed };
@@ -157,7 +157,8 @@ impl Drop for Proc {
     }
 }
 
-/// The default policy with the NATS credentials (`password: None` leaves the section out).
+/// The default policy with the NATS credentials (`password: None` leaves the
+/// section out) and the test workers' signing key, trusted.
 pub(crate) fn nats_policy(dir: &Path, password: Option<&str>) -> PathBuf {
     let policy = policy_dir(dir, |t| match password {
         Some(_) => format!("{t}\nnats:\n  user: airlock\n  password_file: nats.pass\n"),
@@ -166,7 +167,28 @@ pub(crate) fn nats_policy(dir: &Path, password: Option<&str>) -> PathBuf {
     if let Some(p) = password {
         std::fs::write(policy.join("nats.pass"), format!("{p}\n")).unwrap();
     }
+    sign_results(&policy);
     policy
+}
+
+/// The key the test workers sign results with: one per test process, so a
+/// watcher's and a worker's policy folders made apart still agree on it.
+pub(crate) fn worker_key() -> &'static nkeys::KeyPair {
+    static KEY: std::sync::OnceLock<nkeys::KeyPair> = std::sync::OnceLock::new();
+    KEY.get_or_init(nkeys::KeyPair::new_user)
+}
+
+/// Adds `scale_out:` to the policy folder `policy`: the worker signs with
+/// [`worker_key`] (its seed in `worker.nk`, mode 600) and the watcher trusts it.
+pub(crate) fn sign_results(policy: &Path) {
+    let seed = policy.join("worker.nk");
+    std::fs::write(&seed, format!("{}\n", worker_key().seed().unwrap())).unwrap();
+    std::fs::set_permissions(&seed, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let yaml = policy.join("policy.yaml");
+    let text = std::fs::read_to_string(&yaml).unwrap();
+    let section =
+        format!("\nscale_out:\n  signing_key_file: worker.nk\n  trusted_workers: [{}]\n", worker_key().public_key());
+    std::fs::write(&yaml, text + &section).unwrap();
 }
 
 fn worker(lab: &Lab, nats: &Nats, policy: &Path) -> Proc {
@@ -350,7 +372,172 @@ fn a_worker_without_the_credentials_is_refused_by_the_server() {
     let nk = d.path().join("nkey");
     let policy = policy_dir(&nk, |t| format!("{t}\nnats:\n  nkey_file: user.nk\n"));
     std::fs::write(policy.join("user.nk"), &nats.nkey_seed).unwrap();
-    stop_when_taking_jobs(worker(&lab, &nats, &policy));
+    std::fs::set_permissions(policy.join("user.nk"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    // No scale_out.signing_key_file: the worker signs its results with the seed it logs in with.
+    let w = worker(&lab, &nats, &policy);
+    let public = nkeys::KeyPair::from_seed(&nats.nkey_seed).unwrap().public_key();
+    w.wait_for(&format!("signing results as {public}"), Duration::from_secs(60));
+    stop_when_taking_jobs(w);
+}
+
+/// Red team D8: a server that lets clients in without credentials lets anyone
+/// forge a result. The worker and the dispatching watcher refuse it, with or
+/// without credentials of their own, unless `--insecure-nats` is given, and
+/// then they warn.
+#[test]
+fn an_open_nats_server_is_refused_without_insecure_nats() {
+    let lab = Lab::new();
+    let d = tmp();
+    let nats = Nats::start_with(d.path(), "", "", String::new());
+    let open = nats_policy(&d.path().join("open"), None);
+    // Credentials the open server ignores do not make it safe.
+    let with_creds = nats_policy(&d.path().join("creds"), Some(PASSWORD));
+    let url = nats.url();
+    for policy in [&open, &with_creds] {
+        let p = policy.to_str().unwrap();
+        let worker_args = vec!["worker", "--nats", &url, "--policy", p];
+        let watch_args = vec!["watch", "--once", "--settle-ms", "0", "--policy", p, "--dispatch", &url];
+        for args in [worker_args, watch_args] {
+            let (code, out) = lab.run(&args);
+            assert_eq!(code, 2, "{args:?}: {out}");
+            assert!(out.contains("lets in clients without credentials") && out.contains("--insecure-nats"), "{out}");
+        }
+    }
+    let mut c = lab.cmd(&["worker", "--nats", &nats.url(), "--policy", open.to_str().unwrap(), "--insecure-nats"]);
+    c.env("AIRLOCK_LOG", "warn");
+    let w = Proc::spawn(c);
+    w.wait_for("--insecure-nats: the NATS server", Duration::from_secs(60));
+    stop_when_taking_jobs(w);
+}
+
+/// Red team D13: an intruder deletes both streams. A running worker makes
+/// them and its consumer again instead of looping on "consumer deleted", and
+/// a watcher whose queued job vanished with the stream sends it again
+/// instead of asking after it forever. Both models are judged.
+#[test]
+fn deleted_streams_are_made_again_and_lost_jobs_sent_again() {
+    let lab = Lab::new();
+    let d = tmp();
+    let nats = Nats::start(d.path());
+    let policy = nats_policy(d.path(), Some(PASSWORD));
+    let delete_streams = || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let js = test_client(&nats).await;
+            for s in ["AIRLOCK_JOBS", "AIRLOCK_RESULTS"] {
+                js.delete_stream(s).await.unwrap_or_else(|e| panic!("deleting {s}: {e}"));
+            }
+        });
+    };
+
+    // The worker's side: its consumer is gone under it.
+    let w = worker(&lab, &nats, &policy);
+    w.wait_for("taking jobs from AIRLOCK_JOBS", Duration::from_secs(60));
+    delete_streams();
+    Gguf::default().write(&lab.incoming(), "first.gguf");
+    let mut watcher = dispatch_once(&lab, &nats, &policy);
+    assert!(wait_exit(&mut watcher, Duration::from_secs(120)).success(), "{}\n{}", watcher.log(), w.log());
+    assert!(lab.root.join("registry/first.gguf").is_dir(), "{}\n{}", watcher.log(), w.log());
+    let (status, log) = w.terminate();
+    assert!(status.success(), "{log}");
+
+    // The watcher's side: its job is queued, no worker yet, and the streams go.
+    Gguf::default().write(&lab.incoming(), "second.gguf");
+    let mut watcher = dispatch_once(&lab, &nats, &policy);
+    let start = Instant::now();
+    while queue(&lab, &nats, &policy)["jobs"].as_u64().unwrap_or(0) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(60), "no job queued:\n{}", watcher.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    delete_streams();
+    let w = worker(&lab, &nats, &policy);
+    assert!(wait_exit(&mut watcher, Duration::from_secs(120)).success(), "{}\n{}", watcher.log(), w.log());
+    assert!(lab.root.join("registry/second.gguf").is_dir(), "{}\n{}", watcher.log(), w.log());
+    assert!(watcher.log().contains("sending it again"), "{}", watcher.log());
+    let (code, out) = lab.run(&["audit", "--verify"]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// Red team D12: a job on the queue that names a path outside the worker's
+/// claim folders (`/etc/passwd`, or a model beside the data root) is
+/// dead-lettered at once, naming the path, and never scanned: no result
+/// holding its digest is stored.
+#[test]
+fn a_worker_reads_shared_path_jobs_only_in_claim_folders() {
+    let lab = Lab::new();
+    let d = tmp();
+    let nats = Nats::start(d.path());
+    let policy = nats_policy(d.path(), Some(PASSWORD));
+    // A genuine job as the template, sent by a watcher that is stopped before any worker runs.
+    Gguf::default().write(&lab.incoming(), "genuine.gguf");
+    let mut c = dispatch_once_cmd(&lab, &nats, &policy);
+    c.env("AIRLOCK_LOG", "info");
+    let first = Proc::spawn(c);
+    first.wait_for("sent to the workers", Duration::from_secs(120));
+    first.terminate();
+    let outside = d.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    Gguf::default().write(&outside, "genuine.gguf");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let forged: Vec<(String, std::path::PathBuf)> = vec![
+        ("90-1-1".into(), "/etc/passwd".into()),
+        ("90-1-2".into(), outside.join("genuine.gguf")),
+        ("90-1-3".into(), lab.root.join("quarantine/scanning/../../outside-link/genuine.gguf")),
+    ];
+    std::os::unix::fs::symlink(&outside, lab.root.join("outside-link")).unwrap();
+    rt.block_on(async {
+        let js = test_client(&nats).await;
+        let jobs = js.get_stream("AIRLOCK_JOBS").await.unwrap();
+        let m = jobs.get_first_raw_message_by_subject("airlock.jobs.*", 1).await.unwrap();
+        let genuine: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        for (id, path) in &forged {
+            let mut job = genuine.clone();
+            job["id"] = id.as_str().into();
+            job["path"] = path.to_str().unwrap().into();
+            if path.ends_with("passwd") {
+                job["name"] = "passwd".into();
+            }
+            js.publish(format!("airlock.jobs.{id}"), serde_json::to_vec(&job).unwrap().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    });
+    let w = worker(&lab, &nats, &policy);
+    let start = Instant::now();
+    loop {
+        let q = queue(&lab, &nats, &policy);
+        if q["dead_letters"].as_array().unwrap().len() == forged.len() {
+            for (id, path) in &forged {
+                let letters = q["dead_letters"].as_array().unwrap();
+                let letter = letters.iter().find(|l| l["id"] == id.as_str()).unwrap_or_else(|| panic!("{id}: {q}"));
+                let reason = letter["reason"].as_str().unwrap();
+                assert!(reason.contains(path.to_str().unwrap()) && reason.contains("claim folders under"), "{q}");
+                assert_eq!(letter["deliveries"], 1, "dead-lettered at the first delivery: {q}");
+            }
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "{q}\n{}", w.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, wlog) = w.terminate();
+    for (id, _) in &forged {
+        assert!(!wlog.contains(&format!("scanning genuine.gguf (job {id}")), "{wlog}");
+        assert!(!wlog.contains(&format!("scanning passwd (job {id}")), "{wlog}");
+    }
+    let stored = rt.block_on(async {
+        let js = test_client(&nats).await;
+        let results = js.get_stream("AIRLOCK_RESULTS").await.unwrap();
+        let mut any = Vec::new();
+        for (id, _) in &forged {
+            if results.get_last_raw_message_by_subject(&format!("airlock.results.{id}")).await.is_ok() {
+                any.push(id.clone());
+            }
+        }
+        any
+    });
+    assert!(stored.is_empty(), "results stored for forged jobs: {stored:?}");
 }
 
 /// Workers and a watcher started at the same moment on a new server all find
@@ -601,6 +788,7 @@ fn other_policy(dir: &Path) -> PathBuf {
         format!("{changed}\nnats:\n  user: airlock\n  password_file: nats.pass\n")
     });
     std::fs::write(other.join("nats.pass"), PASSWORD).unwrap();
+    sign_results(&other);
     other
 }
 
@@ -727,8 +915,12 @@ async fn take_a_job_as_forger(js: &async_nats::jetstream::Context) -> async_nats
 fn results_for_other_bytes_or_under_another_policy_are_refused() {
     // bytes, policy: the watcher's own checks. no-stages: a pass with zero
     // stage results (red team D9). junk: bytes that are no result at all
-    // (D11), which once left the model in scanning/ for good.
-    for case in ["bytes", "policy", "no-stages", "junk"] {
+    // (D11), which once left the model in scanning/ for good. Those are
+    // signed with the trusted key (a trusted worker gone wrong). unsigned:
+    // the red team's forged pass (D8), a perfect one, without a signature;
+    // untrusted: signed by a key the watcher does not list; replayed: a
+    // trusted signature made for another job's subject.
+    for case in ["bytes", "policy", "no-stages", "junk", "unsigned", "untrusted", "replayed"] {
         let lab = Lab::new();
         let d = tmp();
         let nats = Nats::start(d.path());
@@ -764,7 +956,15 @@ fn results_for_other_bytes_or_under_another_policy_are_refused() {
                 "junk" => b"this is not json {".to_vec(),
                 _ => serde_json::to_vec(&forged).unwrap(),
             };
-            js.publish(format!("airlock.results.{id}"), payload.into()).await.unwrap().await.unwrap();
+            let subject = format!("airlock.results.{id}");
+            let other = nkeys::KeyPair::new_user();
+            let headers = match case {
+                "unsigned" => async_nats::HeaderMap::new(),
+                "untrusted" => signed_result(&other, &subject, &payload),
+                "replayed" => signed_result(worker_key(), "airlock.results.1-2-3", &payload),
+                _ => signed_result(worker_key(), &subject, &payload),
+            };
+            js.publish_with_headers(subject, headers, payload.into()).await.unwrap().await.unwrap();
             msg.ack().await.unwrap();
         });
         let start = Instant::now();
@@ -784,10 +984,30 @@ fn results_for_other_bytes_or_under_another_policy_are_refused() {
             "bytes" => "scanned other bytes (m.gguf: worker forger read",
             "policy" => "forger was refused: it is for job",
             "no-stages" => "the pass from worker forger was refused: it carries no result of source_policy",
-            _ => "cannot be read",
+            "junk" => "cannot be read",
+            "unsigned" => "is unsigned (no Airlock-Signer header)",
+            "untrusted" => "which is not in this policy's scale_out.trusted_workers",
+            _ => "does not match its signature",
         };
         assert!(reason.contains(expected), "{case}: {reason}");
     }
+}
+
+/// The headers a worker holding `key` signs a result stored on `subject` with
+/// (docs/scale-out.md, "Signed results", gives the format).
+pub(crate) fn signed_result(key: &nkeys::KeyPair, subject: &str, payload: &[u8]) -> async_nats::HeaderMap {
+    use base64::Engine;
+    let mut signed = b"airlock-result-v1\0".to_vec();
+    signed.extend_from_slice(subject.as_bytes());
+    signed.push(0);
+    signed.extend_from_slice(payload);
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Airlock-Signer", key.public_key().as_str());
+    h.insert(
+        "Airlock-Signature",
+        base64::engine::general_purpose::STANDARD.encode(key.sign(&signed).unwrap()).as_str(),
+    );
+    h
 }
 
 /// The watcher's side of `--transfer object-store`, as a command.
@@ -983,20 +1203,25 @@ fn an_object_that_is_not_the_claimed_bytes_is_refused_by_the_worker() {
 fn nats_policy_as(dir: &Path, user: &str, password: &str) -> PathBuf {
     let policy = policy_dir(dir, |t| format!("{t}\nnats:\n  user: {user}\n  password_file: nats.pass\n"));
     std::fs::write(policy.join("nats.pass"), password).unwrap();
+    sign_results(&policy);
     policy
 }
 
 /// Whether a JetStream publish as `user` was stored (a denied subject gets no ack).
 async fn stored_as(nats: &Nats, user: &str, password: &str, subject: String, payload: Vec<u8>) -> bool {
-    let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
-        .connect(nats.url())
-        .await
-        .unwrap();
+    let client = airlock_login(user, password).connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     match js.publish(subject, payload.into()).await {
         Ok(ack) => ack.await.is_ok(),
         Err(_) => false,
     }
+}
+
+/// A login's options as airlock's own clients use them: the airlock logins
+/// (`watch`, `worker`) take replies on airlock's inbox prefix, any other on `_INBOX`.
+fn airlock_login(user: &str, password: &str) -> async_nats::ConnectOptions {
+    let o = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into());
+    if matches!(user, "watch" | "worker") { o.custom_inbox_prefix("_AIRLOCK_INBOX") } else { o }
 }
 
 /// The permission sets in dist/nats/airlock-permissions.conf are enough for a
@@ -1016,6 +1241,27 @@ fn the_documented_nats_permissions_run_the_lifecycle_and_keep_others_from_answer
         { user: other, password: \"other-password-1\", permissions: { publish: { allow: [\"app.>\"] }, subscribe: { allow: [\"_INBOX.>\", \"app.>\"] } } }
     ]";
     let nats = Nats::start_with(d.path(), "include \"airlock-permissions.conf\"", users, String::new());
+    // Red team D14: another application with the usual `_INBOX.>` permission
+    // listens for the whole run; it must hear nothing of airlock's traffic.
+    let overheard = Arc::new(Mutex::new(Vec::<String>::new()));
+    {
+        let (url, overheard) = (nats.url(), overheard.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                use futures_util::StreamExt;
+                let client = airlock_login("other", "other-password-1").connect(url).await.unwrap();
+                let mut sub = client.subscribe("_INBOX.>").await.unwrap();
+                client.flush().await.unwrap();
+                ready_tx.send(()).unwrap();
+                while let Some(m) = sub.next().await {
+                    overheard.lock().unwrap().push(String::from_utf8_lossy(&m.payload).into_owned());
+                }
+            });
+        });
+        ready_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    }
 
     let watch_policy = nats_policy_as(&d.path().join("w"), "watch", "watch-password-1");
     let worker_policy = nats_policy_as(&d.path().join("k"), "worker", "worker-password-1");
@@ -1033,10 +1279,7 @@ fn the_documented_nats_permissions_run_the_lifecycle_and_keep_others_from_answer
     let mut watcher = object_store_watch(&lab, &nats, &watch_policy, true);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let client = async_nats::ConnectOptions::with_user_and_password("watch".into(), "watch-password-1".into())
-            .connect(nats.url())
-            .await
-            .unwrap();
+        let client = airlock_login("watch", "watch-password-1").connect(nats.url()).await.unwrap();
         let js = async_nats::jetstream::new(client);
         let start = Instant::now();
         let (bad, clean): (serde_json::Value, serde_json::Value) = loop {
@@ -1075,10 +1318,7 @@ fn the_documented_nats_permissions_run_the_lifecycle_and_keep_others_from_answer
             .await,
             "a worker's login sent a job"
         );
-        let client = async_nats::ConnectOptions::with_user_and_password("worker".into(), "worker-password-1".into())
-            .connect(nats.url())
-            .await
-            .unwrap();
+        let client = airlock_login("worker", "worker-password-1").connect(nats.url()).await.unwrap();
         let wjs = async_nats::jetstream::new(client);
         let bucket = wjs.get_object_store("airlock-models").await.unwrap();
         let object = clean["objects"]["files"][0]["object"].as_str().unwrap();
@@ -1113,6 +1353,11 @@ fn the_documented_nats_permissions_run_the_lifecycle_and_keep_others_from_answer
     assert!(!lab.registry().join("bad.gguf").exists(), "the forged pass promoted bad.gguf");
     let report = lab.report("bad.gguf");
     assert_eq!(report["failed_stage"], "format_gate", "{report}");
+    let heard = overheard.lock().unwrap();
+    assert!(
+        !heard.iter().any(|m| m.contains("clean.gguf") || m.contains("bad.gguf")),
+        "another login read airlock's traffic on _INBOX.>: {heard:?}"
+    );
 }
 
 /// The `builtin:weights` result among a manifest's or report's stages.
@@ -1247,11 +1492,11 @@ fn a_part_result_for_other_bytes_is_refused() {
             "files": { "model-00001-of-00003.safetensors": "0".repeat(64) },
             "parts": [ { "Ok": "{}" } ],
         });
-        js.publish(format!("airlock.results.{id}"), serde_json::to_vec(&forged).unwrap().into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        // Signed with the trusted key: a trusted worker gone wrong, so the bytes check is what refuses it.
+        let subject = format!("airlock.results.{id}");
+        let payload = serde_json::to_vec(&forged).unwrap();
+        let headers = signed_result(worker_key(), &subject, &payload);
+        js.publish_with_headers(subject, headers, payload.into()).await.unwrap().await.unwrap();
         msg.ack().await.unwrap();
         id.trim_end_matches("-part1").to_string()
     });
@@ -1480,6 +1725,7 @@ fn a_part_a_plugin_cannot_make_fails_the_plugin_as_a_whole_scan_would() {
         format!("{t}\nnats:\n  user: airlock\n  password_file: nats.pass\n")
     });
     std::fs::write(policy.join("nats.pass"), format!("{PASSWORD}\n")).unwrap();
+    sign_results(&policy);
     let staged = d.path().join("staged");
     std::fs::create_dir_all(&staged).unwrap();
     let folder = crate::hf_folders::minilm(&staged);

@@ -29,7 +29,12 @@ impl Server {
     fn start(lab: &Lab, extra: &[&str]) -> Server {
         let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
         args.extend_from_slice(extra);
-        let mut child = lab.cmd(&args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+        Server::spawn(lab.cmd(&args))
+    }
+
+    /// Starts a prepared `airlock serve` command and reads the port it printed.
+    fn spawn(mut cmd: Command) -> Server {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let port = line
@@ -260,10 +265,10 @@ fn the_json_api_serves_what_the_cli_and_the_files_hold() {
     }
     let (status, _, body) = server.request("GET", "/api/models/absent", &[], "");
     assert_eq!((status, body.contains("not found")), (404, true), "{body}");
-    // A link planted in the registry is not followed.
+    // A link planted in the registry is not followed: no such model (red team D22: once a 500).
     std::os::unix::fs::symlink("/etc", lab.registry().join("planted")).unwrap();
     let (status, _, body) = server.request("GET", "/api/models/planted", &[], "");
-    assert_eq!(status, 500, "{body}");
+    assert_eq!(status, 404, "{body}");
     assert!(body.contains("is not a folder"), "{body}");
     // Another Host on a loopback listener (DNS rebinding) is refused.
     let (status, _, _) = server.request("GET", "/api/registry", &[("Host", "attacker.example:80")], "");
@@ -333,4 +338,138 @@ fn a_token_file_others_can_read_is_refused() {
     let (code, out) = lab.run(&["serve", "--listen", "127.0.0.1:0", "--token-file", token.to_str().unwrap()]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("at least 16 characters"), "{out}");
+    // D20: 16 bytes of emoji are 4 characters; one letter repeated is no secret; a FIFO would hang start-up.
+    for (text, expect) in [("🔑🔑🔑🔑\n", "at least 16 characters"), ("aaaaaaaaaaaaaaaaaaaa\n", "repeats 1 character")]
+    {
+        std::fs::write(&token, text).unwrap();
+        let (code, out) = lab.run(&["serve", "--listen", "127.0.0.1:0", "--token-file", token.to_str().unwrap()]);
+        assert_eq!(code, 2, "{text}: {out}");
+        assert!(out.contains(expect), "{text}: {out}");
+    }
+    let fifo = lab.root.join("token.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path only.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let (code, out) = lab.run(&["serve", "--listen", "127.0.0.1:0", "--token-file", fifo.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("not a regular file"), "{out}");
+}
+
+/// Red team D7 and D19: 600 connections, half silent and half trickling a
+/// header line at a time, must not keep a normal request waiting, even when
+/// serve starts under a soft limit of 150 open files (serve raises it, and
+/// at its cap of 512 it closes the oldest connection). The server closes a
+/// silent connection once its header timeout (10 s) passes, and the 421
+/// answer carries the same security headers as every other one.
+#[test]
+fn idle_and_trickling_connections_do_not_starve_the_ui() {
+    use std::os::unix::process::CommandExt;
+    use std::time::{Duration, Instant};
+
+    let lab = lab_with_history();
+    let mut cmd = lab.cmd(&["serve", "--listen", "127.0.0.1:0"]);
+    // SAFETY: setrlimit is async-signal-safe and touches only this child.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+            lim.rlim_cur = 150;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let server = Server::spawn(cmd);
+
+    let started = Instant::now();
+    let mut crowd = Vec::new();
+    for i in 0..600 {
+        let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        if i % 2 == 1 {
+            s.write_all(b"GET /api/registry HTTP/1.1\r\nX-Slow: 1\r\n").unwrap();
+        }
+        crowd.push(s);
+    }
+    for s in crowd.iter_mut().skip(1).step_by(2) {
+        s.write_all(b"X-Slower: 2\r\n").unwrap();
+    }
+
+    let asked = Instant::now();
+    let (status, head, body) = server.request("GET", "/api/registry", &[], "");
+    let waited = asked.elapsed();
+    assert_eq!(status, 200, "{head}\n{body}");
+    assert!(waited < Duration::from_secs(1), "a normal request waited {waited:?} behind 600 idle connections");
+
+    // The newest silent connection is closed by the server's header timeout, not left open.
+    let last_silent = &mut crowd[598];
+    last_silent.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut buf = [0u8; 512];
+    let read = last_silent.read(&mut buf);
+    let closed_after = started.elapsed();
+    assert!(
+        matches!(read, Ok(0))
+            || matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+            || matches!(read, Ok(n) if String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408")),
+        "a silent connection was not closed: {read:?} after {closed_after:?}"
+    );
+    assert!(closed_after < Duration::from_secs(25), "a silent connection stayed open {closed_after:?}");
+
+    // D22: a name that is not a model folder, or too long for the file system, is the client's mistake.
+    assert!(lab.root.join("registry/index.json").is_file());
+    let (status, _, body) = server.request("GET", "/models/index.json", &[], "");
+    assert_eq!(status, 404, "{body}");
+    let (status, _, body) = server.request("GET", &format!("/api/models/{}", "a".repeat(5000)), &[], "");
+    assert_eq!(status, 400, "{body}");
+
+    // D19: the DNS-rebinding refusal carries the security headers too.
+    let (status, head, _) = server.request("GET", "/", &[("Host", "evil.example")], "");
+    assert_eq!(status, 421, "{head}");
+    let lower = head.to_ascii_lowercase();
+    for h in ["content-security-policy:", "x-content-type-options: nosniff", "cache-control: no-store"] {
+        assert!(lower.contains(h), "421 lacks {h}: {head}");
+    }
+}
+
+/// Red team D17 and D18: a model named like a report is listed among the
+/// rejected (it has a report of its own), while a report itself, a sidecar
+/// or a path can never be "rescanned" into incoming/ as a model, by the web
+/// action or the CLI.
+#[test]
+fn only_rejected_models_are_listed_and_rescanned() {
+    let lab = Lab::new();
+    lab.drop_file("hidden.report.json", b"{\"not\": \"a model\"}");
+    lab.drop_file("evil.gguf", crate::formats::EVIL_PICKLE);
+    std::fs::write(lab.incoming().join("evil.gguf.sig"), b"not a signature").unwrap();
+    let out = lab.watch_once();
+    assert!(out.contains("REJECTED: hidden.report.json") && out.contains("REJECTED: evil.gguf"), "{out}");
+    let token = token_file(&lab);
+    let server = Server::start(&lab, &["--token-file", token.to_str().unwrap()]);
+
+    let listed = server.get_json("/api/rejected");
+    let names: Vec<&str> = listed.as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"hidden.report.json") && names.contains(&"evil.gguf"), "{listed}");
+    assert_eq!(names.len(), 2, "reports or sidecars listed as models: {listed}");
+
+    let bearer = format!("Bearer {TOKEN}");
+    for name in ["evil.gguf.report.json", "evil.gguf.sig"] {
+        let (status, _, body) =
+            server.request("POST", &format!("/api/rejected/{name}/rescan"), &[("Authorization", &bearer)], "");
+        assert!((400..500).contains(&status), "{name}: {status} {body}");
+        assert!(lab.rejected().join(name).is_file(), "{name} left rejected/");
+    }
+    for name in ["evil.gguf.report.json", "../../registry/x", "../rejected/evil.gguf"] {
+        let (code, out) = lab.run(&["rescan", name]);
+        assert_eq!(code, 2, "{name}: {out}");
+    }
+    let waiting: Vec<_> = std::fs::read_dir(lab.incoming()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(waiting.is_empty(), "moved into incoming/: {waiting:?}");
+
+    // The model named like a report goes back under its own name.
+    let (status, _, body) =
+        server.request("POST", "/api/rejected/hidden.report.json/rescan", &[("Authorization", &bearer)], "");
+    assert_eq!(status, 200, "{body}");
+    assert!(lab.incoming().join("hidden.report.json").is_file());
+    let (code, out) = lab.run(&["audit", "--verify"]);
+    assert_eq!(code, 0, "{out}");
 }

@@ -50,13 +50,28 @@ pub fn command() -> Result<()> {
     }
     let url = format!("nats://127.0.0.1:{port}");
     let cache = work.join("plugin-cache");
+    // The shipped policy, with a worker key the watcher trusts (results are signed).
+    let policy = work.join("policy");
+    std::fs::create_dir_all(&policy)?;
+    let repo = crate::root();
+    std::fs::copy(repo.join("policy/sources.allowlist.yaml"), policy.join("sources.allowlist.yaml"))?;
+    let out = Command::new(&airlock).arg("worker-key").arg(policy.join("worker.nk")).output()?;
+    if !out.status.success() {
+        bail!("airlock worker-key: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let public = String::from_utf8(out.stdout)?.trim().to_string();
+    let text = std::fs::read_to_string(repo.join("policy/policy.yaml"))?;
+    std::fs::write(
+        policy.join("policy.yaml"),
+        format!("{text}\nscale_out:\n  signing_key_file: worker.nk\n  trusted_workers: [{public}]\n"),
+    )?;
     // `objects`: the models travel in the Object Store instead of being read at their path.
     let run = |workers: usize, objects: bool| -> Result<Duration> {
         let root = work.join(format!("root-{workers}-{objects}"));
         let _ = std::fs::remove_dir_all(&root);
         let cmd = |args: &[&str]| {
             let mut c = Command::new(&airlock);
-            c.args(args).env("AIRLOCK_ROOT", &root).env("AIRLOCK_CACHE_DIR", &cache);
+            c.args(args).env("AIRLOCK_ROOT", &root).env("AIRLOCK_CACHE_DIR", &cache).env("AIRLOCK_POLICY", &policy);
             c
         };
         crate::time(&mut cmd(&["init"]))?;
@@ -65,14 +80,20 @@ pub fn command() -> Result<()> {
         }
         let mut pool = Vec::new();
         for _ in 0..workers {
-            pool.push(cmd(&["worker", "--nats", &url]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?);
+            // A loopback server without credentials, for the bench only: both ends must say so.
+            pool.push(
+                cmd(&["worker", "--nats", &url, "--insecure-nats"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?,
+            );
         }
         let _pool = Killed(pool);
         // Enough in flight that every worker always has a job; no workers: the
         // watcher scans itself, the baseline.
         let mut args = vec!["watch", "--once", "--settle-ms", "0", "--jobs", "4"];
         if workers > 0 {
-            args.extend(["--dispatch", url.as_str()]);
+            args.extend(["--dispatch", url.as_str(), "--insecure-nats"]);
         }
         if objects {
             args.extend(["--transfer", "object-store"]);

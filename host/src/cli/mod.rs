@@ -117,7 +117,8 @@ enum Command {
     Init,
     /// Copy a model into incoming/ (atomically, with its origin) for the watcher to take.
     Admit {
-        /// The model file, or a model folder (transformers or diffusers).
+        /// The model file, a model folder (transformers or diffusers), or a Hugging
+        /// Face cache snapshot (models--ORG--NAME/snapshots/REV, admitted as ORG--NAME).
         path: PathBuf,
         /// Where it was downloaded from; stored as `<name>.origin` beside it.
         #[arg(long, value_name = "URL")]
@@ -154,6 +155,10 @@ enum Command {
         /// JetStream Object Store bucket airlock-models; no shared storage needed).
         #[arg(long, value_enum, default_value = "shared-path", requires = "dispatch")]
         transfer: crate::scale_out::Transfer,
+        /// Use a NATS server that lets clients in without credentials (anyone who
+        /// reaches it can forge a result); refused without this flag.
+        #[arg(long, requires = "dispatch")]
+        insecure_nats: bool,
     },
     /// Scan jobs from a NATS JetStream work queue (the other end of `watch --dispatch`).
     ///
@@ -172,6 +177,17 @@ enum Command {
         /// they are scanned (one folder per job, removed after it).
         #[arg(long, value_name = "DIR")]
         scratch: Option<PathBuf>,
+        /// Use a NATS server that lets clients in without credentials (anyone who
+        /// reaches it can forge a job or a result); refused without this flag.
+        #[arg(long)]
+        insecure_nats: bool,
+    },
+    /// Make a worker's result-signing key (an nkey seed, mode 600) at FILE, or
+    /// read the one there, and print its public key for the watcher's
+    /// `scale_out.trusted_workers`.
+    WorkerKey {
+        /// The seed file; made if it does not exist.
+        file: PathBuf,
     },
     /// Show the scale-out queue on a NATS server: jobs waiting and being
     /// scanned, idle worker slots, results, dead letters, models in transit.
@@ -373,13 +389,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Admit { path, origin, signatures } => {
             lifecycle::admit(&Root::new(&root), &path, origin.as_deref(), &signatures)
         }
-        Command::Watch { engine, once, settle_ms, jobs, dispatch, transfer } => {
+        Command::Watch { engine, once, settle_ms, jobs, dispatch, transfer, insecure_nats } => {
             let r = Root::new(&root);
             r.check()?;
             let (scanner, policy) =
                 scanner(&engine, &root, Default::default(), load_policy(engine.policy.as_deref())?)?;
             let dispatcher = match &dispatch {
-                Some(url) => Some(crate::scale_out::Dispatcher::connect(url, &policy, &scanner, transfer)?),
+                Some(url) => {
+                    Some(crate::scale_out::Dispatcher::connect(url, &policy, &scanner, transfer, insecure_nats)?)
+                }
                 None => None,
             };
             let mut q = Quarantine::new(r, &scanner, &policy)?;
@@ -393,16 +411,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         crate::scale_out::Transfer::ObjectStore => "the Object Store bucket airlock-models",
                     }
                 );
-                q = q.with_dispatch(d);
+                q = q.with_scan(d);
             }
             lifecycle::watch(&q, once, std::time::Duration::from_millis(settle_ms), jobs.into())
         }
-        Command::Worker { engine, nats, jobs, scratch } => {
+        Command::Worker { engine, nats, jobs, scratch, insecure_nats } => {
             let policy = load_policy(engine.policy.as_deref())?;
             // No pins of its own: each job carries the watcher's pins for its model.
             let (scanner, policy) = scanner(&engine, &root, Default::default(), policy)?;
             let scratch = scratch.unwrap_or_else(|| std::env::temp_dir().join("airlock-worker"));
-            crate::scale_out::run_worker(&nats, &policy, scanner, jobs.into(), &scratch)?;
+            let claims = Root::new(&root).scanning();
+            crate::scale_out::run_worker(&nats, &policy, scanner, jobs.into(), &scratch, &claims, insecure_nats)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::WorkerKey { file } => {
+            let signer = if std::fs::symlink_metadata(&file).is_ok() {
+                crate::scale_out::Signer::from_file(&file)?
+            } else {
+                let s = crate::scale_out::Signer::create(&file)?;
+                errln!(
+                    "airlock: made {} (mode 600); name it in the worker's scale_out.signing_key_file",
+                    file.display()
+                );
+                s
+            };
+            outln!("{}", signer.public_key());
             Ok(ExitCode::SUCCESS)
         }
         Command::Queue { nats, policy, format } => {

@@ -180,6 +180,44 @@ pub enum Event<'a> {
     StageDone(&'a StageResult),
 }
 
+/// The claim a scan is for: the lifecycle's id and the model's name.
+pub struct ScanJob<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+}
+
+/// How a claimed model is scanned: here ([`Scanner`]) or by workers
+/// (`scale_out::Dispatcher`). The lifecycle sees only this seam; whatever
+/// checks a way of scanning needs (a worker's result against the claim)
+/// belong to that way.
+pub trait Scan: Sync {
+    /// `Ok(Ok)`: the outcome, as a scan here would give it. `Ok(Err)`: the
+    /// scan could not be had or believed; the model is rejected at
+    /// `dispatch` with this reason. `Err`: stopped before an answer; the
+    /// claim stays for the next start.
+    fn scan_claim(
+        &self,
+        job: &ScanJob,
+        model: &Arc<Model>,
+        path: &Path,
+        input: &ScanInput,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Result<Outcome, String>, String>;
+}
+
+impl Scan for Scanner {
+    fn scan_claim(
+        &self,
+        _job: &ScanJob,
+        model: &Arc<Model>,
+        path: &Path,
+        input: &ScanInput,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Result<Outcome, String>, String> {
+        Ok(Ok(self.scan_model(model, path, input, on_event)))
+    }
+}
+
 /// A split plugin's parts, one per shard in shard order, or why one is missing.
 pub type Joined = Result<Vec<String>, String>;
 

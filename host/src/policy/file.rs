@@ -71,6 +71,30 @@ pub(super) struct PolicyFile {
     pub(super) folders: crate::artifact::FolderLimits,
     #[serde(default)]
     pub(super) nats: Option<NatsFile>,
+    #[serde(default)]
+    pub(super) scale_out: ScaleOutFile,
+}
+
+/// `scale_out:`: the keys that authenticate workers' results.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ScaleOutFile {
+    pub(super) signing_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) trusted_workers: Vec<String>,
+}
+
+/// `scale_out:` as loaded: a worker signs each result it stores with its
+/// nkey, and a dispatching watcher accepts only results signed by a key it
+/// lists (red team D8).
+#[derive(Clone, Debug, Default)]
+pub struct ScaleOutKeys {
+    /// The worker's nkey seed file (`airlock worker-key FILE` makes one);
+    /// when absent, a worker that logs in with `nats.nkey_file` signs with that.
+    pub signing_key_file: Option<PathBuf>,
+    /// The public nkeys (`U...`) whose results the watcher, and a worker
+    /// reading the parts of a split scan, accept.
+    pub trusted_workers: Vec<String>,
 }
 
 /// `nats:`: how `airlock worker` and `airlock watch --dispatch` log in to the

@@ -33,7 +33,7 @@ mod pins;
 mod stage;
 // Every `*File` struct is the YAML's shape, used only by the loader below.
 use file::*;
-pub use file::{AllowEntry, NatsAuth, Registry};
+pub use file::{AllowEntry, NatsAuth, Registry, ScaleOutKeys};
 use keys::load_key;
 pub use keys::{KeyKind, TrustedKey};
 use limits::apply_limits;
@@ -95,6 +95,9 @@ pub struct Policy {
     pub folder_limits: crate::artifact::FolderLimits,
     /// `nats`: credentials for the scale-out server, if it needs them.
     pub nats: Option<NatsAuth>,
+    /// `scale_out`: the keys that sign and check workers' results. Not part
+    /// of the policy digest: each worker has its own key.
+    pub scale_out: ScaleOutKeys,
 }
 
 impl Policy {
@@ -266,6 +269,18 @@ impl Policy {
                 }
             }),
         };
+        for (i, k) in pf.scale_out.trusted_workers.iter().enumerate() {
+            if !k.starts_with('U') || nkeys::KeyPair::from_public_key(k).is_err() {
+                return Err(invalid(
+                    format!("scale_out.trusted_workers[{i}]"),
+                    format!("{k:?} is not a user nkey's public key (56 characters starting with U)"),
+                ));
+            }
+        }
+        let scale_out = ScaleOutKeys {
+            signing_key_file: pf.scale_out.signing_key_file.map(|p| relative_to(dir, &p)),
+            trusted_workers: pf.scale_out.trusted_workers,
+        };
         let mut inference = pf.inference;
         inference.validate().map_err(|e| invalid("inference".into(), e))?;
         inference.worker = inference.worker.map(|p| relative_to(dir, &p));
@@ -282,6 +297,7 @@ impl Policy {
             inference,
             folder_limits: pf.folders,
             nats,
+            scale_out,
         })
     }
 }

@@ -40,11 +40,16 @@ pub struct Token {
 }
 
 impl Token {
-    /// Reads a token file: at least 16 characters after trimming, and not
-    /// readable by group or others (as ssh treats a private key).
+    /// Reads a token file: a regular file (a FIFO would hang start-up), not
+    /// readable by group or others (as ssh treats a private key), holding at
+    /// least 16 characters after trimming, of which at least 6 differ (a
+    /// token such as `aaaaaaaaaaaaaaaa` is refused). Red team D20.
     pub fn from_file(path: &Path) -> Result<Token> {
         use std::os::unix::fs::PermissionsExt;
         let meta = std::fs::metadata(path).with_context(|| format!("--token-file {}", path.display()))?;
+        if !meta.is_file() {
+            bail!("--token-file {}: not a regular file", path.display());
+        }
         if meta.permissions().mode() & 0o077 != 0 {
             bail!(
                 "--token-file {}: readable by group or others (mode {:o}); run `chmod 600 {}`",
@@ -53,10 +58,21 @@ impl Token {
                 path.display()
             );
         }
+        if meta.len() > 4096 {
+            bail!("--token-file {}: {} bytes; a token file holds one line", path.display(), meta.len());
+        }
         let text = std::fs::read_to_string(path).with_context(|| format!("--token-file {}", path.display()))?;
         let token = text.trim();
-        if token.len() < 16 {
+        if token.chars().count() < 16 {
             bail!("--token-file {}: the token must be at least 16 characters", path.display());
+        }
+        let distinct: std::collections::BTreeSet<char> = token.chars().collect();
+        if distinct.len() < 6 {
+            bail!(
+                "--token-file {}: the token repeats {} character(s); use a random one, e.g. `openssl rand -hex 24`",
+                path.display(),
+                distinct.len()
+            );
         }
         Ok(Token { digest: Sha256::digest(token.as_bytes()).into() })
     }
@@ -99,9 +115,24 @@ fn templates() -> &'static minijinja::Environment<'static> {
     })
 }
 
+/// How long a client has to send a request's headers, and how long an idle
+/// keep-alive connection is kept (hyper restarts this timer between requests).
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long one request may take from its headers to its answer, body read
+/// included; a client that trickles its body gets 408.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Connections held at once, at most. At the cap the oldest connection is
+/// closed to make room, so a crowd of idle or trickling clients cannot keep
+/// a new request waiting (red team D7). Lowered when the process may open
+/// fewer files.
+const MAX_CONNECTIONS: usize = 512;
+/// File descriptors kept for everything but connections (the data root's reads, logs).
+const SPARE_FDS: u64 = 64;
+
 /// Serves until SIGINT or SIGTERM. `on_ready` gets the bound address (the
 /// port may have been 0).
 pub fn run(root: Root, listen: SocketAddr, token: Option<Token>, on_ready: impl FnOnce(SocketAddr)) -> Result<()> {
+    let cap = connection_cap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -117,8 +148,79 @@ pub fn run(root: Root, listen: SocketAddr, token: Option<Token>, on_ready: impl 
         });
         let app = Arc::new(App { root, token, allowed_hosts });
         on_ready(addr);
-        axum::serve(listener, router(app)).with_graceful_shutdown(shutdown()).await.context("serving HTTP")
+        tracing::debug!(cap, "serving at most {cap} connections at once");
+        let router = router(app);
+        tokio::select! {
+            r = accept_loop(listener, router, cap) => r,
+            _ = shutdown() => Ok(()),
+        }
     })
+}
+
+/// Raises the soft limit on open files to the hard one (systemd's default
+/// soft limit is 1024) and returns how many connections fit under it.
+fn connection_cap() -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return MAX_CONNECTIONS;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    let usable = lim.rlim_cur.saturating_sub(SPARE_FDS).max(8);
+    MAX_CONNECTIONS.min(usize::try_from(usable).unwrap_or(MAX_CONNECTIONS))
+}
+
+/// Accepts connections and serves each with hyper's HTTP/1 server, under a
+/// header-read timeout that also bounds idle keep-alive time, and a cap on
+/// live connections that closes the oldest when a new one arrives at it.
+async fn accept_loop(listener: tokio::net::TcpListener, router: Router, cap: usize) -> Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    let live: Arc<Mutex<BTreeMap<u64, tokio::sync::oneshot::Sender<()>>>> = Arc::default();
+    let mut next_id = 0u64;
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).keep_alive(true);
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of descriptors or a connection reset before accept: wait briefly, never spin.
+                tracing::warn!("accepting a connection: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let id = next_id;
+        next_id += 1;
+        let (close, closed) = tokio::sync::oneshot::channel::<()>();
+        {
+            let mut live = live.lock().unwrap_or_else(|e| e.into_inner());
+            while live.len() >= cap {
+                // Dropping the sender wakes the oldest connection's task, which closes it.
+                live.pop_first();
+            }
+            live.insert(id, close);
+        }
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = http.serve_connection(TokioIo::new(stream), service);
+        let live = live.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = conn => {}
+                _ = closed => {}
+            }
+            live.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        });
+    }
 }
 
 async fn shutdown() {
@@ -157,14 +259,26 @@ fn router(app: Shared) -> Router {
 /// elsewhere cannot read the UI through DNS rebinding), and sets headers that
 /// keep pages from running script, being framed or sniffed.
 async fn guard(State(app): State<Shared>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    if let Some(allowed) = &app.allowed_hosts {
-        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-        if !allowed.iter().any(|a| a == host) {
-            return Failure::new(StatusCode::MISDIRECTED_REQUEST, format!("Host {host:?} is not this server"))
+    let mut res = 'answer: {
+        if let Some(allowed) = &app.allowed_hosts {
+            let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+            if !allowed.iter().any(|a| a == host) {
+                break 'answer Failure::new(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    format!("Host {host:?} is not this server"),
+                )
                 .into_response();
+            }
         }
-    }
-    let mut res = next.run(req).await;
+        match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+            Ok(res) => res,
+            Err(_) => Failure::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request took longer than {} s", REQUEST_TIMEOUT.as_secs()),
+            )
+            .into_response(),
+        }
+    };
     let h = res.headers_mut();
     h.insert(
         header::CONTENT_SECURITY_POLICY,
@@ -193,11 +307,16 @@ impl Failure {
     fn from_io(e: std::io::Error, what: &str) -> Failure {
         let status = match e.kind() {
             std::io::ErrorKind::NotFound => StatusCode::NOT_FOUND,
-            std::io::ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
+            // A name too long for the file system is the client's mistake (red team D22).
+            std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidFilename => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let message =
-            if status == StatusCode::NOT_FOUND { format!("{what}: not found") } else { format!("{what}: {e}") };
+        // A custom error (a link or a file where a folder belongs) keeps its detail.
+        let message = match (status, e.get_ref()) {
+            (StatusCode::NOT_FOUND, None) => format!("{what}: not found"),
+            (StatusCode::NOT_FOUND, Some(detail)) => format!("{what}: not found ({detail})"),
+            _ => format!("{what}: {e}"),
+        };
         Failure::new(status, message)
     }
 
@@ -467,7 +586,9 @@ fn rescan(app: &App, name: &str, given: Option<&str>) -> Result<Entry, Failure> 
     if !listing::is_plain_name(name) {
         return Err(Failure::new(StatusCode::BAD_REQUEST, format!("{name:?} is not a plain name")));
     }
-    if std::fs::symlink_metadata(app.root.rejected().join(name)).is_err() {
+    if std::fs::symlink_metadata(app.root.rejected().join(name)).is_err()
+        || !listing::is_rejected_model(&app.root, name)
+    {
         return Err(Failure::new(StatusCode::NOT_FOUND, format!("rejected/{name}: not found")));
     }
     store::rescan(&app.root, name, "web").map_err(|e| Failure::new(StatusCode::CONFLICT, format!("rescan {name}: {e}")))

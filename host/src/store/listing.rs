@@ -98,8 +98,10 @@ pub fn queue(root: &Root) -> io::Result<Queue> {
 pub fn rejected(root: &Root) -> io::Result<Vec<Rejected>> {
     let mut out = Vec::new();
     for name in sorted_names(&root.rejected())? {
-        if name.starts_with('.') || name.ends_with(".report.json") || SIDECAR_SUFFIXES.iter().any(|s| name.ends_with(s))
-        {
+        if name.starts_with('.') {
+            continue;
+        }
+        if !is_rejected_model(root, &name) {
             continue;
         }
         let (report, report_error) = match report(root, &name) {
@@ -111,12 +113,21 @@ pub fn rejected(root: &Root) -> io::Result<Vec<Rejected>> {
     Ok(out)
 }
 
+/// Whether `rejected/<name>` is a rejected model rather than what travels with
+/// one. A name shaped like a report or sidecar is a model only when it has a
+/// report of its own (red team D17: a model named `hidden.report.json`).
+pub fn is_rejected_model(root: &Root, name: &str) -> bool {
+    let attached = name.ends_with(".report.json") || SIDECAR_SUFFIXES.iter().any(|s| name.ends_with(s));
+    is_plain_name(name)
+        && (!attached || fs::symlink_metadata(root.rejected().join(format!("{name}.report.json"))).is_ok())
+}
+
 /// Reads a JSON record only if it is a regular file: a link planted in the
 /// data root is not followed out of it.
 fn read_regular<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<T> {
     let meta = fs::symlink_metadata(path)?;
     if !meta.is_file() {
-        return Err(io::Error::other(format!("{} is not a regular file", path.display())));
+        return Err(io::Error::new(io::ErrorKind::NotFound, format!("{} is not a regular file", path.display())));
     }
     read_json(path)
 }
@@ -136,7 +147,7 @@ pub fn manifest(root: &Root, name: &str) -> io::Result<Manifest> {
     }
     let dir = root.registry().join(name);
     if !fs::symlink_metadata(&dir)?.is_dir() {
-        return Err(io::Error::other(format!("{} is not a folder", dir.display())));
+        return Err(io::Error::new(io::ErrorKind::NotFound, format!("{} is not a folder", dir.display())));
     }
     read_regular(&dir.join("manifest.json"))
 }

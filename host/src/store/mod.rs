@@ -42,9 +42,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::{self, Model, ReadMode};
-use crate::pipeline::{Event, FailedAt, HostStep, ModelVerdict, Outcome, ScanInput, Scanner, StageResult};
+use crate::pipeline::{
+    Event, FailedAt, HostStep, ModelVerdict, Outcome, Scan, ScanInput, ScanJob, Scanner, StageResult,
+};
 use crate::policy::{self, Policy, Stage};
-use crate::scale_out::{Dispatcher, Reply, file_digests};
 pub use audit::{AuditLog, Record};
 pub use manifest::Manifest;
 pub use root::Root;
@@ -161,8 +162,8 @@ pub struct Quarantine<'a> {
     scanner: &'a Scanner,
     policy: &'a Policy,
     audit: AuditLog,
-    /// `watch --dispatch`: scans go to the workers instead of running here.
-    dispatch: Option<&'a Dispatcher>,
+    /// How scans run: `scanner` here, or the workers (`watch --dispatch`).
+    scan: &'a dyn Scan,
 }
 
 fn new_id() -> String {
@@ -192,12 +193,13 @@ impl<'a> Quarantine<'a> {
         root.check()?;
         let audit = AuditLog::new(&root.audit_log());
         audit.repair()?;
-        Ok(Quarantine { root, scanner, policy, audit, dispatch: None })
+        Ok(Quarantine { root, scanner, policy, audit, scan: scanner })
     }
 
-    /// Sends every scan to the workers behind `d` and decides from their results.
-    pub fn with_dispatch(mut self, d: &'a Dispatcher) -> Self {
-        self.dispatch = Some(d);
+    /// Runs every scan through `scan` (the workers behind a dispatcher) and
+    /// decides from its outcomes.
+    pub fn with_scan(mut self, scan: &'a dyn Scan) -> Self {
+        self.scan = scan;
         self
     }
 
@@ -206,9 +208,10 @@ impl<'a> Quarantine<'a> {
     /// weights); the watcher also waits for every shard its index names.
     pub fn waiting(&self) -> io::Result<Vec<String>> {
         let incoming = self.root.incoming();
+        self.rename_non_utf8_names(&incoming)?;
         let mut names: Vec<String> = fs::read_dir(&incoming)?
             .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter_map(|e| e.file_name().into_string().ok())
             .filter(|n| is_eligible_name(n))
             .filter(|n| {
                 let p = incoming.join(n);
@@ -217,6 +220,35 @@ impl<'a> Quarantine<'a> {
             .collect();
         names.sort();
         Ok(names)
+    }
+
+    /// A name that is not UTF-8 cannot be claimed, reported or shown, and once
+    /// stayed in `incoming/` for good (red team D17). It is renamed in place
+    /// to the same name with each byte that is not UTF-8 written `%XX`, and
+    /// then taken like any other.
+    fn rename_non_utf8_names(&self, incoming: &Path) -> io::Result<()> {
+        use std::fmt::Write;
+        use std::os::unix::ffi::OsStrExt;
+        for e in fs::read_dir(incoming)?.filter_map(|e| e.ok()) {
+            let raw = e.file_name();
+            if raw.to_str().is_some() {
+                continue;
+            }
+            let mut fixed = String::new();
+            for chunk in raw.as_bytes().utf8_chunks() {
+                fixed.push_str(chunk.valid());
+                for b in chunk.invalid() {
+                    let _ = write!(fixed, "%{b:02X}");
+                }
+            }
+            match rename_new(&incoming.join(&raw), &incoming.join(&fixed)) {
+                Ok(()) => tracing::warn!("{:?} in incoming/ is not UTF-8; renamed to {fixed:?}", raw),
+                Err(err) => {
+                    tracing::warn!("{:?} in incoming/ is not UTF-8 and cannot be renamed to {fixed:?}: {err}", raw)
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Finishes or redoes what a crash interrupted. Claim folders with their
@@ -298,15 +330,28 @@ impl<'a> Quarantine<'a> {
         sync_dir(&upload)?;
         sync_dir(&dir)?;
         sync_dir(&self.root.scanning())?;
-        self.take_private_copy(&dir, name)?;
+        if let Err(e) = self.take_private_copy(&dir, name) {
+            // Nothing judged yet: the upload goes back to incoming/ and the
+            // claim folder goes, as for a failed move (the watcher backs off).
+            if fs::symlink_metadata(dir.join(MODEL_DIR)).is_err() {
+                for back in moved.iter().rev() {
+                    let _ = rename_new(&upload.join(back), &self.root.incoming().join(back));
+                }
+                if moved.iter().all(|m| fs::symlink_metadata(upload.join(m)).is_err()) {
+                    let _ = self.remove_claim_dir(&dir);
+                }
+            }
+            return Err(e);
+        }
         Ok(dir)
     }
 
     /// Copies the upload (model and sidecars) into `model/` as airlock's own
     /// bytes, then removes the upload. An upload that cannot be copied (a
-    /// link, a special or hardlinked file, over the folder limits, a full
-    /// disk) is moved into `model/` as it is, with `as-uploaded` saying why:
-    /// it is scanned so its report names the problem, and never promoted.
+    /// link, a special or hardlinked file, over the folder limits) is moved
+    /// into `model/` as it is, with `as-uploaded` saying why: it is scanned so
+    /// its report names the problem, and never promoted. A copy this machine
+    /// fails (a full disk, an I/O error) is an `Err`: the claim is given back.
     /// Idempotent: recovery calls it again for a claim a crash interrupted.
     fn take_private_copy(&self, dir: &Path, name: &str) -> io::Result<()> {
         let (upload, model) = (dir.join(UPLOAD_DIR), dir.join(MODEL_DIR));
@@ -323,9 +368,18 @@ impl<'a> Quarantine<'a> {
             if i > 0 && fs::symlink_metadata(&src).is_err() {
                 continue;
             }
-            if let Err(why) = private_copy::copy(&src, &partial.join(entry), &self.policy.folder_limits) {
-                uncopied = Some(why);
-                break;
+            match private_copy::copy(&src, &partial.join(entry), &self.policy.folder_limits) {
+                Ok(()) => {}
+                Err(private_copy::Uncopied::Refused(why)) => {
+                    uncopied = Some(why);
+                    break;
+                }
+                // A full disk or an I/O error is this machine's, not the model's:
+                // the caller gives the claim back rather than reject a clean model.
+                Err(private_copy::Uncopied::Io(why)) => {
+                    let _ = fs::remove_dir_all(&partial);
+                    return Err(io::Error::other(format!("taking a private copy: {why}")));
+                }
             }
         }
         match uncopied {
@@ -440,12 +494,10 @@ impl<'a> Quarantine<'a> {
             None => (None, Some(Default::default())),
         };
         let input = ScanInput { origin: None, sha256, pinned_files, read_mode: ReadMode::default() };
-        let outcome = match self.dispatch {
-            None => self.scanner.scan_model(&model, path, &input, on_event),
-            Some(d) => match self.remote(d, claim, &model, path, &input, on_event)? {
-                Ok(o) => o,
-                Err(reason) => return Ok(Self::reject_decision(FailedAt::Host(HostStep::Dispatch), reason, None)),
-            },
+        let job = ScanJob { id: &claim.id, name: &claim.name };
+        let outcome = match self.scan.scan_claim(&job, &model, path, &input, on_event).map_err(io::Error::other)? {
+            Ok(o) => o,
+            Err(reason) => return Ok(Self::reject_decision(FailedAt::Host(HostStep::Dispatch), reason, None)),
         };
         if outcome.verdict == ModelVerdict::Pass
             && let Ok(why) = fs::read_to_string(dir.join(AS_UPLOADED))
@@ -512,99 +564,6 @@ impl<'a> Quarantine<'a> {
             sha256: outcome.sha256.clone(),
             outcome: Some(outcome),
         })
-    }
-
-    /// Has the workers scan the claimed model and checks their result against
-    /// the claim: the same policy digest, the same bytes (every file's sha256
-    /// as this watcher reads it). `Err` (io): stopped while waiting, the claim
-    /// stays; `Ok(Err)`: the reason the model is rejected at `dispatch`.
-    fn remote(
-        &self,
-        d: &Dispatcher,
-        claim: &Claim,
-        model: &Model,
-        path: &Path,
-        input: &ScanInput,
-        on_event: &mut dyn FnMut(Event),
-    ) -> io::Result<Result<Outcome, String>> {
-        on_event(Event::Processing(&claim.name));
-        let mut r = match d.scan(&claim.id, &claim.name, path, model, input).map_err(io::Error::other)? {
-            Reply::Dead(l) => {
-                return Ok(Err(format!(
-                    "no worker finished the scan ({} deliveries, last to {}): {}",
-                    l.deliveries, l.worker, l.reason
-                )));
-            }
-            Reply::Refused(why) => return Ok(Err(why)),
-            Reply::Result(r) => r,
-        };
-        if r.id != claim.id || r.policy_digest != d.digest {
-            return Ok(Err(format!(
-                "the result from worker {} was refused: it is for job {} under policy {}, this claim is {} under policy {}",
-                r.worker, r.id, r.policy_digest, claim.id, d.digest
-            )));
-        }
-        let ours = match file_digests(model) {
-            Ok(f) => f,
-            Err(e) => return Ok(Err(format!("the watcher cannot hash the claimed model to check the result: {e}"))),
-        };
-        if r.files != ours {
-            let differ: Vec<String> = ours
-                .keys()
-                .chain(r.files.keys())
-                .filter(|f| ours.get(*f) != r.files.get(*f))
-                .map(|f| {
-                    let show = |v: Option<&String>| v.map_or("absent".to_string(), |s| s.clone());
-                    format!(
-                        "{f}: worker {} read {}, the claim holds {}",
-                        r.worker,
-                        show(r.files.get(f)),
-                        show(ours.get(f))
-                    )
-                })
-                .collect();
-            return Ok(Err(format!("the result was refused: the worker scanned other bytes ({})", differ.join("; "))));
-        }
-        // A pass must carry the result of every plugin this watcher's policy
-        // runs, from the component it loaded: a forged pass with no stages
-        // (or a replay from other plugins) is refused.
-        if r.outcome.verdict == ModelVerdict::Pass {
-            let missing: Vec<String> = self
-                .scanner
-                .components()
-                .into_iter()
-                .filter(|(stage, label, sha)| {
-                    !r.outcome.stages.iter().any(|s| {
-                        s.stage == *stage
-                            && s.plugin.as_deref() == Some(label.as_str())
-                            && s.plugin_sha256.as_deref() == Some(sha.as_str())
-                    })
-                })
-                .map(|(stage, label, _)| format!("{} {label}", stage.name()))
-                .collect();
-            if !missing.is_empty() {
-                return Ok(Err(format!(
-                    "the pass from worker {} was refused: it carries no result of {} from the component this policy \
-                     loads",
-                    r.worker,
-                    missing.join(", ")
-                )));
-            }
-        }
-        let sidecars = model.sidecars.digests();
-        if r.sidecars != sidecars {
-            return Ok(Err(format!(
-                "the result was refused: worker {} judged the model with other sidecars (origin, signatures) than \
-                 the claim holds: it read {:?}, the claim holds {:?}",
-                r.worker, r.sidecars, sidecars
-            )));
-        }
-        for s in &r.outcome.stages {
-            on_event(Event::StageDone(s));
-        }
-        // The worker saw the model at its own path (shared storage, or its scratch copy).
-        r.outcome.path = path.display().to_string();
-        Ok(Ok(r.outcome))
     }
 
     fn promote(&self, dir: &Path, claim: &Claim) -> io::Result<Disposition> {
@@ -817,12 +776,24 @@ pub fn read_index(root: &Root) -> io::Result<Vec<IndexEntry>> {
 pub fn rescan(root: &Root, name: &str, actor: &str) -> Result<audit::Entry, String> {
     // Held to the end: a watcher's rejection of this name is either finished
     // (model and report both in rejected/) or not begun.
+    // Only a rejected model goes back: never a report, a sidecar or a path (red team D18).
+    if !listing::is_plain_name(name) {
+        return Err(format!("{name:?} is not a plain name in rejected/"));
+    }
+    if !listing::is_rejected_model(root, name) {
+        return Err(format!("{name}: a report or sidecar, not a rejected model"));
+    }
     let _commit = root.commit_lock().map_err(|e| e.to_string())?;
     let src = root.rejected().join(name);
-    fs::symlink_metadata(&src).map_err(|e| format!("{}: {e}", src.display()))?;
-    let original = read_json::<Report>(&root.rejected().join(format!("{name}.report.json")))
-        .map(|r| r.filename)
-        .unwrap_or_else(|_| name.to_string());
+    let meta = fs::symlink_metadata(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+    if !meta.is_file() && !meta.is_dir() {
+        return Err(format!("{}: not a regular file or folder", src.display()));
+    }
+    let original = match read_json::<Report>(&root.rejected().join(format!("{name}.report.json"))) {
+        Ok(r) if listing::is_plain_name(&r.filename) => r.filename,
+        Ok(r) => return Err(format!("{name}.report.json names {:?}, which is not a plain name", r.filename)),
+        Err(_) => name.to_string(),
+    };
     let dest = root.incoming().join(&original);
     // The old report goes first, set aside: a watcher may take the model the
     // moment it appears in incoming/ and reject it again before this function

@@ -293,6 +293,72 @@ fn inside(dir: &str, name: &str) -> Option<String> {
     plain.then(|| if dir.is_empty() { name.to_string() } else { format!("{dir}/{name}") })
 }
 
+/// The largest `config.json` read for its layer count; a real one is a few KiB.
+const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// Path segments that number a model's layers in tensor names (`model.layers.3.`,
+/// `encoder.layer.3.`, GPT-2's `h.3.`, `blocks.3.`, T5's `block.3.`, GGUF's `blk.3.`).
+const LAYER_SEGMENTS: [&str; 6] = ["layers", "layer", "h", "blocks", "block", "blk"];
+
+/// The weights must cover the layers the root `config.json` names
+/// (`num_hidden_layers`, `n_layer` or `num_layers`): a folder whose weight
+/// files number their layers but lack some of them would load with those
+/// layers left at random values, or be padded out by tensors the gate never
+/// saw. Weights that number no layers at all (ALBERT shares one) are not
+/// judged here, nor is a config this check cannot read (metadata_gadgets
+/// judges that).
+fn check_config_layers(files: &[File]) -> Result<(), Refusal> {
+    let Some(config) = files.iter().find(|f| f.path() == "config.json") else { return Ok(()) };
+    if config.size() > MAX_CONFIG_BYTES {
+        return Ok(());
+    }
+    let Ok(bytes) = ChunkReader::file(config).collect_bytes() else { return Ok(()) };
+    let Ok(json) = serde_json::from_slice::<serde_json::Value>(&bytes) else { return Ok(()) };
+    let Some((key, layers)) = ["num_hidden_layers", "n_layer", "num_layers"]
+        .into_iter()
+        .find_map(|k| json.get(k).and_then(|v| v.as_u64()).map(|n| (k, n)))
+    else {
+        return Ok(());
+    };
+    let mut numbered: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+    for f in files.iter().filter(|f| matches!(f.format(), Format::Safetensors | Format::Gguf)) {
+        for t in f.tensors() {
+            let parts: Vec<&str> = t.name.split('.').collect();
+            for w in parts.windows(2) {
+                if LAYER_SEGMENTS.contains(&w[0])
+                    && let Ok(i) = w[1].parse::<u64>()
+                {
+                    numbered.insert(i);
+                }
+            }
+        }
+    }
+    if numbered.is_empty() {
+        return Ok(());
+    }
+    // Walks only as far as the fifth gap: bounded by the tensors, whatever the config says.
+    let mut missing = Vec::new();
+    let mut i = 0;
+    while i < layers && missing.len() < 5 {
+        if !numbered.contains(&i) {
+            missing.push(i);
+        }
+        i += 1;
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let present = numbered.range(..layers).count() as u64;
+    let more = (layers - present).saturating_sub(missing.len() as u64);
+    let reason = format!(
+        "config.json says {key}: {layers}, but the weights hold tensors for only {present} of those layers: none \
+         for layer(s) {}{}",
+        missing.iter().map(u64::to_string).collect::<Vec<_>>().join(", "),
+        if more > 0 { format!(" and {more} more") } else { String::new() }
+    );
+    Err(refuse("format.layers-missing", "config.json", reason))
+}
+
 /// A `*.safetensors.index.json`: its `weight_map` names only shards inside
 /// the folder, each of them exists and is safetensors, every tensor it maps
 /// is in the shard it names, no tensor is in two shards or missing from the
@@ -486,6 +552,10 @@ impl Stage for FormatGate {
             if let Err((reason, finding)) = check_index(index, &files) {
                 return Report::fail(reason).finding(finding);
             }
+        }
+        // After the index: a missing shard is named as such, not as the layers it held.
+        if folder && let Err((reason, finding)) = check_config_layers(&files) {
+            return Report::fail(reason).finding(finding);
         }
         let shards = indexes.len();
         let indexed = if shards > 0 {

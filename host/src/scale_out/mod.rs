@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use async_nats::jetstream::{self, AckKind, consumer::pull, object_store, stream};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -43,6 +43,11 @@ const JOBS_SUBJECTS: &str = "airlock.jobs.*";
 pub const RESULTS_STREAM: &str = "AIRLOCK_RESULTS";
 /// The durable pull consumer every worker shares.
 pub const CONSUMER: &str = "airlock-workers";
+/// airlock's own reply subjects. Jobs reach a worker as replies to its pull
+/// requests; under the common `_INBOX.>` permission any other login could
+/// read them (red team D14). The shipped permission sets allow this prefix
+/// to airlock's logins only.
+pub const INBOX_PREFIX: &str = "_AIRLOCK_INBOX";
 /// A job not acked (or kept alive by progress) for this long goes to another worker.
 const ACK_WAIT: Duration = Duration::from_secs(20);
 /// How often a worker tells the server it is still on a job.
@@ -56,6 +61,8 @@ const NOTE_DEADLINE: Duration = Duration::from_secs(10);
 /// its last one would hold the job forever with no letter for the watcher.
 pub const MAX_SCANS: i64 = 3;
 /// Results are kept this long for inspection (`nats stream view AIRLOCK_RESULTS`).
+/// The most the results stream holds; the oldest messages go first.
+const RESULTS_MAX_BYTES: i64 = 1 << 30;
 const RESULTS_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// The Object Store bucket models travel in with `--transfer object-store`.
 pub const MODELS_BUCKET: &str = "airlock-models";
@@ -264,6 +271,9 @@ pub enum Reply {
 
 pub use crate::pipeline::digest::policy_digest;
 
+mod signing;
+pub use signing::Signer;
+
 /// A claim id as the watcher makes them (`<nanos>-<pid>-<n>`), or a part's (`<claim id>-part<n>`).
 fn is_job_id(id: &str) -> bool {
     let claim = id.rsplit_once("-part").filter(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
@@ -290,7 +300,37 @@ fn worker_name() -> String {
     format!("{}/{}", host.trim(), std::process::id())
 }
 
-async fn connect(url: &str, auth: Option<&NatsAuth>, name: &str) -> Result<async_nats::Client> {
+/// Connects with the policy's credentials. A server that also lets a client
+/// in without credentials is refused unless `insecure` (`--insecure-nats`):
+/// anyone who reaches it could publish a forged result or read every job
+/// (red team D8).
+async fn connect(url: &str, auth: Option<&NatsAuth>, name: &str, insecure: bool) -> Result<async_nats::Client> {
+    let open = match auth {
+        // Connected below without credentials: if that works, the server is open.
+        None => true,
+        Some(_) => async_nats::ConnectOptions::new()
+            .name(format!("{name} (checking that the server asks for credentials)"))
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .is_ok(),
+    };
+    let client = connect_with(url, auth, name).await?;
+    if open {
+        let why = format!(
+            "the NATS server at {url} lets in clients without credentials, so anyone who reaches it can read every              job and publish a forged result"
+        );
+        if !insecure {
+            bail!(
+                "{why}. Give the server an authorization block and the policy a `nats:` section                  (docs/scale-out.md, \"Credentials\"), or pass --insecure-nats to accept the risk"
+            );
+        }
+        tracing::warn!("--insecure-nats: {why}");
+    }
+    Ok(client)
+}
+
+async fn connect_with(url: &str, auth: Option<&NatsAuth>, name: &str) -> Result<async_nats::Client> {
     let options = match auth {
         None => async_nats::ConnectOptions::new(),
         Some(NatsAuth::UserPassword { user, password_file }) => {
@@ -325,7 +365,12 @@ async fn connect(url: &str, auth: Option<&NatsAuth>, name: &str) -> Result<async
             }
         }
     });
-    options.name(name).connect(url).await.with_context(|| format!("connecting to the NATS server at {url} {how}"))
+    options
+        .name(name)
+        .custom_inbox_prefix(INBOX_PREFIX)
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to the NATS server at {url} {how}"))
 }
 
 /// Opens the stream, or creates it if it is missing. A worker and a watcher
@@ -371,6 +416,11 @@ async fn ensure_streams(js: &jetstream::Context) -> Result<(stream::Stream, stre
             subjects: vec!["airlock.results.*".into(), "airlock.dead.*".into()],
             storage: stream::StorageType::File,
             max_age: RESULTS_MAX_AGE,
+            // Bounded (red team D15): a flood of junk ages out the oldest
+            // messages instead of filling the disk. A result lost that way is
+            // found missing by its waiting watcher, which sends the job again.
+            max_bytes: RESULTS_MAX_BYTES,
+            max_messages_per_subject: 64,
             duplicate_window: Duration::from_secs(120),
             ..Default::default()
         },
@@ -409,12 +459,32 @@ async fn publish_stored(
     payload: Vec<u8>,
     deadline: Duration,
 ) -> Result<()> {
+    publish_signed(js, subject, msg_id, own_id, payload, None, deadline).await
+}
+
+/// [`publish_stored`], with headers (a result's signature).
+async fn publish_signed(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: &str,
+    own_id: bool,
+    payload: Vec<u8>,
+    headers: Option<async_nats::HeaderMap>,
+    deadline: Duration,
+) -> Result<()> {
     let started = Instant::now();
     let payload = bytes::Bytes::from(payload);
     let mut first = true;
     loop {
         let attempt = async {
-            let publish = jetstream::message::PublishMessage::build().payload(payload.clone()).message_id(msg_id);
+            let mut publish = jetstream::message::PublishMessage::build().payload(payload.clone()).message_id(msg_id);
+            if let Some(h) = &headers {
+                for (name, values) in h.iter() {
+                    for v in values {
+                        publish = publish.header(name.clone(), v.clone());
+                    }
+                }
+            }
             let ack = js.send_publish(subject.clone(), publish).await?.await?;
             Ok::<_, async_nats::Error>(ack.duplicate)
         };
@@ -461,9 +531,22 @@ async fn models_bucket(js: &jetstream::Context) -> Result<object_store::ObjectSt
 /// `airlock worker`: scans jobs, `jobs` at a time, until SIGTERM or SIGINT
 /// (the scans in hand are finished and their results published first).
 /// Models that come through the Object Store are written below `scratch`.
-pub fn run_worker(url: &str, policy: &Policy, scanner: Scanner, jobs: usize, scratch: &Path) -> Result<()> {
+pub fn run_worker(
+    url: &str,
+    policy: &Policy,
+    scanner: Scanner,
+    jobs: usize,
+    scratch: &Path,
+    claims: &Path,
+    insecure: bool,
+) -> Result<()> {
     let digest = policy_digest(policy, &scanner);
+    let signer = Arc::new(Signer::from_policy(policy)?);
+    let trusted = Arc::new(policy.scale_out.trusted_workers.clone());
     make_scratch(scratch)?;
+    // Resolved once: shared-path jobs must name a model below it. A worker
+    // that only takes Object Store jobs may have no such folder.
+    let claims = Arc::new(std::fs::canonicalize(claims).unwrap_or_else(|_| claims.to_path_buf()));
     let scratch = Arc::new(scratch.to_path_buf());
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -472,26 +555,18 @@ pub fn run_worker(url: &str, policy: &Policy, scanner: Scanner, jobs: usize, scr
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let name = worker_name();
     rt.block_on(async {
-        let client = connect(url, policy.nats.as_ref(), &format!("airlock-worker {name}")).await?;
+        let client = connect(url, policy.nats.as_ref(), &format!("airlock-worker {name}"), insecure).await?;
         let js = jetstream::new(client);
-        let (jobs_stream, _) = ensure_streams(&js).await?;
-        // Create or update: a consumer made by an older airlock (which capped
-        // deliveries at MAX_SCANS + 1) gets the uncapped config.
-        let consumer: jetstream::consumer::Consumer<pull::Config> = jobs_stream
-            .create_consumer(pull::Config {
-                durable_name: Some(CONSUMER.into()),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: ACK_WAIT,
-                // Uncapped: deliveries past MAX_SCANS only file the dead letter (see MAX_SCANS).
-                max_deliver: -1,
-                ..Default::default()
-            })
-            .await
-            .with_context(|| format!("creating or opening the consumer {CONSUMER} on {JOBS_STREAM}"))?;
-        eprintln!("airlock worker {name}: taking jobs from {JOBS_STREAM} on {url}, {jobs} at a time (policy {digest})");
+        let consumer = open_consumer(&js).await?;
+        eprintln!(
+            "airlock worker {name}: taking jobs from {JOBS_STREAM} on {url}, {jobs} at a time (policy {digest}); \
+             signing results as {}",
+            signer.public_key()
+        );
         let scanner = Arc::new(scanner);
         let mut loops = Vec::new();
         for _ in 0..jobs {
+            let keys = Trust { signer: signer.clone(), trusted: trusted.clone(), claims: claims.clone() };
             let (consumer, js, scanner, digest, name, stop, scratch) = (
                 consumer.clone(),
                 js.clone(),
@@ -502,6 +577,7 @@ pub fn run_worker(url: &str, policy: &Policy, scanner: Scanner, jobs: usize, scr
                 scratch.clone(),
             );
             loops.push(tokio::spawn(async move {
+                let mut consumer = consumer;
                 while !stop.load(Ordering::Relaxed) {
                     let next = async {
                         let mut batch =
@@ -512,11 +588,17 @@ pub fn run_worker(url: &str, policy: &Policy, scanner: Scanner, jobs: usize, scr
                         })
                     };
                     match next.await {
-                        Ok(Some(msg)) => handle(&js, msg, &scanner, &digest, &name, &scratch).await,
+                        Ok(Some(msg)) => handle(&js, msg, &scanner, &digest, &name, &scratch, &keys).await,
                         Ok(None) => {}
                         Err(e) => {
                             tracing::warn!("fetching a job: {e}; retrying");
                             tokio::time::sleep(Duration::from_secs(1)).await;
+                            // A deleted stream or consumer (red team D13) is made again;
+                            // on a lost connection this fails and the fetch is retried.
+                            match open_consumer(&js).await {
+                                Ok(c) => consumer = c,
+                                Err(e) => tracing::warn!("{e:#}"),
+                            }
                         }
                     }
                 }
@@ -528,6 +610,24 @@ pub fn run_worker(url: &str, policy: &Policy, scanner: Scanner, jobs: usize, scr
         eprintln!("airlock worker {name}: stopped");
         Ok(())
     })
+}
+
+/// Opens the streams and the workers' durable consumer, making any that is
+/// missing. Create or update: a consumer made by an older airlock (which
+/// capped deliveries at MAX_SCANS + 1) gets the uncapped config.
+async fn open_consumer(js: &jetstream::Context) -> Result<jetstream::consumer::Consumer<pull::Config>> {
+    let (jobs_stream, _) = ensure_streams(js).await?;
+    jobs_stream
+        .create_consumer(pull::Config {
+            durable_name: Some(CONSUMER.into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: ACK_WAIT,
+            // Uncapped: deliveries past MAX_SCANS only file the dead letter (see MAX_SCANS).
+            max_deliver: -1,
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("creating or opening the consumer {CONSUMER} on {JOBS_STREAM}"))
 }
 
 /// The worker's scratch folder: a real folder (not a link), owned by this
@@ -553,6 +653,39 @@ fn make_scratch(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether a shared-path job names a model inside a claim folder under
+/// `claims` (the worker's `<root>/quarantine/scanning`, resolved): its file
+/// name is the job's model name, and its folder, links resolved, lies below
+/// `claims`.
+fn inside_claims(job: &Job, claims: &Path) -> Result<(), String> {
+    let refused = |why: &str| {
+        Err(format!(
+            "the job names {}, {why}; a worker reads shared-path models only in claim folders under {} (run it with \
+             the watcher's --root)",
+            job.path.display(),
+            claims.display()
+        ))
+    };
+    if job.path.file_name().and_then(|n| n.to_str()) != Some(job.name.as_str()) {
+        return refused("whose file name is not the job's model name");
+    }
+    let Some(parent) = job.path.parent() else { return refused("which has no folder") };
+    match std::fs::canonicalize(parent) {
+        Ok(dir) if dir.starts_with(claims) && dir != claims => Ok(()),
+        Ok(_) => refused("which is outside them"),
+        Err(e) => refused(&format!("whose folder cannot be resolved ({e})")),
+    }
+}
+
+/// What a worker trusts and answers with: its own key, which signs its
+/// results; the keys whose part results it accepts in a join; and the claim
+/// folders (its `--root`'s, resolved) below which a shared-path job may point.
+struct Trust {
+    signer: Arc<Signer>,
+    trusted: Arc<Vec<String>>,
+    claims: Arc<PathBuf>,
+}
+
 /// One delivery of a job: scan it, store the result, then ack.
 async fn handle(
     js: &jetstream::Context,
@@ -561,6 +694,7 @@ async fn handle(
     digest: &str,
     me: &str,
     scratch: &Path,
+    keys: &Trust,
 ) {
     let delivery = msg.info().map(|i| i.delivered).unwrap_or(1);
     let job: Job = match serde_json::from_slice(&msg.payload) {
@@ -596,6 +730,14 @@ async fn handle(
         dead_letter(js, &msg, &job, delivery, me, reason).await;
         return;
     }
+    // A shared-path job may name only a claim under this worker's data root
+    // (red team D12: a job naming /etc/passwd was scanned and its digest stored).
+    if job.objects.is_none()
+        && let Err(why) = inside_claims(&job, &keys.claims)
+    {
+        dead_letter(js, &msg, &job, delivery, me, why).await;
+        return;
+    }
     if job.policy_digest != digest {
         let reason = format!(
             "worker {me} runs policy {digest}, the job was made under {}: workers and watcher must load the same policy, plugins and airlock version",
@@ -617,7 +759,7 @@ async fn handle(
     };
     // A join reads the parts the watcher checked before it fetches any bytes.
     let joined = match &job.split {
-        Some(SplitJob::Join { plugins, parts }) => match read_parts(js, plugins, parts, digest).await {
+        Some(SplitJob::Join { plugins, parts }) => match read_parts(js, plugins, parts, digest, &keys.trusted).await {
             Ok(j) => Some(j),
             Err(why) => {
                 progress.abort();
@@ -686,7 +828,16 @@ async fn handle(
     // An id no other client can know beforehand: a forger who published
     // under it first would have the server drop the genuine result as a duplicate.
     let msg_id = format!("{}-{delivery}-{}", job.id, random_hex());
-    let stored = publish_stored(js, results_subject(&job.id), &msg_id, true, payload, ACK_WAIT * 3).await;
+    let subject = results_subject(&job.id);
+    let headers = match keys.signer.headers(&subject, &payload) {
+        Ok(h) => h,
+        Err(e) => {
+            progress.abort();
+            retry_or_dead(js, &msg, &job, delivery, me, format!("worker {me} could not sign its result: {e:#}")).await;
+            return;
+        }
+    };
+    let stored = publish_signed(js, subject, &msg_id, true, payload, Some(headers), ACK_WAIT * 3).await;
     progress.abort();
     match stored {
         Ok(()) => {
@@ -915,7 +1066,13 @@ async fn read_parts(
     plugins: &[SplitPlugin],
     refs: &[PartRef],
     digest: &str,
+    trusted: &[String],
 ) -> Result<Joined, String> {
+    if trusted.is_empty() {
+        return Err("this worker's policy lists no scale_out.trusted_workers, so it cannot check who made the parts \
+                    of a join"
+            .into());
+    }
     let results = js.get_stream(RESULTS_STREAM).await.map_err(|e| format!("opening {RESULTS_STREAM}: {e}"))?;
     let mut joined = Joined::default();
     for (n, r) in refs.iter().enumerate() {
@@ -930,6 +1087,7 @@ async fn read_parts(
                 r.sequence, m.subject, r.sha256
             ));
         }
+        signing::verify(trusted, &m.subject, Some(&m.headers), &m.payload).map_err(|e| format!("{what}: {e}"))?;
         let p: PartResult = serde_json::from_slice(&m.payload).map_err(|e| format!("{what}: cannot be read: {e}"))?;
         if p.policy_digest != digest || p.parts.len() != plugins.len() {
             return Err(format!(
@@ -1179,6 +1337,107 @@ async fn dead_letter(
 // ---------------------------------------------------------------------------
 // The watcher's side.
 
+impl crate::pipeline::Scan for Dispatcher {
+    /// Has the workers scan the claimed model and checks their result against
+    /// the claim: signed by a trusted worker (in [`Dispatcher::scan`]), for
+    /// this job, under this policy digest, of the same bytes and sidecars, and
+    /// for a pass a result from every plugin this policy runs.
+    fn scan_claim(
+        &self,
+        job: &crate::pipeline::ScanJob,
+        model: &Arc<Model>,
+        path: &Path,
+        input: &ScanInput,
+        on_event: &mut dyn FnMut(crate::pipeline::Event),
+    ) -> Result<Result<Outcome, String>, String> {
+        on_event(crate::pipeline::Event::Processing(job.name));
+        let mut r = match self.scan(job.id, job.name, path, model, input)? {
+            Reply::Dead(l) => {
+                return Ok(Err(format!(
+                    "no worker finished the scan ({} deliveries, last to {}): {}",
+                    l.deliveries, l.worker, l.reason
+                )));
+            }
+            Reply::Refused(why) => return Ok(Err(why)),
+            Reply::Result(r) => r,
+        };
+        if let Err(why) = self.check_result(job, model, &r) {
+            return Ok(Err(why));
+        }
+        for s in &r.outcome.stages {
+            on_event(crate::pipeline::Event::StageDone(s));
+        }
+        // The worker saw the model at its own path (shared storage, or its scratch copy).
+        r.outcome.path = path.display().to_string();
+        Ok(Ok(r.outcome))
+    }
+}
+
+impl Dispatcher {
+    /// Whether a (signature-checked) result answers this claim: `Err` says why not.
+    fn check_result(&self, job: &crate::pipeline::ScanJob, model: &Model, r: &JobResult) -> Result<(), String> {
+        if r.id != job.id || r.policy_digest != self.digest {
+            return Err(format!(
+                "the result from worker {} was refused: it is for job {} under policy {}, this claim is {} under policy {}",
+                r.worker, r.id, r.policy_digest, job.id, self.digest
+            ));
+        }
+        let ours = file_digests(model)
+            .map_err(|e| format!("the watcher cannot hash the claimed model to check the result: {e}"))?;
+        if r.files != ours {
+            let differ: Vec<String> = ours
+                .keys()
+                .chain(r.files.keys())
+                .filter(|f| ours.get(*f) != r.files.get(*f))
+                .map(|f| {
+                    let show = |v: Option<&String>| v.map_or("absent".to_string(), |s| s.clone());
+                    format!(
+                        "{f}: worker {} read {}, the claim holds {}",
+                        r.worker,
+                        show(r.files.get(f)),
+                        show(ours.get(f))
+                    )
+                })
+                .collect();
+            return Err(format!("the result was refused: the worker scanned other bytes ({})", differ.join("; ")));
+        }
+        // A pass must carry the result of every plugin this watcher's policy
+        // runs, from the component it loaded: a forged pass with no stages
+        // (or a replay from other plugins) is refused.
+        if r.outcome.verdict == crate::pipeline::ModelVerdict::Pass {
+            let missing: Vec<String> = self
+                .components
+                .iter()
+                .filter(|(stage, label, sha)| {
+                    !r.outcome.stages.iter().any(|s| {
+                        s.stage == *stage
+                            && s.plugin.as_deref() == Some(label.as_str())
+                            && s.plugin_sha256.as_deref() == Some(sha.as_str())
+                    })
+                })
+                .map(|(stage, label, _)| format!("{} {label}", stage.name()))
+                .collect();
+            if !missing.is_empty() {
+                return Err(format!(
+                    "the pass from worker {} was refused: it carries no result of {} from the component this policy \
+                     loads",
+                    r.worker,
+                    missing.join(", ")
+                ));
+            }
+        }
+        let sidecars = model.sidecars.digests();
+        if r.sidecars != sidecars {
+            return Err(format!(
+                "the result was refused: worker {} judged the model with other sidecars (origin, signatures) than \
+                 the claim holds: it read {:?}, the claim holds {:?}",
+                r.worker, r.sidecars, sidecars
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `watch --dispatch`: sends claims to the workers and waits for their replies.
 pub struct Dispatcher {
     rt: tokio::runtime::Runtime,
@@ -1192,6 +1451,11 @@ pub struct Dispatcher {
     models: Option<object_store::ObjectStore>,
     /// The static scan's plugins that consent to be split.
     split: Vec<SplitPlugin>,
+    /// `scale_out.trusted_workers`: a result must be signed by one of these.
+    trusted: Vec<String>,
+    /// Every plugin this watcher's policy runs, as (stage, label, sha256):
+    /// a pass must carry a result from each.
+    components: Vec<(crate::policy::Stage, String, String)>,
 }
 
 /// How long the watcher keeps trying to put a model in the bucket before it
@@ -1202,18 +1466,34 @@ const PUT_DEADLINE: Duration = Duration::from_secs(60);
 /// looks like (no worker connected, none asking, one holding it), so a
 /// watcher with no workers does not look like a hung one; then every
 /// `WAITING_NOTICE_EVERY`.
+/// How often a waiting watcher checks that its job is still queued.
+const LOST_JOB_CHECK: Duration = Duration::from_secs(5);
 const WAITING_NOTICE: Duration = Duration::from_secs(30);
 const WAITING_NOTICE_EVERY: Duration = Duration::from_secs(300);
 
 impl Dispatcher {
-    pub fn connect(url: &str, policy: &Policy, scanner: &Scanner, transfer: Transfer) -> Result<Dispatcher> {
+    pub fn connect(
+        url: &str,
+        policy: &Policy,
+        scanner: &Scanner,
+        transfer: Transfer,
+        insecure: bool,
+    ) -> Result<Dispatcher> {
+        let trusted = policy.scale_out.trusted_workers.clone();
+        if trusted.is_empty() {
+            bail!(
+                "the policy lists no scale_out.trusted_workers: a worker's result could not be told from a forgery. \
+                 List each worker's public key (`airlock worker-key FILE` prints it; docs/scale-out.md, \
+                 \"Signed results\")"
+            );
+        }
         let stop = Arc::new(AtomicBool::new(false));
         for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
             signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
         }
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
         let (js, jobs, results, models) = rt.block_on(async {
-            let client = connect(url, policy.nats.as_ref(), "airlock-watch").await?;
+            let client = connect(url, policy.nats.as_ref(), "airlock-watch", insecure).await?;
             let js = jetstream::new(client);
             let (jobs, results) = ensure_streams(&js).await?;
             take_jobs_by_claim(&js, &jobs).await?;
@@ -1225,7 +1505,8 @@ impl Dispatcher {
         })?;
         let digest = policy_digest(policy, scanner);
         let split = scanner.split_plugins().into_iter().map(|(index, label)| SplitPlugin { index, label }).collect();
-        Ok(Dispatcher { rt, js, jobs, results, digest, stop, url: url.to_string(), models, split })
+        let components = scanner.components();
+        Ok(Dispatcher { rt, js, jobs, results, digest, stop, url: url.to_string(), models, split, trusted, components })
     }
 
     /// Publishes the claim as a job (unless a reply is already stored: a
@@ -1289,7 +1570,7 @@ impl Dispatcher {
             };
             let reply = match started {
                 Some(r) => r,
-                None => self.wait(&job).await?.into_reply(),
+                None => self.wait(&job, model).await?.into_reply(),
             };
             self.forget_objects(&job).await;
             Ok(reply)
@@ -1349,17 +1630,18 @@ impl Dispatcher {
             let what = format!("{} ({file})", j.what());
             let (payload, sequence) = match started {
                 Some(r) => r,
-                None => self.wait(j).await?,
+                None => self.wait(j, model).await?,
             }
             .into_payload();
             let payload = match payload {
                 Ok(p) => p,
-                Err(l) => {
+                Err(Err(l)) => {
                     return Ok(Err(Reply::Refused(format!(
                         "{what}: no worker finished it ({} deliveries, last to {}): {}",
                         l.deliveries, l.worker, l.reason
                     ))));
                 }
+                Err(Ok(forged)) => return Ok(Err(Reply::Refused(format!("{what}: {forged}")))),
             };
             let p: PartResult = match serde_json::from_slice(&payload) {
                 Ok(p) => p,
@@ -1434,15 +1716,35 @@ impl Dispatcher {
     }
 
     /// Waits for a sent job's reply, saying now and then what the queue looks like.
-    async fn wait(&self, job: &Job) -> Result<Stored, String> {
+    async fn wait(&self, job: &Job, model: &Model) -> Result<Stored, String> {
         let sent_at = Instant::now();
         let mut notice_at = WAITING_NOTICE;
+        let mut looked_at = Instant::now();
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return Err(self.interrupted());
             }
             if let Some(r) = self.stored(&job.id).await? {
                 return Ok(r);
+            }
+            // A job neither queued nor answered was lost: its stream was deleted
+            // (red team D13). A worker stores the reply before it acks, so the
+            // second look at the replies rules out a job just finished.
+            if looked_at.elapsed() >= LOST_JOB_CHECK {
+                looked_at = Instant::now();
+                if !self.job_queued(&job.id).await? {
+                    if let Some(r) = self.stored(&job.id).await? {
+                        return Ok(r);
+                    }
+                    tracing::warn!(
+                        "{}: job {} is neither in {JOBS_STREAM} nor answered (was the stream deleted?); sending it again",
+                        job.what(),
+                        job.id
+                    );
+                    if let Some(dead) = self.send(job, model).await? {
+                        return Ok(Stored::Dead(dead));
+                    }
+                }
             }
             if sent_at.elapsed() >= notice_at {
                 tracing::warn!(
@@ -1526,6 +1828,7 @@ impl Dispatcher {
                 Ok(found) => return Ok(found.is_some()),
                 Err(e) => {
                     tracing::warn!("asking {JOBS_STREAM} for {subject}: {e}; asking again");
+                    self.reopen_streams().await;
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
@@ -1622,6 +1925,16 @@ impl Dispatcher {
         }
     }
 
+    /// After a failed question to a stream: makes the streams again if
+    /// someone deleted them (red team D13), so the jobs they held are found
+    /// missing and sent again instead of being asked about forever. On a
+    /// lost connection this fails too, and the caller asks again.
+    async fn reopen_streams(&self) {
+        if let Err(e) = ensure_streams(&self.js).await {
+            tracing::warn!("{e:#}");
+        }
+    }
+
     fn interrupted(&self) -> String {
         "stopped while the workers had its job; the claim stays in scanning/ and its reply is taken at the next start"
             .into()
@@ -1633,10 +1946,17 @@ impl Dispatcher {
     async fn stored(&self, id: &str) -> Result<Option<Stored>, String> {
         let subject = results_subject(id);
         match self.results.get_last_raw_message_by_subject(&subject).await {
-            Ok(m) => return Ok(Some(Stored::Result(m.payload, m.sequence))),
+            // Signed by a worker this policy trusts, for this job, or refused (red team D8).
+            Ok(m) => {
+                return Ok(Some(match signing::verify(&self.trusted, &subject, Some(&m.headers), &m.payload) {
+                    Ok(_) => Stored::Result(m.payload, m.sequence),
+                    Err(why) => Stored::Forged(format!("{why} (message {} in {RESULTS_STREAM})", m.sequence)),
+                }));
+            }
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
             Err(e) => {
                 tracing::warn!("asking {RESULTS_STREAM} for {subject}: {e}");
+                self.reopen_streams().await;
                 return Ok(None);
             }
         }
@@ -1663,6 +1983,8 @@ impl Dispatcher {
 enum Stored {
     Result(bytes::Bytes, u64),
     Dead(DeadLetter),
+    /// A result that fails its signature check: why.
+    Forged(String),
 }
 
 impl Stored {
@@ -1672,6 +1994,7 @@ impl Stored {
     fn into_reply(self) -> Reply {
         match self {
             Stored::Dead(l) => Reply::Dead(l),
+            Stored::Forged(why) => Reply::Refused(why),
             Stored::Result(p, seq) => match serde_json::from_slice(&p) {
                 Ok(r) => Reply::Result(Box::new(r)),
                 Err(e) => Reply::Refused(format!(
@@ -1682,10 +2005,12 @@ impl Stored {
     }
 
     /// The result's payload and sequence, or the dead letter.
-    fn into_payload(self) -> (Result<bytes::Bytes, DeadLetter>, u64) {
+    /// `Err(Ok)`: why a result was refused as forged.
+    fn into_payload(self) -> (Result<bytes::Bytes, Result<String, DeadLetter>>, u64) {
         match self {
             Stored::Result(p, seq) => (Ok(p), seq),
-            Stored::Dead(l) => (Err(l), 0),
+            Stored::Dead(l) => (Err(Err(l)), 0),
+            Stored::Forged(why) => (Err(Ok(why)), 0),
         }
     }
 }
@@ -1746,7 +2071,8 @@ pub fn queue_status(url: &str, policy: &Policy) -> Result<QueueStatus> {
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
-        let client = connect(url, policy.nats.as_ref(), "airlock queue").await?;
+        // Reading the queue changes nothing: an open server is only warned of.
+        let client = connect(url, policy.nats.as_ref(), "airlock queue", true).await?;
         let js = jetstream::new(client);
         let missing = |e: &async_nats::jetstream::context::GetStreamError| {
             matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND)
