@@ -17,8 +17,10 @@
 //!   and a malicious one, show `airlock list` and the rejection report, and
 //!   time each phase.
 //! - `bench`: time `airlock scan` (the default chain) on the gemma GGUF against `openssl dgst -sha256`.
+//! - `bench-watch`: an idle watcher's CPU per hour, and the time from a drop to its claim.
 
 mod bench_scale_out;
+mod bench_watch;
 mod fuzz;
 mod setup;
 
@@ -50,10 +52,11 @@ fn main() {
         Some("demo") => demo(),
         Some("bench") => bench(),
         Some("bench-scale-out") => bench_scale_out::command(),
+        Some("bench-watch") => bench_watch::command(),
         Some("fuzz") => fuzz::command(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|toolchain|plugins|build|models|test|lint|demo|bench|bench-scale-out|fuzz>"
+                "usage: cargo xtask <setup|toolchain|plugins|build|models|test|lint|demo|bench|bench-scale-out|bench-watch|fuzz>"
             );
             std::process::exit(2);
         }

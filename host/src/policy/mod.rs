@@ -486,6 +486,23 @@ mod tests {
     }
 
     #[test]
+    fn scale_out_keys_must_be_user_public_keys() {
+        let with = |section: &str| {
+            Policy::from_texts("p.yaml", &format!("{DEFAULT_POLICY}\nscale_out:\n{section}"), None, None)
+        };
+        let user = nkeys::KeyPair::new_user().public_key();
+        let p = with(&format!("  signing_key_file: worker.nk\n  trusted_workers: [{user}]\n")).unwrap();
+        assert_eq!(p.scale_out.trusted_workers, vec![user.clone()]);
+        assert!(p.scale_out.signing_key_file.is_some_and(|f| f.ends_with("worker.nk")));
+        let server = nkeys::KeyPair::new_server().public_key();
+        for bad in [server.as_str(), "UNOTAKEY", "not a key"] {
+            let e = with(&format!("  trusted_workers: [{user}, \"{bad}\"]\n")).unwrap_err().to_string();
+            assert!(e.contains("scale_out.trusted_workers[1]") && e.contains("not a user nkey"), "{bad}: {e}");
+        }
+        assert!(with("  trusted_worker: []\n").is_err(), "a misspelt key was accepted");
+    }
+
+    #[test]
     fn unknown_keys_name_the_file_line_and_key() {
         let text =
             DEFAULT_POLICY.replacen("  require_source: false", "  require_source: false\n  requier_source: true", 1);
