@@ -203,28 +203,39 @@ fn a_name_that_is_not_utf8_is_renamed_and_judged() {
 #[test]
 fn a_full_disk_loses_no_model_and_leaves_the_audit_chain_whole() {
     let (lab, _unmount) = Lab::on_tmpfs(4096);
-    let clean = Gguf::default().bytes();
     // One model judged first, so the audit log has lines to keep whole.
-    lab.drop_file("first.gguf", &clean);
+    lab.drop_file("first.gguf", &Gguf::default().bytes());
     let out = lab.watch_once();
     assert!(lab.registry().join("first.gguf").is_dir(), "{out}");
+    // A clean model of 24 pages: its claim journal fits in what is left below, its copy does not.
+    let mut g = Gguf::default();
+    g.kvs.push(("general.description".into(), kv_str(&"a clean model's long description. ".repeat(2800))));
+    let clean = g.bytes();
+    assert!(clean.len() > 90_000, "{}", clean.len());
     lab.drop_file("clean.gguf", &clean);
     lab.drop_file("evil.gguf", crate::formats::EVIL_PICKLE);
 
-    // Fill every page that is left.
+    // Fill every page, then free three: room for the claim's journal and a
+    // note, never for the copy, so the copy fails on the full disk.
+    let slack = lab.root.join("state/slack");
+    std::fs::write(&slack, vec![1u8; 3 * 4096]).unwrap();
     let filler = lab.root.join("state/filler");
     let mut f = std::fs::File::create(&filler).unwrap();
     let chunk = vec![0u8; 4096];
     while f.write_all(&chunk).is_ok() {}
     let _ = f.sync_all();
     drop(f);
+    std::fs::remove_file(&slack).unwrap();
     for _ in 0..2 {
         let (_, out) = lab.run(&["watch", "--once", "--settle-ms", "0"]);
-        for n in ["clean.gguf", "evil.gguf"] {
-            let here = lab.incoming().join(n);
-            let kept = std::fs::read(&here).ok().or_else(|| find_bytes(&lab, n));
-            assert!(kept.is_some(), "{n} was lost on a full disk:\n{out}");
-        }
+        // The disk, not the model, failed the copy: the claim is given back whole.
+        assert_eq!(std::fs::read(lab.incoming().join("clean.gguf")).ok(), Some(clean.clone()), "{out}");
+        // The small one may have been judged in the room left; its bytes are kept wherever it is.
+        let evil = std::fs::read(lab.incoming().join("evil.gguf"))
+            .ok()
+            .or_else(|| find_bytes(&lab, "evil.gguf"))
+            .or_else(|| std::fs::read(lab.rejected().join("evil.gguf")).ok());
+        assert_eq!(evil.as_deref(), Some(crate::formats::EVIL_PICKLE), "evil.gguf was lost on a full disk:\n{out}");
         let left: Vec<_> =
             std::fs::read_dir(lab.root.join("quarantine/scanning")).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert!(left.iter().all(|n| !n.to_string_lossy().ends_with(".tmp")), "leaked: {left:?}\n{out}");
@@ -234,7 +245,7 @@ fn a_full_disk_loses_no_model_and_leaves_the_audit_chain_whole() {
 
     std::fs::remove_file(&filler).unwrap();
     let (_, out) = lab.run(&["watch", "--once", "--settle-ms", "0"]);
-    assert!(lab.registry().join("clean.gguf").is_dir(), "{out}");
+    assert!(lab.registry().join("clean.gguf").is_dir(), "a clean model was held against a full disk:\n{out}");
     assert!(lab.report("evil.gguf")["failed_stage"].is_string(), "{out}");
     assert_eq!(std::fs::read(lab.rejected().join("evil.gguf")).unwrap(), crate::formats::EVIL_PICKLE);
     assert_chain_whole_and_nothing_scanning(&lab);
