@@ -432,9 +432,9 @@ fn idle_and_trickling_connections_do_not_starve_the_ui() {
 }
 
 /// Red team D17 and D18: a model named like a report is listed among the
-/// rejected (it has a report of its own), while a report itself, a sidecar
-/// or a path can never be "rescanned" into incoming/ as a model, by the web
-/// action or the CLI.
+/// rejected (it has a report of its own), a sidecar without its model is
+/// shown in the queue, and a report itself, a sidecar or a path can never be
+/// "rescanned" into incoming/ as a model, by the web action or the CLI.
 #[test]
 fn only_rejected_models_are_listed_and_rescanned() {
     let lab = Lab::new();
@@ -450,6 +450,12 @@ fn only_rejected_models_are_listed_and_rescanned() {
     let names: Vec<&str> = listed.as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
     assert!(names.contains(&"hidden.report.json") && names.contains(&"evil.gguf"), "{listed}");
     assert_eq!(names.len(), 2, "reports or sidecars listed as models: {listed}");
+    // A sidecar whose model has not arrived is shown as waiting for it, not hidden.
+    std::fs::write(lab.incoming().join("lonely.gguf.sig"), b"a signature ahead of its model").unwrap();
+    let queue = server.get_json("/api/queue");
+    assert_eq!(queue["sidecars_without_model"], serde_json::json!(["lonely.gguf.sig"]), "{queue}");
+    assert_eq!(queue["incoming"], serde_json::json!([]), "{queue}");
+    std::fs::remove_file(lab.incoming().join("lonely.gguf.sig")).unwrap();
 
     let bearer = format!("Bearer {TOKEN}");
     for name in ["evil.gguf.report.json", "evil.gguf.sig"] {

@@ -33,6 +33,9 @@ pub struct InScan {
 pub struct Queue {
     pub incoming: Vec<Waiting>,
     pub scanning: Vec<InScan>,
+    /// Sidecars in incoming/ (`x.gguf.sig`, `x.gguf.origin`) whose model is
+    /// not there: never taken on their own, they wait for it (red team D17).
+    pub sidecars_without_model: Vec<String>,
 }
 
 /// A model in rejected/, with its report when it can be read.
@@ -69,6 +72,12 @@ pub fn queue(root: &Root) -> io::Result<Queue> {
     let mut q = Queue::default();
     for name in sorted_names(&root.incoming())? {
         if !is_eligible_name(&name) {
+            let model = SIDECAR_SUFFIXES.iter().find_map(|s| name.strip_suffix(s));
+            if let Some(model) = model.filter(|m| !m.is_empty() && !m.starts_with('.'))
+                && fs::symlink_metadata(root.incoming().join(model)).is_err()
+            {
+                q.sidecars_without_model.push(name);
+            }
             continue;
         }
         let Ok(meta) = fs::symlink_metadata(root.incoming().join(&name)) else { continue };
