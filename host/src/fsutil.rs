@@ -1,4 +1,5 @@
-//! Crash-safe file writes, shared by the plugin cache and the quarantine store.
+//! Crash-safe file writes, shared by the plugin cache and the quarantine store,
+//! and the one reader of secret files (serve's token, a worker's signing key).
 
 use std::fs;
 use std::io;
@@ -26,4 +27,29 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         sync_dir(dir)?;
     }
     Ok(())
+}
+
+/// Reads a secret file, as ssh treats a private key: a regular file (a FIFO
+/// would hang the read), closed to group and others, at most `max_bytes`.
+/// `what` names it in every error (`--token-file`, `the signing key`).
+pub fn read_secret(path: &Path, what: &str, max_bytes: u64) -> anyhow::Result<String> {
+    use anyhow::{Context, bail};
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::metadata(path).with_context(|| format!("{what} {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{what} {}: not a regular file", path.display());
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        bail!(
+            "{what} {}: readable by group or others (mode {:o}); run `chmod 600 {}`",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        );
+    }
+    if meta.len() > max_bytes {
+        bail!("{what} {}: {} bytes; it holds one line", path.display(), meta.len());
+    }
+    fs::read_to_string(path).with_context(|| format!("{what} {}", path.display()))
 }

@@ -61,20 +61,7 @@ impl Signer {
 
     /// Reads an nkey seed file, which must be closed to group and others.
     pub fn from_file(path: &Path) -> Result<Signer> {
-        use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path).with_context(|| format!("the signing key {}", path.display()))?;
-        if !meta.is_file() {
-            bail!("the signing key {}: not a regular file", path.display());
-        }
-        if meta.permissions().mode() & 0o077 != 0 {
-            bail!(
-                "the signing key {}: readable by group or others (mode {:o}); run `chmod 600 {}`",
-                path.display(),
-                meta.permissions().mode() & 0o777,
-                path.display()
-            );
-        }
-        let seed = std::fs::read_to_string(path).with_context(|| format!("the signing key {}", path.display()))?;
+        let seed = crate::fsutil::read_secret(path, "the signing key", 4096)?;
         let key = nkeys::KeyPair::from_seed(seed.trim())
             .map_err(|e| anyhow::anyhow!("the signing key {}: not an nkey seed: {e}", path.display()))?;
         let public = key.public_key();

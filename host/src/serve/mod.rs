@@ -45,23 +45,7 @@ impl Token {
     /// least 16 characters after trimming, of which at least 6 differ (a
     /// token such as `aaaaaaaaaaaaaaaa` is refused). Red team D20.
     pub fn from_file(path: &Path) -> Result<Token> {
-        use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path).with_context(|| format!("--token-file {}", path.display()))?;
-        if !meta.is_file() {
-            bail!("--token-file {}: not a regular file", path.display());
-        }
-        if meta.permissions().mode() & 0o077 != 0 {
-            bail!(
-                "--token-file {}: readable by group or others (mode {:o}); run `chmod 600 {}`",
-                path.display(),
-                meta.permissions().mode() & 0o777,
-                path.display()
-            );
-        }
-        if meta.len() > 4096 {
-            bail!("--token-file {}: {} bytes; a token file holds one line", path.display(), meta.len());
-        }
-        let text = std::fs::read_to_string(path).with_context(|| format!("--token-file {}", path.display()))?;
+        let text = crate::fsutil::read_secret(path, "--token-file", 4096)?;
         let token = text.trim();
         if token.chars().count() < 16 {
             bail!("--token-file {}: the token must be at least 16 characters", path.display());
