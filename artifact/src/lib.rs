@@ -47,25 +47,37 @@ pub enum Format {
 }
 
 impl Format {
+    /// Every format with its name in policies and reports: the one table on
+    /// the host side. The names are the WIT `format` enum's cases, in order
+    /// (`format_names_are_the_wit_enum_cases` checks it).
+    pub const ALL: [(Format, &'static str); 10] = [
+        (Format::Gguf, "gguf"),
+        (Format::Safetensors, "safetensors"),
+        (Format::Pickle, "pickle"),
+        (Format::PytorchZip, "pytorch-zip"),
+        (Format::Zip, "zip"),
+        (Format::Numpy, "numpy"),
+        (Format::Onnx, "onnx"),
+        (Format::Json, "json"),
+        (Format::Text, "text"),
+        (Format::Unknown, "unknown"),
+    ];
+
     /// The name used in policies and reports.
     pub fn name(self) -> &'static str {
-        match self {
-            Format::Gguf => "gguf",
-            Format::Safetensors => "safetensors",
-            Format::Pickle => "pickle",
-            Format::PytorchZip => "pytorch-zip",
-            Format::Zip => "zip",
-            Format::Numpy => "numpy",
-            Format::Onnx => "onnx",
-            Format::Json => "json",
-            Format::Text => "text",
-            Format::Unknown => "unknown",
-        }
+        Self::ALL.iter().find(|(f, _)| *f == self).map(|(_, n)| *n).expect("every format is in Format::ALL")
     }
 
     /// All names, for validating policies.
-    pub const NAMES: [&'static str; 10] =
-        ["gguf", "safetensors", "pickle", "pytorch-zip", "zip", "numpy", "onnx", "json", "text", "unknown"];
+    pub const NAMES: [&'static str; 10] = {
+        let mut names = [""; 10];
+        let mut i = 0;
+        while i < names.len() {
+            names[i] = Self::ALL[i].1;
+            i += 1;
+        }
+        names
+    };
 }
 
 /// An element type (mirrors the WIT `dtype`).
@@ -577,5 +589,30 @@ mod texts_tests {
         assert!(std::str::from_utf8(&raw).is_ok());
         let t = Texts::from_utf8_parts(raw, ends);
         assert_eq!(t.iter().collect::<Vec<_>>(), ["x\u{fffd}", "\u{fffd}y"]);
+    }
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::Format;
+
+    /// The case names of the WIT `format` enum, the contract plugins see.
+    fn wit_format_cases() -> Vec<String> {
+        let wit = include_str!("../../wit/stage.wit");
+        let body = wit.split("enum format {").nth(1).expect("the WIT has `enum format`");
+        let body = &body[..body.find('}').expect("the enum closes")];
+        body.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("//"))
+            .map(|l| l.trim_end_matches(',').to_string())
+            .collect()
+    }
+
+    #[test]
+    fn format_names_are_the_wit_enum_cases() {
+        assert_eq!(Format::NAMES.to_vec(), wit_format_cases());
+        for (format, name) in Format::ALL {
+            assert_eq!(format.name(), name);
+        }
     }
 }

@@ -225,21 +225,26 @@ pub mod inference {
 }
 
 impl Format {
-    /// The policy name of this format (`gguf`, `safetensors`, `pytorch-zip`, ...).
+    /// The policy name of this format (`gguf`, `safetensors`, `pytorch-zip`,
+    /// ...): the WIT enum's own case name, read from the contract this SDK
+    /// was generated from, so no second table can drift from it.
     pub fn name(self) -> &'static str {
-        match self {
-            Format::Gguf => "gguf",
-            Format::Safetensors => "safetensors",
-            Format::Pickle => "pickle",
-            Format::PytorchZip => "pytorch-zip",
-            Format::Zip => "zip",
-            Format::Numpy => "numpy",
-            Format::Onnx => "onnx",
-            Format::Json => "json",
-            Format::Text => "text",
-            Format::Unknown => "unknown",
-        }
+        static CASES: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+        let cases = CASES.get_or_init(|| wit_enum_cases(include_str!("../../wit/stage.wit"), "format"));
+        cases.get(self as usize).copied().unwrap_or("unknown")
     }
+}
+
+/// The case names of `enum <name> { ... }` in WIT text, in order.
+fn wit_enum_cases(wit: &'static str, name: &str) -> Vec<&'static str> {
+    let Some(start) = wit.find(&format!("enum {name} {{")) else { return Vec::new() };
+    let body = &wit[start..];
+    let body = &body[body.find('{').map_or(0, |i| i + 1)..body.find('}').unwrap_or(body.len())];
+    body.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("//"))
+        .map(|l| l.trim_end_matches(','))
+        .collect()
 }
 
 impl std::fmt::Display for ParseError {
@@ -297,6 +302,22 @@ impl PackedTexts {
 impl StageInfo {
     pub fn new(name: &str, version: &str, description: &str) -> Self {
         StageInfo { name: name.into(), version: version.into(), description: description.into() }
+    }
+}
+
+#[cfg(test)]
+mod format_name_tests {
+    use super::Format;
+
+    #[test]
+    fn names_are_the_wit_cases() {
+        assert_eq!(Format::Gguf.name(), "gguf");
+        assert_eq!(Format::PytorchZip.name(), "pytorch-zip");
+        assert_eq!(Format::Unknown.name(), "unknown");
+        assert_eq!(
+            super::wit_enum_cases(include_str!("../../wit/stage.wit"), "format").len(),
+            Format::Unknown as usize + 1
+        );
     }
 }
 

@@ -135,6 +135,139 @@ fn the_uploader_keeps_no_hold_on_the_promoted_bytes() {
     assert_chain_whole_and_nothing_scanning(&lab);
 }
 
+/// What the uploader (`nobody`) does in `an_unprivileged_uploader_cannot_reach_the_claimed_bytes`:
+/// drops a model through an fd it keeps, and a folder whose handle it keeps;
+/// says "ready"; waits for a line; then tries every way at the promoted bytes
+/// and prints, as JSON, what each try came to.
+const UPLOADER: &str = r#"
+import json, os, sys
+incoming, registry, scanning, clean, evil = sys.argv[1:6]
+fd = os.open(os.path.join(incoming, "fd.gguf"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+os.write(fd, open(clean, "rb").read())
+os.fsync(fd)
+staged = os.path.join(incoming, ".grows.partial")
+os.mkdir(staged)
+for name, data in [("config.json", b'{"model_type":"bert"}'), ("model.safetensors", open(sys.argv[6], "rb").read())]:
+    with open(os.path.join(staged, name), "wb") as f:
+        f.write(data)
+folder = os.open(staged, os.O_RDONLY | os.O_DIRECTORY)
+os.rename(staged, os.path.join(incoming, "grows"))
+print("ready", flush=True)
+sys.stdin.readline()
+
+tries = {}
+def attempt(name, action):
+    try:
+        action()
+        tries[name] = "done"
+    except PermissionError:
+        tries[name] = "denied"
+    except OSError as e:
+        tries[name] = "errno %d" % e.errno
+
+copy = os.path.join(registry, "fd.gguf", "model", "fd.gguf")
+def through_fd():
+    os.lseek(fd, 0, 0)
+    os.write(fd, open(evil, "rb").read())
+    os.fsync(fd)
+attempt("write through the kept fd", through_fd)
+attempt("write the registry copy", lambda: open(copy, "r+b").write(b"GGUF"))
+attempt("chmod the registry copy", lambda: os.chmod(copy, 0o666))
+attempt("unlink the registry copy", lambda: os.unlink(copy))
+attempt("add a file beside it", lambda: open(os.path.join(os.path.dirname(copy), "evil.py"), "x").close())
+attempt("rename the registry folder", lambda: os.rename(os.path.join(registry, "fd.gguf"), os.path.join(registry, "x")))
+attempt("add a file through the kept folder", lambda: os.close(os.open("evil.py", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=folder)))
+attempt("list the claim folders", lambda: os.listdir(scanning))
+print(json.dumps(tries), flush=True)
+"#;
+
+/// D4 as it happens in a deployment: the uploader is another user, not the
+/// service. Run as root (CI is), the test drops privileges to `nobody` for
+/// the uploader, as a second, unprivileged user with write access to
+/// `incoming/` through its group. Root ignores permission bits, so only an
+/// uploader without privilege shows that the promoted copy, its folder and
+/// the claim folders are closed to it; the kept fd and folder handle reach
+/// only the upload's own inodes, which airlock no longer uses.
+#[test]
+fn an_unprivileged_uploader_cannot_reach_the_claimed_bytes() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test becomes `nobody` to upload, so it needs root (CI runs as root)"
+    );
+    const NOBODY: u32 = 65534;
+    let lab = Lab::new();
+    // The uploaders' group may write incoming/ (0770), as `airlock init` makes it; the rest is the service's.
+    std::os::unix::fs::chown(lab.incoming(), None, Some(NOBODY)).unwrap();
+    // The lab's scratch folder is 0700; the uploader must reach the root inside it.
+    std::fs::set_permissions(lab.root.parent().unwrap(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let staged = tmp();
+    std::fs::set_permissions(staged.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let clean = Gguf::default().bytes();
+    let clean_file = write(staged.path(), "clean.gguf", &clean);
+    let evil_file = write(staged.path(), "evil.gguf", &gadget_gguf());
+    let weights = write(staged.path(), "model.safetensors", &safetensors(ST_HEADER, &[1; 24]));
+    for f in [&clean_file, &evil_file, &weights] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+
+    let mut uploader = Command::new("python3")
+        .arg("-c")
+        .arg(UPLOADER)
+        .args([lab.incoming(), lab.registry(), lab.root.join("quarantine/scanning"), clean_file, evil_file, weights])
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs the uploader");
+    let mut lines = BufReader::new(uploader.stdout.take().unwrap()).lines();
+    let ready = lines.next().map(|l| l.unwrap()).unwrap_or_default();
+    if ready != "ready" {
+        let out = uploader.wait_with_output().unwrap();
+        panic!("the uploader did not get ready: {ready:?} {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(std::fs::metadata(lab.incoming().join("fd.gguf")).unwrap().uid(), NOBODY);
+
+    let out = lab.watch_once();
+    let copy = lab.registry().join("fd.gguf/model/fd.gguf");
+    assert!(copy.is_file(), "{out}");
+    assert!(lab.registry().join("grows/model/grows/model.safetensors").is_file(), "{out}");
+    assert_eq!(std::fs::metadata(&copy).unwrap().uid(), 0, "the registry copy is the service's");
+
+    uploader.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let line = lines.next().map(|l| l.unwrap()).unwrap_or_default();
+    let status = uploader.wait().unwrap();
+    let tries: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?} ({status})"));
+    // The uploader's own inode is still its to write: that is the hold the private copy cuts.
+    assert_eq!(tries["write through the kept fd"], "done", "{tries}");
+    for denied in [
+        "write the registry copy",
+        "chmod the registry copy",
+        "unlink the registry copy",
+        "add a file beside it",
+        "rename the registry folder",
+        "list the claim folders",
+    ] {
+        assert_eq!(tries[denied], "denied", "{denied}: {tries}");
+    }
+    // The claimed folder is gone: its handle names a removed folder, which takes no new file.
+    assert_ne!(tries["add a file through the kept folder"], "done", "{tries}");
+
+    assert_eq!(std::fs::read(&copy).unwrap(), clean, "the uploader changed the promoted bytes");
+    assert!(!lab.registry().join("grows/model/grows/evil.py").exists());
+    for name in ["fd.gguf", "grows"] {
+        let (code, v) = lab.run(&["verify", name]);
+        assert_eq!(code, 0, "{name}: {v}");
+    }
+    assert_chain_whole_and_nothing_scanning(&lab);
+}
+
 /// D5: `verify` sees a link, a FIFO and an extra file added to a promoted model.
 #[test]
 fn verify_sees_links_special_files_and_extra_files() {

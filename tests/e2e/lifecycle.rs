@@ -119,7 +119,7 @@ fn a_real_gguf_is_admitted_promoted_and_verified() {
     assert_eq!(m["stages"][1]["plugin"], "builtin:format_gate");
     assert_eq!(m["stages"][1]["plugin_info"]["version"], "0.1.0");
     assert!(m["fingerprint"].as_str().unwrap().len() == 64 && m["merkle_root"].as_str().unwrap().len() == 64);
-    let typed: airlock::store::Manifest = serde_json::from_value(m.clone()).unwrap();
+    let typed: airlock::lifecycle::Manifest = serde_json::from_value(m.clone()).unwrap();
     assert!(typed.stages.iter().all(|s| s.verdict != StageVerdict::Fail), "{m}");
     assert_eq!(typed.stages[4].stage, Stage::StaticScan);
     let pins = std::fs::read_to_string(lab.root.join("state/models.lock.yaml")).unwrap();
@@ -189,7 +189,7 @@ fn a_malicious_drop_is_rejected_with_a_report() {
     assert_eq!((last["level"].as_str(), last["event"].as_str()), (Some("CRITICAL"), Some("rejected")));
     assert!(std::fs::read_dir(lab.root.join("quarantine/scanning")).unwrap().next().is_none());
     // The stored report reads back into the library's types, verdicts as enums.
-    let typed: airlock::store::Report = serde_json::from_value(r).unwrap();
+    let typed: airlock::lifecycle::Report = serde_json::from_value(r).unwrap();
     assert_eq!(typed.failed_stage, FailedAt::Stage(Stage::FormatGate));
     let verdicts: Vec<_> = typed.scan_details.stages.iter().map(|s| (s.stage, s.verdict)).collect();
     assert_eq!(verdicts[1], (Stage::FormatGate, StageVerdict::Fail));

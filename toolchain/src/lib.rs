@@ -145,7 +145,24 @@ pub fn detect() -> Result<Route, String> {
     ))
 }
 
-/// True if `bytes` start like a component (layer 1), not a core module.
+/// True if `bytes` start with a component's header (layer 1), not a core
+/// module's: wasmparser's check, so the host, the CLI and xtask agree with
+/// the parser wasmtime itself uses.
 pub fn is_component(bytes: &[u8]) -> bool {
-    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [1, 0]
+    wasmparser::Parser::is_component(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_component;
+
+    #[test]
+    fn only_a_component_header_is_a_component() {
+        // Layer 1, version 0x0d: what wasm-component-ld writes.
+        assert!(is_component(b"\0asm\x0d\x00\x01\x00rest"));
+        // A core module (layer 0, version 1), a header cut short, and text.
+        assert!(!is_component(b"\0asm\x01\x00\x00\x00"));
+        assert!(!is_component(b"\0asm\x0d\x00"));
+        assert!(!is_component(b"#!/bin/sh\n"));
+    }
 }

@@ -289,11 +289,12 @@ fn test(extra: &[String]) -> Result<()> {
         .args(["test", "--quiet", "--manifest-path", "sdk/Cargo.toml", "--target-dir", "target/sdk-native"])
         .current_dir(&root))?;
     // So do the analysis kernels of the stage-5 plugins (their scalar twins of the SIMD code),
-    // and the fuzz regressions of template_guard and pickle_scan.
+    // the fuzz regressions of template_guard and pickle_scan, and the rule checks of
+    // metadata_gadgets and diffusion_deep_scan.
     let host = host_triple()?;
     run(Command::new("cargo")
         .args(["test", "--quiet", "--manifest-path", "plugins/Cargo.toml", "-p", "weights", "-p", "behavioral"])
-        .args(["-p", "template_guard", "-p", "pickle_scan"])
+        .args(["-p", "template_guard", "-p", "pickle_scan", "-p", "metadata_gadgets", "-p", "diffusion_deep_scan"])
         .args(["--target", &host])
         .args(["--target-dir", "target/sdk-native"])
         .current_dir(&root))?;

@@ -11,10 +11,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::sync::Arc;
 
 use crate::artifact::{Model, OpenError, ReadMode};
+use crate::lifecycle::{Quarantine, Root};
 use crate::pipeline::{Event, ModelVerdict, Outcome, ScanError, ScanInput, Scanner, StageResult, StageVerdict};
 use crate::plugin::Runtime;
 use crate::policy::{self, Policy, Stage};
-use crate::store::{self, Quarantine, Root};
 
 /// `println!` that returns an error instead of panicking when stdout is gone
 /// (`airlock plugin inspect x.wasm | head`); `main` ends quietly on it.
@@ -447,7 +447,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Show { name } => lifecycle::show(&Root::new(&root), &name),
         Command::Verify { name } => lifecycle::verify(&Root::new(&root), &name),
         Command::Rescan { name } => {
-            store::rescan(&Root::new(&root), &name, "cli").map_err(anyhow::Error::msg)?;
+            crate::lifecycle::rescan(&Root::new(&root), &name, "cli").map_err(anyhow::Error::msg)?;
             outln!("{name}: moved back to incoming/");
             Ok(ExitCode::SUCCESS)
         }

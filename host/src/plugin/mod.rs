@@ -361,7 +361,7 @@ impl Runtime {
 
     /// [`Runtime::load`] for a caller that has hashed `bytes` already (to check a pin).
     pub fn load_hashed(&self, bytes: &[u8], sha256: String, grants: &[Grant]) -> Result<Plugin, LoadError> {
-        if !wasmparser_is_component(bytes) {
+        if !airlock_wasm_toolchain::is_component(bytes) {
             return Err(LoadError::Compile(
                 "not a WebAssembly component (a core module or something else); build it for wasm32-wasip2".into(),
             ));
@@ -573,11 +573,6 @@ fn item_kind(item: &ComponentItem) -> &'static str {
         ComponentItem::Type(_) => "type",
         ComponentItem::Resource(_) => "resource",
     }
-}
-
-/// Quick check of the binary's layer: components have layer 1 in the header.
-fn wasmparser_is_component(bytes: &[u8]) -> bool {
-    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [1, 0]
 }
 
 /// Turns a wasmtime error into the cause printed after FAIL.

@@ -6,7 +6,7 @@
 //! `templates/` (HTML-escaped), so the UI needs no script at all; the
 //! Content-Security-Policy forbids scripts outright.
 //!
-//! Every handler reads the data root afresh through `store::listing`, which
+//! Every handler reads the data root afresh through `lifecycle::listing`, which
 //! never follows a link out of it and refuses names that are not one plain
 //! path component.
 
@@ -24,10 +24,10 @@ use minijinja::value::Serde;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::lifecycle::audit::{AuditLog, Entry};
+use crate::lifecycle::{self, Manifest, Root, listing};
 use crate::pipeline::StageVerdict;
 use crate::policy::Stage;
-use crate::store::audit::{AuditLog, Entry};
-use crate::store::{self, Manifest, Root, listing};
 
 /// Audit entries shown when the request does not ask for a number.
 const AUDIT_PAGE: usize = 500;
@@ -353,15 +353,15 @@ async fn blocking<T: Send + 'static>(
 
 // ---- data, shared by the pages and the API ----
 
-fn registry(app: &App) -> Result<Vec<store::IndexEntry>, Failure> {
-    store::read_index(&app.root).map_err(|e| Failure::from_io(e, "registry index"))
+fn registry(app: &App) -> Result<Vec<lifecycle::IndexEntry>, Failure> {
+    lifecycle::read_index(&app.root).map_err(|e| Failure::from_io(e, "registry index"))
 }
 
 fn manifest(app: &App, name: &str) -> Result<Manifest, Failure> {
     listing::manifest(&app.root, name).map_err(|e| Failure::from_io(e, &format!("registry/{name}")))
 }
 
-fn report(app: &App, name: &str) -> Result<store::Report, Failure> {
+fn report(app: &App, name: &str) -> Result<lifecycle::Report, Failure> {
     listing::report(&app.root, name).map_err(|e| Failure::from_io(e, &format!("rejected/{name}")))
 }
 
@@ -525,7 +525,7 @@ async fn audit_page(State(app): State<Shared>, Query(q): Query<AuditQuery>) -> P
 
 type Api<T> = Result<Json<T>, Failure>;
 
-async fn registry_api(State(app): State<Shared>) -> Api<Vec<store::IndexEntry>> {
+async fn registry_api(State(app): State<Shared>) -> Api<Vec<lifecycle::IndexEntry>> {
     blocking(&app, registry).await.map(Json).map_err(Failure::api)
 }
 
@@ -540,7 +540,7 @@ async fn rejected_api(State(app): State<Shared>) -> Api<Vec<listing::Rejected>> 
         .map_err(Failure::api)
 }
 
-async fn report_api(State(app): State<Shared>, UrlPath(name): UrlPath<String>) -> Api<store::Report> {
+async fn report_api(State(app): State<Shared>, UrlPath(name): UrlPath<String>) -> Api<lifecycle::Report> {
     blocking(&app, move |app| report(app, &name)).await.map(Json).map_err(Failure::api)
 }
 
@@ -575,7 +575,8 @@ fn rescan(app: &App, name: &str, given: Option<&str>) -> Result<Entry, Failure> 
     {
         return Err(Failure::new(StatusCode::NOT_FOUND, format!("rejected/{name}: not found")));
     }
-    store::rescan(&app.root, name, "web").map_err(|e| Failure::new(StatusCode::CONFLICT, format!("rescan {name}: {e}")))
+    lifecycle::rescan(&app.root, name, "web")
+        .map_err(|e| Failure::new(StatusCode::CONFLICT, format!("rescan {name}: {e}")))
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

@@ -631,3 +631,105 @@ impl Stage for DiffusionDeepScan {
 }
 
 airlock_sdk::export_stage!(DiffusionDeepScan);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rules(scan: &Scan) -> Vec<&str> {
+        let mut r: Vec<&str> = scan.findings.iter().map(|f| f.rule.as_str()).collect();
+        r.sort_unstable();
+        r
+    }
+
+    #[test]
+    fn loader_gadgets_and_urls_are_found_at_any_depth() {
+        let mut scan = Scan { findings: Vec::new() };
+        let v = json!({
+            "_class_name": "StableDiffusionPipeline",
+            "custom_pipeline": "lpw_stable_diffusion",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "extra": {"list": [1, "hf://someone/else"], "auto_map": {"x": "y"}},
+            "trust_remote_code": false,
+        });
+        check_json_values(&mut scan, "model_index.json", &v, "");
+        assert_eq!(rules(&scan), ["diffusion.auto-map", "diffusion.custom-pipeline", "diffusion.remote-url"]);
+        let url = scan.findings.iter().find(|f| f.rule == "diffusion.remote-url").unwrap();
+        assert!(url.message.contains("extra.list[1]"), "{}", url.message);
+        assert_eq!(scan.failed(), 3);
+
+        let mut scan = Scan { findings: Vec::new() };
+        check_json_values(&mut scan, "unet/config.json", &json!({"trust_remote_code": "yes"}), "");
+        assert_eq!(rules(&scan), ["diffusion.trust-remote-code"]);
+    }
+
+    #[test]
+    fn a_real_scheduler_config_passes() {
+        // The shape of Stable Diffusion 1.5's scheduler/scheduler_config.json.
+        let v = json!({
+            "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0",
+            "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+            "num_train_timesteps": 1000, "set_alpha_to_one": false, "skip_prk_steps": true,
+            "steps_offset": 1, "trained_betas": null, "clip_sample": false
+        });
+        let mut scan = Scan { findings: Vec::new() };
+        check_scheduler(&mut scan, "scheduler/scheduler_config.json", &v);
+        assert_eq!(rules(&scan), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn scheduler_class_numbers_and_strings_are_judged() {
+        let v = json!({
+            "_class_name": "EvilScheduler", "beta_start": 0.5, "beta_end": 0.1,
+            "num_train_timesteps": 0, "steps_offset": 5000,
+            "timestep_spacing": "../../etc/passwd", "prediction_type": {"nested": 1}
+        });
+        let mut scan = Scan { findings: Vec::new() };
+        check_scheduler(&mut scan, "scheduler/scheduler_config.json", &v);
+        assert_eq!(
+            rules(&scan),
+            [
+                "diffusion.scheduler.betas",
+                "diffusion.scheduler.class",
+                "diffusion.scheduler.nested",
+                "diffusion.scheduler.steps",
+                "diffusion.scheduler.steps",
+                "diffusion.scheduler.string",
+            ]
+        );
+        let mut scan = Scan { findings: Vec::new() };
+        check_scheduler(&mut scan, "s.json", &json!([1, 2]));
+        assert_eq!(rules(&scan), ["diffusion.scheduler"]);
+    }
+
+    #[test]
+    fn sha256sums_lines_parse_strictly() {
+        let a = "a".repeat(64);
+        let b = "B".repeat(64);
+        let sums = parse_sums(&format!("# comment\n{a}  unet/x.safetensors\n{b} *./vae/config.json\n\n")).unwrap();
+        assert_eq!(sums.get("unet/x.safetensors"), Some(&a));
+        assert_eq!(sums.get("vae/config.json"), Some(&b.to_ascii_lowercase()));
+        assert!(parse_sums(&format!("{a}  x\n{a}  ./x\n")).unwrap_err().contains("listed twice"));
+        assert!(parse_sums("abc  x\n").unwrap_err().contains("not a sha256"));
+        assert!(parse_sums(&a).unwrap_err().contains("line 1"));
+    }
+
+    #[test]
+    fn only_docs_images_and_signatures_sit_at_the_root() {
+        for ok in ["model_index.json", "README.md", "LICENSE.txt", "sample.PNG", "model.sig", "SHA256SUMS"] {
+            assert!(root_file_allowed(ok), "{ok}");
+        }
+        for bad in ["pipeline.py", "weights.bin", "notes.txt.exe", "model_index.json.bak"] {
+            assert!(!root_file_allowed(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn urls_are_recognised_by_scheme_only() {
+        assert!(is_url(" HTTPS://x"));
+        assert!(is_url("git+ssh://x"));
+        assert!(!is_url("scaled_linear"));
+        assert!(!is_url("see https://x")); // prose, not a value a loader fetches
+    }
+}

@@ -451,6 +451,11 @@ fn may_hold_needle(packed: &PackedTexts) -> Vec<bool> {
     marks
 }
 
+/// One matcher over every needle: the gadget keys first, then the import paths.
+fn matcher() -> Result<AhoCorasick, aho_corasick::BuildError> {
+    AhoCorasick::new(GADGET_KEYS.iter().map(|(needle, _)| *needle).chain(DANGEROUS_IMPORTS))
+}
+
 struct MetadataGadgets;
 
 impl Stage for MetadataGadgets {
@@ -467,7 +472,7 @@ impl Stage for MetadataGadgets {
             Ok(c) => c,
             Err(e) => return Report::fail(e),
         };
-        let needles = match AhoCorasick::new(GADGET_KEYS.iter().map(|(needle, _)| *needle).chain(DANGEROUS_IMPORTS)) {
+        let needles = match matcher() {
             Ok(n) => n,
             Err(e) => return Report::fail(format!("cannot build the needle matcher: {e}")),
         };
@@ -494,3 +499,130 @@ impl Stage for MetadataGadgets {
 }
 
 airlock_sdk::export_stage!(MetadataGadgets);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn scan_json(config: &Config, name: &str, value: serde_json::Value) -> Vec<(String, String)> {
+        let mut scan = Scan { config, needles: matcher().unwrap(), findings: Vec::new(), values: 0 };
+        let skip: &[&[&str]] = if name == "tokenizer.json" { &TOKENIZER_DATA } else { &[] };
+        scan.json(&value, name, &mut Vec::new(), skip);
+        scan.findings.into_iter().map(|f| (f.rule, f.location.unwrap_or_default())).collect()
+    }
+
+    fn defaults() -> Config {
+        serde_json::from_str("{}").unwrap()
+    }
+
+    fn rules(found: &[(String, String)]) -> Vec<&str> {
+        found.iter().map(|(r, _)| r.as_str()).collect()
+    }
+
+    #[test]
+    fn a_clean_config_has_no_findings() {
+        let config = json!({
+            "architectures": ["BertModel"], "num_hidden_layers": 6, "attn_implementation": "sdpa",
+            "trust_remote_code": false, "model_type": "bert", "torch_dtype": "float32",
+            "photos.system": "a key that only ends like an import path"
+        });
+        assert_eq!(scan_json(&defaults(), "config.json", config), vec![]);
+    }
+
+    #[test]
+    fn gadget_keys_are_matched_whole_with_their_key_path() {
+        let found = scan_json(
+            &defaults(),
+            "config.json",
+            json!({"auto_map": {"AutoModel": "m.M"}, "nested": {"_target_": "x"}, "trust_remote_code": true}),
+        );
+        assert!(found.contains(&("meta.gadget.auto-map".into(), "config.json: auto_map".into())), "{found:?}");
+        assert!(found.contains(&("meta.gadget.hydra-target".into(), "config.json: nested._target_".into())));
+        assert!(found.contains(&("meta.gadget.trust-remote-code".into(), "config.json: trust_remote_code".into())));
+        // A key that merely contains a gadget's name is not one.
+        assert_eq!(scan_json(&defaults(), "config.json", json!({"my_auto_map_notes": 1})), vec![]);
+    }
+
+    #[test]
+    fn import_paths_count_only_at_an_identifier_start() {
+        let found = scan_json(&defaults(), "config.json", json!({"hook": "os.system", "x": "photos.system"}));
+        assert_eq!(found, vec![("meta.gadget.python-import".into(), "config.json: hook".into())]);
+    }
+
+    #[test]
+    fn fetched_attention_kernels_and_code_urls_fail_plain_urls_are_low() {
+        let found = scan_json(
+            &defaults(),
+            "config.json",
+            json!({"attn_implementation": "kernels-community/flash-attn",
+                   "loader": "https://example.com/run.py?x=1", "homepage": "https://example.com/model"}),
+        );
+        let mut got = rules(&found);
+        got.sort_unstable();
+        assert_eq!(got, ["meta.gadget.attention-kernel", "meta.gadget.remote-code-url", "meta.value.url"], "{found:?}");
+        let low = found.iter().find(|(r, _)| r == "meta.value.url").unwrap();
+        assert_eq!(low.1, "config.json: homepage");
+    }
+
+    #[test]
+    fn insane_layer_counts_fail_in_json_and_gguf() {
+        let found = scan_json(&defaults(), "config.json", json!({"num_hidden_layers": 100000}));
+        assert_eq!(rules(&found), ["meta.value.block-count"]);
+        let found = scan_json(&defaults(), "config.json", json!({"n_layer": -1}));
+        assert_eq!(rules(&found), ["meta.value.block-count"]);
+
+        let config = defaults();
+        let mut scan = Scan { config: &config, needles: matcher().unwrap(), findings: Vec::new(), values: 0 };
+        scan.gguf_value("llama.block_count", &MetaValue::Int(-3), "m.gguf: llama.block_count");
+        scan.gguf_value("gemma3.block_count", &MetaValue::Uint(18), "m.gguf: gemma3.block_count");
+        assert_eq!(scan.findings.len(), 1);
+        assert_eq!(scan.findings[0].location.as_deref(), Some("m.gguf: llama.block_count"));
+    }
+
+    #[test]
+    fn tokenizer_vocabulary_is_data_but_its_config_is_not() {
+        let vocab = json!({"model": {"vocab": {"os.system": 5, "auto_map": 6}, "type": "BPE"},
+                           "added_tokens": [{"content": "_target_"}]});
+        assert_eq!(scan_json(&defaults(), "tokenizer.json", vocab.clone()), vec![]);
+        // The same text outside the token lists is judged.
+        assert_eq!(
+            rules(&scan_json(&defaults(), "tokenizer.json", json!({"post_processor": {"hook": "os.system"}}))),
+            ["meta.gadget.python-import"]
+        );
+        // In another file the same shape is configuration.
+        assert!(!scan_json(&defaults(), "config.json", vocab).is_empty());
+    }
+
+    #[test]
+    fn byte_tokens_must_be_two_hex_digits_and_long_elements_fail() {
+        let config: Config = serde_json::from_str(r#"{"max_array_element_bytes": 8}"#).unwrap();
+        let mut scan = Scan { config: &config, needles: matcher().unwrap(), findings: Vec::new(), values: 0 };
+        let tokens: Vec<&[u8]> = vec![b"<0x0A>", b"<0x-1>", b"<0xZZ>", b"0123456789", b"hello"];
+        scan.texts("tokenizer.ggml.tokens", tokens.into_iter(), |_| true, "m.gguf: tokenizer.ggml.tokens");
+        let messages: Vec<_> = scan.findings.iter().map(|f| (f.rule.as_str(), f.message.clone())).collect();
+        // One finding per rule and location: the first malformed token is named.
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(
+            messages[0].0 == "meta.value.byte-token" && messages[0].1.contains("token 1 \"<0x-1>\""),
+            "{messages:?}"
+        );
+        assert_eq!(messages[1].0, "meta.value.string-too-long");
+    }
+
+    #[test]
+    fn may_hold_needle_marks_the_elements_with_a_dot_or_underscore() {
+        let words = ["abc", "os.system", "x", "a_b", ""];
+        let mut bytes = Vec::new();
+        let mut ends = Vec::new();
+        for w in words {
+            bytes.extend_from_slice(w.as_bytes());
+            ends.push(bytes.len() as u32);
+        }
+        let packed = PackedTexts { bytes: bytes.clone(), ends: ends.clone() };
+        assert_eq!(may_hold_needle(&packed), [false, true, false, true, false]);
+        // Ends that fall back (a host bug) search every element.
+        let broken = PackedTexts { bytes, ends: vec![5, 3, 20] };
+        assert_eq!(may_hold_needle(&broken), [true, true, true]);
+    }
+}

@@ -24,6 +24,7 @@
 //! A claim folder that still holds its model goes back through the pipeline on
 //! restart; it never goes straight to the registry.
 
+pub mod admit;
 pub mod audit;
 pub mod listing;
 pub mod manifest;

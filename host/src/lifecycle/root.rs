@@ -98,3 +98,26 @@ impl Root {
 }
 
 pub use crate::fsutil::{sync_dir, write_atomic};
+
+/// An exclusive lock on `state/watch.lock`, held for the life of a watcher:
+/// two watchers on one root would race each other's claims and audit entries.
+/// flock(2), released when the file is closed (and so when the process dies).
+pub struct WatchLock(#[allow(dead_code)] fs::File);
+
+impl Root {
+    /// Takes the watch lock without waiting; another watcher holding it is an error naming the file.
+    pub fn lock_watch(&self) -> io::Result<WatchLock> {
+        let path = self.state().join("watch.lock");
+        let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+        match f.try_lock() {
+            Ok(()) => Ok(WatchLock(f)),
+            Err(fs::TryLockError::WouldBlock) => Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("another `airlock watch` holds {} for this root", path.display()),
+            )),
+            Err(fs::TryLockError::Error(e)) => {
+                Err(io::Error::new(e.kind(), format!("locking {}: {e}", path.display())))
+            }
+        }
+    }
+}
