@@ -98,6 +98,53 @@ fn pickles_of_every_protocol_whole_or_truncated_are_named_by_pickle_scan() {
     }
 }
 
+/// Real `pickle.dumps` output inside the wrappers a loader opens, written by
+/// Python's own gzip, bz2, lzma, tarfile and zipfile modules (7z, which
+/// Python cannot write, is covered by pickle_scan's unit tests): each file is
+/// refused at the gate, and pickle_scan names posix.system and the wrapper
+/// it was found in, through a `.tar.gz` too.
+#[test]
+fn pickles_inside_compressed_files_and_archives_are_named_by_pickle_scan() {
+    let d = tmp();
+    let script = "import bz2, gzip, io, lzma, os, pickle, sys, tarfile, zipfile\n\
+        class P:\n\
+        \x20   def __reduce__(self):\n\
+        \x20       return (os.system, ('id',))\n\
+        out = sys.argv[1]\n\
+        for proto in (0, 2, 5):\n\
+        \x20   b = pickle.dumps(P(), protocol=proto)\n\
+        \x20   open(os.path.join(out, f'm{proto}.pkl.gz'), 'wb').write(gzip.compress(b))\n\
+        \x20   open(os.path.join(out, f'm{proto}.pkl.bz2'), 'wb').write(bz2.compress(b))\n\
+        \x20   open(os.path.join(out, f'm{proto}.pkl.xz'), 'wb').write(lzma.compress(b))\n\
+        \x20   with tarfile.open(os.path.join(out, f'm{proto}.tar.gz'), 'w:gz') as t:\n\
+        \x20       i = tarfile.TarInfo('ckpt/data.pkl'); i.size = len(b); t.addfile(i, io.BytesIO(b))\n\
+        \x20   with zipfile.ZipFile(os.path.join(out, f'm{proto}.zip'), 'w', zipfile.ZIP_DEFLATED) as z:\n\
+        \x20       z.writestr('weights.bin.xz', lzma.compress(b))\n";
+    let ok = Command::new("python3").args(["-c", script]).arg(d.path()).status().unwrap();
+    assert!(ok.success());
+    let cases = [
+        ("pkl.gz", "(gzip stream)"),
+        ("pkl.bz2", "(bzip2 stream)"),
+        ("pkl.xz", "(xz stream)"),
+        ("tar.gz", "(gzip stream) (tar member ckpt/data.pkl)"),
+        ("zip", "(zip entry weights.bin.xz) (xz stream)"),
+    ];
+    for proto in [0, 2, 5] {
+        for (ext, within) in cases {
+            let name = format!("m{proto}.{ext}");
+            let s = scan_json(&d.path().join(&name), &[]);
+            assert_eq!(s.one()["failed_stage"], "format_gate", "{name}: {:#}", s.one());
+            let p = plugin_result(&s, "pickle_scan");
+            assert_eq!(p["verdict"], "fail", "{name}: {p:#}");
+            let hit = p["findings"].as_array().unwrap().iter().find(|f| f["rule"] == "pickle.dangerous-import");
+            let hit = hit.unwrap_or_else(|| panic!("{name}: no dangerous import named: {p:#}"));
+            assert!(hit["message"].as_str().unwrap().contains("posix.system"), "{name}: {hit}");
+            let at = hit["location"].as_str().unwrap();
+            assert_eq!(at, format!("{name} {within}"), "{name}");
+        }
+    }
+}
+
 #[test]
 fn a_folder_without_weights_is_rejected_at_the_format_gate() {
     let d = tmp();

@@ -155,6 +155,29 @@ fn pickle_inside_a_zip_checkpoint_is_explained() {
     assert!(ps["summary"].as_str().unwrap().contains("dangerous import"), "{ps:#}");
 }
 
+/// A checkpoint's raw tensor storage can start with any bytes, gzip's magic
+/// among them: pickle_scan opens a zip entry as a wrapper only when its name
+/// says so too, so the storage is not mistaken for a broken gzip (a false
+/// reject), while `extra.pkl.gz` beside it is opened.
+#[test]
+fn a_storage_that_starts_like_gzip_is_not_opened_but_a_named_wrapper_is() {
+    let d = tmp();
+    let clean_pickle: &[u8] = b"\x80\x02}q\x00.";
+    let storage: &[u8] = b"\x1f\x8b\x00\x3c\x00\x3c\x00\x3c raw f16 values, not a gzip stream";
+    let zip =
+        stored_zip(&[("archive/version", b"3\n"), ("archive/data.pkl", clean_pickle), ("archive/data/0", storage)]);
+    let s = scan_json(&write(d.path(), "model.pt", &zip), &[]);
+    let ps = plugin_result(&s, "pickle_scan");
+    assert_eq!(ps["verdict"], "pass", "{ps:#}");
+    // The same bytes under a wrapper's name are opened, and their breakage is a failure naming the entry.
+    let zip = stored_zip(&[("archive/data.pkl", clean_pickle), ("archive/extra.pkl.gz", storage)]);
+    let s = scan_json(&write(d.path(), "named.pt", &zip), &[]);
+    let ps = plugin_result(&s, "pickle_scan");
+    assert_eq!(ps["verdict"], "fail", "{ps:#}");
+    let summary = ps["summary"].as_str().unwrap();
+    assert!(summary.contains("named.pt (zip entry archive/extra.pkl.gz) (gzip stream): cannot unpack"), "{summary}");
+}
+
 #[test]
 fn stack_global_pickle_resolves_through_the_memo() {
     // Protocol 4: SHORT_BINUNICODE "builtins", MEMOIZE, SHORT_BINUNICODE "exec",

@@ -3,8 +3,11 @@
 //! picklescan make, written anew).
 //!
 //! It reads raw pickles, every pickle inside a zip checkpoint (PyTorch's
-//! `archive/data.pkl`, stored or deflated), and a pickle or zip appended
-//! after the declared end of a GGUF or safetensors file. GLOBAL, INST and
+//! `archive/data.pkl`, stored or deflated), a pickle or zip appended after
+//! the declared end of a GGUF or safetensors file, and a pickle inside the
+//! wrappers a loader opens for it (gzip, bzip2, xz, 7z, tar and zip, nested
+//! up to `MAX_WRAPPERS` deep, at most `MAX_PICKLE` bytes unpacked per member
+//! and `MAX_UNPACKED` in all, so a decompression bomb is refused, named). GLOBAL, INST and
 //! STACK_GLOBAL imports are resolved (STACK_GLOBAL through the strings and
 //! memo entries pushed before it), protocols 0 to 5.
 //!
@@ -288,16 +291,26 @@ fn scan_zip(file: &File, start: u64, len: u64, origin: &Origin, findings: &mut V
     let reader = RangeReader { file, start, len, pos: 0 };
     let mut zip = zip::ZipArchive::new(reader).map_err(|e| format!("{}: not a readable zip: {e}", origin.location))?;
     let mut pickles = 0;
+    let mut budget = MAX_UNPACKED;
     for i in 0..zip.len() {
         let mut entry = zip.by_index(i).map_err(|e| format!("{}: zip entry {i}: {e}", origin.location))?;
         let name = entry.name().map(|n| n.to_string()).unwrap_or_else(|_| format!("entry {i}"));
         let looks_pickled = name.ends_with(".pkl") || name.ends_with("data.pkl") || name.ends_with(".pickle");
-        let mut head = [0u8; 2];
-        if !looks_pickled {
-            // Any entry starting with a PROTO opcode is a pickle too, whatever its name.
-            if entry.size() < 2 || entry.read_exact(&mut head).is_err() || head[0] != 0x80 || head[1] > 5 {
-                continue;
-            }
+        // Any entry starting with a PROTO opcode is a pickle too, whatever its
+        // name. One in a wrapper (`weights.bin.xz`) is opened when its name
+        // says so too: a checkpoint's raw storages (`archive/data/0`) can
+        // start with any bytes, and no loader opens them as archives.
+        let mut head = Vec::new();
+        entry
+            .by_ref()
+            .take(512)
+            .read_to_end(&mut head)
+            .map_err(|e| format!("{}: entry {name}: {e}", origin.location))?;
+        let proto = head.len() >= 2 && head[0] == 0x80 && head[1] <= 5;
+        let lower = name.to_ascii_lowercase();
+        let wrapped = wrapper_of(&head).is_some() && WRAPPER_SUFFIXES.iter().any(|s| lower.ends_with(s));
+        if !(looks_pickled || proto || wrapped) {
+            continue;
         }
         if entry.size() > MAX_PICKLE {
             return Err(format!(
@@ -306,15 +319,19 @@ fn scan_zip(file: &File, start: u64, len: u64, origin: &Origin, findings: &mut V
                 entry.size()
             ));
         }
-        let mut bytes = if looks_pickled { Vec::new() } else { head.to_vec() };
+        let mut bytes = head;
         entry
             .by_ref()
             .take(MAX_PICKLE)
             .read_to_end(&mut bytes)
             .map_err(|e| format!("{}: entry {name}: {e}", origin.location))?;
-        let inner = Origin { location: format!("{} (zip entry {name})", origin.location), base: None };
-        scan_pickle(&bytes, &inner, findings);
-        pickles += 1;
+        let location = format!("{} (zip entry {name})", origin.location);
+        if wrapped {
+            pickles += scan_unpacked(&bytes, location, 0, &mut budget, findings)?;
+        } else {
+            scan_pickle(&bytes, &Origin { location, base: None }, findings);
+            pickles += 1;
+        }
     }
     Ok(pickles)
 }
@@ -346,6 +363,11 @@ fn scan_file(file: &File, findings: &mut Vec<Finding>) -> Result<usize, String> 
                 Ok(0)
             }
         }
+        Format::Unknown if wrapper_of(&file.read(0, 512).unwrap_or_default()).is_some() => {
+            let bytes = read_range(file, 0, file.size())?;
+            let mut budget = MAX_UNPACKED;
+            scan_unpacked(&bytes, path.clone(), 0, &mut budget, findings)
+        }
         Format::Text | Format::Json | Format::Unknown => {
             let head = read_range(file, 0, file.size().min(MAX_DISGUISED))?;
             let (found, _) = imports(&head);
@@ -359,6 +381,187 @@ fn scan_file(file: &File, findings: &mut Vec<Finding>) -> Result<usize, String> 
             Ok(1)
         }
         _ => Ok(0),
+    }
+}
+
+/// A container or compressor a loader opens around a pickle: `torch.load`
+/// and joblib take gzip, bzip2 and xz files, and checkpoints travel as tar
+/// and 7z archives.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Wrapper {
+    Gzip,
+    Bzip2,
+    Xz,
+    SevenZ,
+    Tar,
+    Zip,
+}
+
+impl Wrapper {
+    fn name(self) -> &'static str {
+        match self {
+            Wrapper::Gzip => "gzip",
+            Wrapper::Bzip2 => "bzip2",
+            Wrapper::Xz => "xz",
+            Wrapper::SevenZ => "7z",
+            Wrapper::Tar => "tar",
+            Wrapper::Zip => "zip",
+        }
+    }
+}
+
+/// Names of wrapped files inside a zip (see `scan_zip`).
+const WRAPPER_SUFFIXES: [&str; 9] = [".gz", ".tgz", ".bz2", ".xz", ".txz", ".7z", ".tar", ".zip", ".z"];
+
+/// Wrappers inside wrappers, at most (a `.tar.gz` is two).
+const MAX_WRAPPERS: u32 = 4;
+/// Bytes unpacked from one file's wrappers, in all.
+const MAX_UNPACKED: u64 = 256 << 20;
+
+/// The wrapper `head` (a file's or a member's first bytes) starts with, by its magic.
+fn wrapper_of(head: &[u8]) -> Option<Wrapper> {
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Some(Wrapper::Gzip)
+    } else if head.len() >= 4 && head.starts_with(b"BZh") && (b'1'..=b'9').contains(&head[3]) {
+        Some(Wrapper::Bzip2)
+    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+        Some(Wrapper::Xz)
+    } else if head.starts_with(&[b'7', b'z', 0xbc, 0xaf, 0x27, 0x1c]) {
+        Some(Wrapper::SevenZ)
+    } else if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+        Some(Wrapper::Zip)
+    } else if head.get(257..262) == Some(b"ustar") {
+        Some(Wrapper::Tar)
+    } else {
+        None
+    }
+}
+
+/// Reads what `from` unpacks to, within the per-member bound and what is
+/// left of the file's budget; more is an error naming `what`.
+fn unpack(from: impl Read, what: &str, budget: &mut u64) -> Result<Vec<u8>, String> {
+    let cap = MAX_PICKLE.min(*budget);
+    let mut out = Vec::new();
+    from.take(cap + 1).read_to_end(&mut out).map_err(|e| format!("{what}: cannot unpack: {e}"))?;
+    if out.len() as u64 > cap {
+        return Err(format!(
+            "{what}: unpacks to more than {cap} bytes (a member is read up to {MAX_PICKLE} bytes, a file's \
+             wrappers up to {MAX_UNPACKED} in all): a decompression bomb, or too large to look into"
+        ));
+    }
+    *budget -= out.len() as u64;
+    Ok(out)
+}
+
+/// Unpacked bytes at `location`: another wrapper is opened (up to
+/// `MAX_WRAPPERS` deep); a pickle, announced or disguised as protocol 0/1
+/// text, is walked. Returns the pickles found.
+fn scan_unpacked(
+    bytes: &[u8],
+    location: String,
+    depth: u32,
+    budget: &mut u64,
+    findings: &mut Vec<Finding>,
+) -> Result<usize, String> {
+    if let Some(w) = wrapper_of(bytes) {
+        if depth >= MAX_WRAPPERS {
+            return Err(format!(
+                "{location}: wrappers nested deeper than {MAX_WRAPPERS}; a loader's reading of it cannot be checked"
+            ));
+        }
+        return scan_wrapped(bytes, w, &location, depth + 1, budget, findings);
+    }
+    let announced = bytes.first() == Some(&0x80) && bytes.get(1).is_some_and(|p| *p <= 5);
+    let disguised = !announced && {
+        let (found, _) = imports(&bytes[..bytes.len().min(MAX_DISGUISED as usize)]);
+        found.iter().any(|i| is_python_name(&i.module) && is_python_name(&i.name))
+    };
+    if announced || disguised {
+        scan_pickle(bytes, &Origin { location, base: None }, findings);
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+/// Opens wrapper `w` and scans what it holds: one stream for a compressor,
+/// every regular member for an archive (named in the location).
+fn scan_wrapped(
+    bytes: &[u8],
+    w: Wrapper,
+    location: &str,
+    depth: u32,
+    budget: &mut u64,
+    findings: &mut Vec<Finding>,
+) -> Result<usize, String> {
+    let here = |inner: &str| format!("{location} ({} {inner})", w.name());
+    let stream = |from: &mut dyn Read, budget: &mut u64, findings: &mut Vec<Finding>| {
+        let inner = unpack(from, &here("stream"), budget)?;
+        scan_unpacked(&inner, here("stream"), depth, budget, findings)
+    };
+    match w {
+        Wrapper::Gzip => stream(&mut flate2::read::MultiGzDecoder::new(bytes), budget, findings),
+        Wrapper::Bzip2 => stream(&mut bzip2::read::MultiBzDecoder::new(bytes), budget, findings),
+        Wrapper::Xz => stream(&mut lzma_rust2::XzReader::new(bytes, true), budget, findings),
+        Wrapper::Tar => {
+            let mut archive = tar::Archive::new(bytes);
+            let mut pickles = 0;
+            let entries = archive.entries().map_err(|e| format!("{location}: not a readable tar: {e}"))?;
+            for entry in entries {
+                let mut entry = entry.map_err(|e| format!("{location}: a tar member: {e}"))?;
+                if !entry.header().entry_type().is_file() {
+                    continue;
+                }
+                let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+                let inner = unpack(&mut entry, &here(&format!("member {name}")), budget)?;
+                pickles += scan_unpacked(&inner, here(&format!("member {name}")), depth, budget, findings)?;
+            }
+            Ok(pickles)
+        }
+        Wrapper::Zip => {
+            let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
+                .map_err(|e| format!("{location}: not a readable zip: {e}"))?;
+            let mut pickles = 0;
+            for i in 0..zip.len() {
+                let mut entry = zip.by_index(i).map_err(|e| format!("{location}: zip entry {i}: {e}"))?;
+                if !entry.is_file() {
+                    continue;
+                }
+                let name = entry.name().map(|n| n.to_string()).unwrap_or_else(|_| format!("{i}"));
+                let inner = unpack(&mut entry, &here(&format!("entry {name}")), budget)?;
+                pickles += scan_unpacked(&inner, here(&format!("entry {name}")), depth, budget, findings)?;
+            }
+            Ok(pickles)
+        }
+        Wrapper::SevenZ => {
+            let mut archive =
+                sevenz_rust2::ArchiveReader::new(std::io::Cursor::new(bytes), sevenz_rust2::Password::empty())
+                    .map_err(|e| format!("{location}: not a readable 7z: {e}"))?;
+            let mut pickles = 0;
+            let mut failed = None;
+            let walked = archive.for_each_entries(|entry, reader| {
+                if entry.is_directory() {
+                    return Ok(true);
+                }
+                let at = here(&format!("member {}", entry.name()));
+                let result =
+                    unpack(reader, &at, budget).and_then(|inner| scan_unpacked(&inner, at, depth, budget, findings));
+                match result {
+                    Ok(n) => {
+                        pickles += n;
+                        Ok(true)
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        Ok(false)
+                    }
+                }
+            });
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            walked.map_err(|e| format!("{location}: not a readable 7z: {e}"))?;
+            Ok(pickles)
+        }
     }
 }
 
@@ -401,6 +604,143 @@ mod tests {
         }
     }
 
+    /// `pickle.dumps` of an object whose `__reduce__` returns `(os.system,
+    /// ("id",))`, protocols 0 to 5, as CPython 3.11 writes them (on Linux,
+    /// `os.system` pickles as `posix.system`).
+    const REAL_PICKLES: [&[u8]; 6] = [
+        b"cposix\nsystem\np0\n(Vid\np1\ntp2\nRp3\n.",
+        b"cposix\nsystem\nq\x00(X\x02\x00\x00\x00idq\x01tq\x02Rq\x03.",
+        b"\x80\x02cposix\nsystem\nq\x00X\x02\x00\x00\x00idq\x01\x85q\x02Rq\x03.",
+        b"\x80\x03cposix\nsystem\nq\x00X\x02\x00\x00\x00idq\x01\x85q\x02Rq\x03.",
+        b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x05posix\x94\x8c\x06system\x94\x93\x94\x8c\x02id\x94\x85\x94R\x94.",
+        b"\x80\x05\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x05posix\x94\x8c\x06system\x94\x93\x94\x8c\x02id\x94\x85\x94R\x94.",
+    ];
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut w = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        w.write_all(bytes).unwrap();
+        w.finish().unwrap()
+    }
+
+    fn wrap(w: Wrapper, name: &str, bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        match w {
+            Wrapper::Gzip => gzip(bytes),
+            Wrapper::Bzip2 => {
+                let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
+                e.write_all(bytes).unwrap();
+                e.finish().unwrap()
+            }
+            Wrapper::Xz => {
+                let mut e = lzma_rust2::XzWriter::new(Vec::new(), lzma_rust2::XzOptions::with_preset(6)).unwrap();
+                e.write_all(bytes).unwrap();
+                e.finish().unwrap()
+            }
+            Wrapper::Tar => {
+                let mut b = tar::Builder::new(Vec::new());
+                let mut readme = tar::Header::new_gnu();
+                readme.set_size(6);
+                readme.set_cksum();
+                b.append_data(&mut readme, "README", &b"hello\n"[..]).unwrap();
+                let mut h = tar::Header::new_ustar();
+                h.set_size(bytes.len() as u64);
+                h.set_cksum();
+                b.append_data(&mut h, name, bytes).unwrap();
+                b.into_inner().unwrap()
+            }
+            Wrapper::Zip => {
+                let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+                let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+                z.start_file(name, opts).unwrap();
+                z.write_all(bytes).unwrap();
+                z.finish().unwrap().into_inner()
+            }
+            Wrapper::SevenZ => {
+                let mut z = sevenz_rust2::ArchiveWriter::new(std::io::Cursor::new(Vec::new())).unwrap();
+                z.push_archive_entry(sevenz_rust2::ArchiveEntry::new_file(name), Some(bytes)).unwrap();
+                z.finish().unwrap().into_inner()
+            }
+        }
+    }
+
+    const WRAPPERS: [Wrapper; 6] =
+        [Wrapper::Gzip, Wrapper::Bzip2, Wrapper::Xz, Wrapper::Tar, Wrapper::Zip, Wrapper::SevenZ];
+
+    fn scan(bytes: &[u8]) -> (Result<usize, String>, Vec<Finding>) {
+        let mut findings = Vec::new();
+        let mut budget = MAX_UNPACKED;
+        let result = scan_unpacked(bytes, "model.bin".into(), 0, &mut budget, &mut findings);
+        (result, findings)
+    }
+
+    #[test]
+    fn every_protocol_in_every_wrapper_names_its_import_and_the_wrapper() {
+        for w in WRAPPERS {
+            for (protocol, pickle) in REAL_PICKLES.iter().enumerate() {
+                let wrapped = wrap(w, "archive/data.pkl", pickle);
+                assert_eq!(wrapper_of(&wrapped), Some(w), "{w:?} is recognised by its magic");
+                let (result, findings) = scan(&wrapped);
+                assert_eq!(result, Ok(1), "{w:?} protocol {protocol}");
+                let hit = findings.iter().find(|f| f.rule == "pickle.dangerous-import");
+                let hit = hit.unwrap_or_else(|| panic!("{w:?} protocol {protocol}: {:?}", findings.len()));
+                assert!(hit.message.contains("posix.system"), "{}", hit.message);
+                let at = hit.location.clone().unwrap_or_default();
+                assert!(at.starts_with(&format!("model.bin ({}", w.name())), "{w:?}: {at}");
+            }
+        }
+    }
+
+    #[test]
+    fn wrappers_nest_and_say_where_the_pickle_was() {
+        let tar_gz = gzip(&wrap(Wrapper::Tar, "ckpt/model.pkl", REAL_PICKLES[4]));
+        let (result, findings) = scan(&tar_gz);
+        assert_eq!(result, Ok(1));
+        assert_eq!(
+            findings[0].location.as_deref(),
+            Some("model.bin (gzip stream) (tar member ckpt/model.pkl)"),
+            "{:?}",
+            findings[0].message
+        );
+        // A 7z holding a zip holding the nullifAI shape: protocol 0, broken off before STOP.
+        let nullifai = b"cposix\nsystem\n(S'id'\ntR(garbage";
+        let nested = wrap(Wrapper::SevenZ, "inner.zip", &wrap(Wrapper::Zip, "x.bin", nullifai));
+        let (result, findings) = scan(&nested);
+        assert_eq!(result, Ok(1));
+        assert!(findings.iter().any(|f| f.rule == "pickle.dangerous-import"));
+        assert!(findings.iter().any(|f| f.rule == "pickle.malformed"));
+    }
+
+    #[test]
+    fn archives_of_plain_files_hold_no_pickle() {
+        for w in WRAPPERS {
+            let (result, findings) = scan(&wrap(w, "notes.txt", b"copyright 2024 The Authors\nAll rights reserved.\n"));
+            assert_eq!(result, Ok(0), "{w:?}");
+            assert!(findings.is_empty(), "{w:?}");
+        }
+    }
+
+    #[test]
+    fn bombs_deep_nesting_and_broken_wrappers_are_errors_not_passes() {
+        let bomb = gzip(&vec![0u8; (MAX_PICKLE + 1) as usize]);
+        let err = scan(&bomb).0.unwrap_err();
+        assert!(err.contains("decompression bomb") && err.starts_with("model.bin (gzip stream)"), "{err}");
+
+        let mut deep = REAL_PICKLES[2].to_vec();
+        for _ in 0..=MAX_WRAPPERS {
+            deep = gzip(&deep);
+        }
+        let err = scan(&deep).0.unwrap_err();
+        assert!(err.contains("nested deeper"), "{err}");
+
+        let mut cut = wrap(Wrapper::Xz, "x", REAL_PICKLES[5]);
+        cut.truncate(cut.len() / 2);
+        assert!(scan(&cut).0.is_err(), "a truncated xz stream is an error");
+        let mut cut = wrap(Wrapper::SevenZ, "x.pkl", REAL_PICKLES[5]);
+        cut.truncate(cut.len() - 8);
+        assert!(scan(&cut).0.is_err(), "a truncated 7z is an error");
+    }
+
     #[test]
     fn prose_that_starts_with_an_opcode_letter_is_no_import() {
         let (found, _) = imports(b"copyright 2024 The Authors\nAll rights reserved.\n");
@@ -416,7 +756,7 @@ impl Stage for PickleScan {
         StageInfo::new(
             "pickle_scan",
             env!("CARGO_PKG_VERSION"),
-            "walks pickle opcodes (raw, in zip checkpoints, appended to other formats) and names dangerous imports",
+            "walks pickle opcodes (raw, in zip checkpoints, appended to other formats, inside gzip/bzip2/xz/7z/tar wrappers) and names dangerous imports",
         )
     }
 
